@@ -1,0 +1,9 @@
+"""Pure-PyTorch core of the DARTS family: search space, supernets, methods, genotypes, networks, data, loops.
+
+Nothing here imports Ray: the orchestrator imports this package, never the reverse.
+"""
+
+from .genotypes import PUBLISHED, Genotype, derive_genotype, parse_genotype
+from .ops import PRIMITIVES
+
+__all__ = ["PRIMITIVES", "PUBLISHED", "Genotype", "derive_genotype", "parse_genotype"]

@@ -1,0 +1,169 @@
+"""The DARTS operation set (Liu et al., ICLR 2019, Sec. 3.1 and Appendix A.1).
+
+Every op maps ``C`` channels to ``C`` channels; a stride-2 op halves the resolution. The search network builds
+them with ``affine=False`` BatchNorm (the arch weights carry the scale), the evaluation networks with
+``affine=True``. Ordering is ReLU-Conv-BN throughout, as in the paper.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+#: The eight candidate operations, in the order of the official DARTS/PC-DARTS code (alphas' columns follow it).
+PRIMITIVES: tuple[str, ...] = (
+    "none",
+    "max_pool_3x3",
+    "avg_pool_3x3",
+    "skip_connect",
+    "sep_conv_3x3",
+    "sep_conv_5x5",
+    "dil_conv_3x3",
+    "dil_conv_5x5",
+)
+
+#: sharpDARTS's optional op set (Hundt et al., 2019, Sec. 3.2): SharpSepConv replaces the separable convs.
+SHARP_PRIMITIVES: tuple[str, ...] = (
+    "none",
+    "max_pool_3x3",
+    "avg_pool_3x3",
+    "skip_connect",
+    "sharp_sep_conv_3x3",
+    "sharp_sep_conv_5x5",
+    "dil_conv_3x3",
+    "dil_conv_5x5",
+)
+
+
+class ReLUConvBN(nn.Module):
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int, affine: bool = True):
+        super().__init__()
+        self.op = nn.Sequential(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding, bias=False),
+            nn.BatchNorm2d(c_out, affine=affine),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class DilConv(nn.Module):
+    """One depthwise-separable block: ReLU, depthwise kxk (dilated), pointwise 1x1, BN."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int, dilation: int,
+                 affine: bool = True):
+        super().__init__()
+        self.op = nn.Sequential(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(c_in, c_in, kernel, stride, padding, dilation=dilation, groups=c_in, bias=False),
+            nn.Conv2d(c_in, c_out, 1, bias=False),
+            nn.BatchNorm2d(c_out, affine=affine),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class SepConv(nn.Module):
+    """Two stacked depthwise-separable blocks, stride on the first (DARTS Appendix A.1)."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int, affine: bool = True):
+        super().__init__()
+        self.op = nn.Sequential(
+            DilConv(c_in, c_in, kernel, stride, padding, 1, affine),
+            DilConv(c_in, c_out, kernel, 1, padding, 1, affine),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class SharpSepConv(nn.Module):
+    """sharpDARTS's SharpSepConv (Hundt et al., Fig. 3): ReLU, depthwise kxk, 1x1 to a wider middle (x2),
+    BN, ReLU, depthwise kxk, 1x1 back to c_out, BN. Stride sits on the first depthwise conv."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int, affine: bool = True,
+                 mid_multiplier: int = 2):
+        super().__init__()
+        c_mid = c_out * mid_multiplier
+        self.op = nn.Sequential(
+            DilConv(c_in, c_mid, kernel, stride, padding, 1, affine),
+            DilConv(c_mid, c_out, kernel, 1, padding, 1, affine),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Identity(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class Zero(nn.Module):
+    """The `none` op: zeros of the output shape (kept so its weight competes in the softmax)."""
+
+    def __init__(self, stride: int):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == 1:
+            return x.mul(0.0)
+        return x[:, :, :: self.stride, :: self.stride].mul(0.0)
+
+
+class FactorizedReduce(nn.Module):
+    """Stride-2 skip: two 1x1 stride-2 convs to c_out/2, the second on the input shifted by one pixel."""
+
+    def __init__(self, c_in: int, c_out: int, affine: bool = True):
+        super().__init__()
+        if c_out % 2:
+            raise ValueError(f"FactorizedReduce needs an even number of output channels, got {c_out}")
+        self.relu = nn.ReLU(inplace=False)
+        self.conv_1 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, padding=0, bias=False)
+        self.conv_2 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, padding=0, bias=False)
+        self.bn = nn.BatchNorm2d(c_out, affine=affine)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(x)
+        shifted = x[:, :, 1:, 1:]
+        if shifted.shape[-1] % 2 or shifted.shape[-2] % 2:
+            # Odd sizes: pad so both branches agree on the output size (same as the official padding trick).
+            shifted = nn.functional.pad(shifted, (0, 1, 0, 1))
+        return self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1))
+
+
+OpFactory = Callable[[int, int, bool], nn.Module]
+
+OPS: dict[str, OpFactory] = {
+    "none": lambda c, stride, affine: Zero(stride),
+    "avg_pool_3x3": lambda c, stride, affine: nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False),
+    "max_pool_3x3": lambda c, stride, affine: nn.MaxPool2d(3, stride=stride, padding=1),
+    "skip_connect": lambda c, stride, affine: Identity() if stride == 1 else FactorizedReduce(c, c, affine),
+    "sep_conv_3x3": lambda c, stride, affine: SepConv(c, c, 3, stride, 1, affine),
+    "sep_conv_5x5": lambda c, stride, affine: SepConv(c, c, 5, stride, 2, affine),
+    "sep_conv_7x7": lambda c, stride, affine: SepConv(c, c, 7, stride, 3, affine),
+    "dil_conv_3x3": lambda c, stride, affine: DilConv(c, c, 3, stride, 2, 2, affine),
+    "dil_conv_5x5": lambda c, stride, affine: DilConv(c, c, 5, stride, 4, 2, affine),
+    "sharp_sep_conv_3x3": lambda c, stride, affine: SharpSepConv(c, c, 3, stride, 1, affine),
+    "sharp_sep_conv_5x5": lambda c, stride, affine: SharpSepConv(c, c, 5, stride, 2, affine),
+}
+
+
+def check_op_name(name: str) -> str:
+    """Return ``name`` if it is a known op, else raise ``ValueError`` naming the known ones."""
+    if name not in OPS:
+        raise ValueError(f"unknown op {name!r}; known ops: {', '.join(OPS)}")
+    return name
+
+
+def make_op(name: str, channels: int, stride: int, affine: bool, search: bool = False) -> nn.Module:
+    """Build op ``name``. In the search network pools get a non-affine BN so their scale matches the convs'."""
+    op = OPS[check_op_name(name)](channels, stride, affine)
+    if search and "pool" in name:
+        op = nn.Sequential(op, nn.BatchNorm2d(channels, affine=False))
+    return op
