@@ -398,3 +398,26 @@ _PUBLISHED_TEXT = {
 
 #: The published cells, by the names the official repositories use.
 PUBLISHED: dict[str, Genotype] = {name: parse_genotype(text) for name, text in _PUBLISHED_TEXT.items()}
+
+
+def load_genotype(name_or_path: str) -> Genotype:
+    """A published genotype by name (e.g. ``PC_DARTS_CIFAR``) or a file holding JSON or ``Genotype(...)`` text."""
+    if name_or_path in PUBLISHED:
+        return PUBLISHED[name_or_path]
+    from pathlib import Path
+
+    path = Path(name_or_path)
+    if not path.is_file():
+        if name_or_path.lstrip().startswith(("{", "Genotype(")):
+            return parse_genotype(name_or_path)
+        raise ValueError(f"{name_or_path!r} is neither a published genotype ({', '.join(PUBLISHED)}) nor a file")
+    if path.stat().st_size > 1_000_000:
+        raise ValueError(f"genotype file {path} is too large to be a genotype")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"genotype file {path} is not text") from None
+    try:
+        return parse_genotype(text)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
