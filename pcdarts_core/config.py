@@ -1,0 +1,278 @@
+"""Typed, frozen configurations with the papers' defaults, validated once when they are built.
+
+``search_config(method, dataset, **overrides)`` layers: the PC-DARTS CIFAR-10 defaults (Xu et al., Sec. 4.1),
+then the dataset's (ImageNet search: K=2, batch 1024, lr 0.5, Sec. 4.3), then the method's (e.g. DARTS: K=1,
+batch 64, arch lr 3e-4), then the caller's overrides. Every unknown key or impossible value raises
+``ValueError`` with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+DATASET_NAMES = ("cifar10", "cifar100", "imagenet", "synthetic")
+DEVICES = ("cpu", "cuda", "auto")
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """Base of each method's own options (a method with none uses this)."""
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    method: str = "pcdarts"
+    dataset: str = "cifar10"
+    data_dir: str | None = None
+    epochs: int = 50
+    batch_size: int = 256
+    lr: float = 0.1
+    lr_min: float = 0.0
+    lr_warmup_epochs: int = 0  # linear lr warm-up (PC-DARTS ImageNet: 5 epochs)
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0
+    arch_lr: float = 6e-4
+    arch_betas: tuple[float, float] = (0.5, 0.999)
+    arch_weight_decay: float = 1e-3
+    warmup_epochs: int = 15  # epochs with the arch frozen (PC-DARTS: 15 of 50 on CIFAR)
+    init_channels: int = 16
+    layers: int = 8
+    k: int = 4
+    edge_norm: bool = True
+    channel_sampling: str = "fixed"  # 'fixed' (official slice) or 'random' (a fresh sample each step)
+    order: str = "first"  # 'first' or 'second' (DARTS unrolled)
+    train_portion: float = 0.5
+    seed: int = 0  # the search's seed: weights, arch init, data order, channel sampling
+    data_seed: int = 0  # the dataset's own draw (synthetic data, ImageNet subsets): fixed across search seeds
+    device: str = "auto"
+    amp: bool = False
+    channels_last: bool = False
+    num_workers: int = 0
+    image_size: int | None = None  # None: the dataset's own size
+    synthetic_samples: int | None = None
+    steps_per_epoch: int | None = None  # cap the steps of an epoch (quick runs, tests)
+    eval_steps: int | None = None  # cap the validation batches of an epoch
+    hessian_every: int = 0  # RobustDARTS: dominant Hessian eigenvalue every N epochs (0: off)
+    early_stop: bool = False  # DARTS-ES on that eigenvalue (needs hessian_every > 0)
+    options: MethodOptions = field(default_factory=MethodOptions)
+
+    def __post_init__(self) -> None:
+        from .methods import get_method  # late: methods import config
+
+        method = get_method(self.method)
+        if not isinstance(self.options, method.options_type):
+            raise ValueError(f"options for method {self.method!r} must be {method.options_type.__name__}")
+        _check_common(self)
+        from .supernet import validate_supernet_shape
+
+        validate_supernet_shape(self.init_channels, self.layers, self.k,
+                                stem="imagenet" if self.dataset == "imagenet" else "cifar")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ValueError(f"warmup_epochs={self.warmup_epochs} must be in [0, epochs={self.epochs}): "
+                             f"the arch would never be trained")
+        if not 0 < self.train_portion < 1:
+            raise ValueError(f"train_portion must be in (0, 1), got {self.train_portion}")
+        if self.k > 1 and self.order == "second" and self.channel_sampling == "random":
+            raise ValueError("second-order updates need a fixed channel slice (channel_sampling='fixed')")
+        _choice("channel_sampling", self.channel_sampling, ("fixed", "random"))
+        _choice("order", self.order, ("first", "second"))
+        if self.arch_lr <= 0 or self.arch_weight_decay < 0:
+            raise ValueError(f"arch_lr must be > 0 and arch_weight_decay >= 0, got {self.arch_lr}, "
+                             f"{self.arch_weight_decay}")
+        if not all(0 <= b < 1 for b in self.arch_betas) or len(self.arch_betas) != 2:
+            raise ValueError(f"arch_betas must be two numbers in [0, 1), got {self.arch_betas}")
+        if self.hessian_every < 0 or (self.early_stop and self.hessian_every == 0):
+            raise ValueError("early_stop (DARTS-ES) needs hessian_every > 0")
+        method.validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
+        d["arch_betas"] = list(self.arch_betas)
+        d["options"] = dataclasses.asdict(self.options)
+        return d
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Training a derived cell from scratch (DARTS Sec. 4.2 / PC-DARTS Sec. 4.1 protocol)."""
+
+    dataset: str = "cifar10"
+    data_dir: str | None = None
+    epochs: int = 600
+    batch_size: int = 96
+    lr: float = 0.025
+    lr_min: float = 0.0
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0
+    init_channels: int = 36
+    layers: int = 20
+    auxiliary: bool = True
+    auxiliary_weight: float = 0.4
+    drop_path: float = 0.3
+    cutout: int = 16
+    label_smoothing: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = False
+    channels_last: bool = False
+    num_workers: int = 0
+    image_size: int | None = None
+    synthetic_samples: int | None = None
+    steps_per_epoch: int | None = None
+    eval_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_common(self)
+        if self.init_channels < 2 or self.init_channels % 2:
+            raise ValueError(f"init_channels must be even and >= 2, got {self.init_channels}")
+        if self.layers < 3:
+            raise ValueError(f"layers must be at least 3, got {self.layers}")
+        for name in ("drop_path", "label_smoothing"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.auxiliary_weight < 0 or self.cutout < 0:
+            raise ValueError("auxiliary_weight and cutout must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+
+
+def _check_common(cfg: SearchConfig | EvalConfig) -> None:
+    _choice("dataset", cfg.dataset, DATASET_NAMES)
+    _choice("device", cfg.device, DEVICES)
+    positive = ("epochs", "batch_size", "layers", "init_channels")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("steps_per_epoch", "eval_steps", "image_size", "synthetic_samples"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1 or unset, got {value}")
+    if cfg.lr <= 0 or cfg.lr_min < 0 or cfg.lr_min > cfg.lr:
+        raise ValueError(f"need 0 <= lr_min <= lr and lr > 0, got lr={cfg.lr}, lr_min={cfg.lr_min}")
+    if not 0 <= cfg.momentum < 1 or cfg.weight_decay < 0 or cfg.grad_clip <= 0:
+        raise ValueError("momentum must be in [0, 1), weight_decay >= 0 and grad_clip > 0")
+    if cfg.num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {cfg.num_workers}")
+
+
+# -- building configs from plain dicts (YAML, CLI --set, Tune) --------------------------------------------------
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    """Coerce YAML/CLI values to the type of the field's default, refusing what does not fit."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    if isinstance(default, int) and not isinstance(default, bool):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if isinstance(default, float):
+        if isinstance(value, bool):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if isinstance(default, tuple):
+        if not isinstance(value, (list, tuple)) or len(value) != len(default):
+            raise ValueError(f"{name} must be a list of {len(default)} values, got {value!r}")
+        return tuple(_coerce(name, v, d) for v, d in zip(value, default))
+    if isinstance(default, str) and not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, got {value!r}")
+    return value
+
+
+def _unknown(kind: str, key: str, known: list[str]) -> ValueError:
+    hint = difflib.get_close_matches(key, known, n=1)
+    return ValueError(f"unknown {kind} key {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+
+
+_OPTIONAL_INT = {"image_size", "synthetic_samples", "steps_per_epoch", "eval_steps"}
+
+
+def _fields_from(cls: type, values: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise _unknown(kind, key, list(fields))
+        f = fields[key]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if key in _OPTIONAL_INT and value is not None:
+            default = 0
+        if key == "data_dir" and value is not None:
+            value = str(value)
+        out[key] = _coerce(key, value, default)
+    return out
+
+
+def search_config(method: str = "pcdarts", dataset: str = "cifar10", **overrides: Any) -> SearchConfig:
+    """The papers' settings for ``method`` on ``dataset``, with ``overrides`` on top (validated)."""
+    from .methods import get_method
+
+    m = get_method(method)
+    raw_options = overrides.pop("options", None) or {}
+    values: dict[str, Any] = {"method": method, "dataset": dataset}
+    values.update(DATASET_SEARCH_DEFAULTS.get(dataset, {}))
+    values.update(m.defaults(dataset))
+    values.update(overrides)
+    values = _fields_from(SearchConfig, values, "search config")
+    if not isinstance(raw_options, Mapping):
+        raise ValueError("options must be a mapping of method options")
+    opts = _fields_from(m.options_type, raw_options, f"{method} option")
+    try:
+        values["options"] = m.options_type(**opts)
+    except TypeError as err:
+        raise ValueError(f"bad {method} options: {err}") from None
+    return SearchConfig(**values)
+
+
+def search_config_from_dict(values: Mapping[str, Any]) -> SearchConfig:
+    """``search_config`` from one flat mapping with ``method`` and ``dataset`` inside (YAML, Tune configs)."""
+    values = dict(values)
+    return search_config(str(values.pop("method", "pcdarts")), str(values.pop("dataset", "cifar10")), **values)
+
+
+def eval_config(dataset: str = "cifar10", **overrides: Any) -> EvalConfig:
+    values: dict[str, Any] = {"dataset": dataset}
+    values.update(DATASET_EVAL_DEFAULTS.get(dataset, {}))
+    values.update(overrides)
+    return EvalConfig(**_fields_from(EvalConfig, values, "evaluation config"))
+
+
+#: PC-DARTS ImageNet search (Sec. 4.3): 8 GPUs, batch 1024, lr 0.5 with warm-up, arch lr 6e-3, K=2, 35 frozen epochs.
+DATASET_SEARCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    "imagenet": {"k": 2, "batch_size": 1024, "lr": 0.5, "lr_warmup_epochs": 5, "arch_lr": 6e-3,
+                 "warmup_epochs": 35},
+    # The offline dataset is for quick CPU runs: small and short by default.
+    "synthetic": {"epochs": 10, "warmup_epochs": 3, "batch_size": 64, "init_channels": 8, "layers": 5,
+                  "lr": 0.05, "arch_lr": 3e-3},
+}
+
+#: DARTS ImageNet evaluation (Sec. 4.3): C=48, 14 layers, 250 epochs, wd 3e-5, label smoothing 0.1, no drop path.
+DATASET_EVAL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "imagenet": {"init_channels": 48, "layers": 14, "epochs": 250, "batch_size": 128, "lr": 0.1,
+                 "weight_decay": 3e-5, "label_smoothing": 0.1, "drop_path": 0.0, "cutout": 0},
+    "synthetic": {"init_channels": 8, "layers": 5, "epochs": 10, "batch_size": 64, "lr": 0.05, "cutout": 0,
+                  "drop_path": 0.1},
+}

@@ -1,0 +1,127 @@
+"""What the search and evaluation loops share: devices, RNG capture, safe checkpoints, data-parallel sums."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import random
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when present; asking for CUDA without one is a one-line error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device (use device: cpu or auto)")
+    return torch.device(name)
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a run draws from, in a form ``torch.load(weights_only=True)`` accepts (no numpy objects)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read (corrupted, truncated, not ours): reported in one line."""
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write atomically (temp file + rename) so an interrupted save never leaves a half checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(source: str | os.PathLike | bytes) -> dict[str, Any]:
+    """``torch.load(..., weights_only=True)``: tensors and plain containers only, never arbitrary objects."""
+    where = "checkpoint bytes" if isinstance(source, bytes) else str(source)
+    if not isinstance(source, bytes) and not Path(source).is_file():
+        raise CheckpointError(f"checkpoint {where} does not exist")
+    try:
+        fh = io.BytesIO(source) if isinstance(source, bytes) else source
+        state = torch.load(fh, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure to read means the same thing to the user
+        raise CheckpointError(f"checkpoint {where} is corrupted or not a checkpoint of this project "
+                              f"({type(err).__name__})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {where} does not hold a state dict")
+    return state
+
+
+def accuracy(logits: torch.Tensor, target: torch.Tensor) -> int:
+    """Number of correct top-1 predictions."""
+    return int((logits.argmax(dim=1) == target).sum())
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, enabled: bool) -> Iterator[None]:
+    """bf16 autocast on CUDA when AMP is on (no loss scaling needed); a no-op on CPU."""
+    if enabled and device.type == "cuda":
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            yield
+    else:
+        yield
+
+
+def distributed_world() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed group, (0, 1) when none is initialized."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_mean_(tensors: Sequence[torch.Tensor]) -> None:
+    """Average ``tensors`` in place over the data-parallel group, in one flat bucket (no-op alone)."""
+    if not tensors or distributed_world()[1] == 1:
+        return
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset : offset + n].view_as(t).to(t.dtype))
+        offset += n
+
+
+def all_reduce_sum(values: Sequence[float], device: torch.device) -> list[float]:
+    """Sum plain numbers over the data-parallel group (counts, loss sums); identity alone."""
+    if distributed_world()[1] == 1:
+        return list(values)
+    t = torch.tensor(list(values), dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()

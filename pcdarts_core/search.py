@@ -1,0 +1,289 @@
+"""The search loop as a library: ``search(config, callbacks)`` yields one metrics dict per epoch.
+
+A :class:`Searcher` holds everything a search needs to continue: model, both optimizers, the epoch, the method's
+own state and every RNG. ``state_dict()`` at an epoch boundary and ``load_state_dict()`` into a fresh Searcher
+give exactly the run that was never interrupted (same seed on CPU: same losses, same genotype). The lr is a pure
+function of the epoch, so there is no scheduler state to lose.
+
+Data parallelism is plain ``torch.distributed``: when a process group is up, gradients of both levels and the
+epoch's metrics are averaged across ranks, BatchNorm statistics are averaged before validation, and every rank
+draws the same channel subsets, so all ranks keep identical weights and arch parameters.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from . import data as data_lib
+from .config import SearchConfig
+from .genotypes import Genotype
+from .methods import get_method
+from .runtime import (accuracy, all_reduce_mean_, all_reduce_sum, autocast, distributed_world, rng_state,
+                      resolve_device, seed_all, set_rng_state)
+from .supernet import SearchNetwork
+
+Callback = Callable[[dict[str, Any], "Searcher"], None]
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+#: config fields that may differ between a run and its resumption (where it runs, not what it computes)
+RESUMABLE_DIFFERENCES = {"device", "num_workers", "data_dir", "epochs", "amp", "channels_last"}
+
+
+class Searcher:
+    def __init__(self, config: SearchConfig, data: data_lib.SearchData | None = None):
+        self.config = config
+        self.method = get_method(config.method)
+        self.device = resolve_device(config.device)
+        self.rank, self.world_size = distributed_world()
+        seed_all(config.seed)
+        self.data = data or data_lib.search_data(
+            config.dataset, config.data_dir, seed=config.data_seed, train_portion=config.train_portion,
+            image_size=config.image_size, synthetic_samples=config.synthetic_samples)
+        self.num_classes = self.data.num_classes
+        self.criterion = self.method.criterion(config).to(self.device)
+        self.train_loader = self._loader(self.data.weight_set)
+        self.val_loader = self._loader(self.data.arch_set)
+        self.epoch = 0
+        self.stopped_early = False
+        self.eigen_history: list[dict[str, Any]] = []
+        self.net: SearchNetwork = self.build_network()
+
+    # -- construction ----------------------------------------------------------------------------------------
+    def _loader(self, dataset: Any) -> torch.utils.data.DataLoader:
+        cfg = self.config
+        drop_last = len(dataset) >= 2 * cfg.batch_size * self.world_size
+        return data_lib.make_loader(dataset, cfg.batch_size, seed=cfg.seed, rank=self.rank,
+                                    world_size=self.world_size, num_workers=cfg.num_workers, drop_last=drop_last,
+                                    pin_memory=self.device.type == "cuda")
+
+    def build_network(self) -> SearchNetwork:
+        """(Re)build the supernet and both optimizers; methods that change the network (P-DARTS) call this."""
+        net = self.method.build_network(self.config, self.num_classes).to(self.device)
+        if self.config.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        self.set_network(net)
+        return net
+
+    def set_network(self, net: SearchNetwork) -> None:
+        cfg = self.config
+        self.net = net
+        self.weight_optimizer = torch.optim.SGD(net.weight_parameters(), cfg.lr, momentum=cfg.momentum,
+                                                weight_decay=cfg.weight_decay)
+        self.arch_optimizer = torch.optim.Adam(net.arch_parameters(), cfg.arch_lr, betas=cfg.arch_betas,
+                                               weight_decay=cfg.arch_weight_decay)
+
+    # -- the pieces steps are made of (used by architect.py and the methods) ---------------------------------
+    def to_device(self, batch: Batch) -> Batch:
+        x, y = batch
+        x = x.to(self.device, non_blocking=True)
+        if self.config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y.to(self.device, non_blocking=True)
+
+    def loss(self, batch: Batch, return_logits: bool = False) -> Any:
+        x, y = self.to_device(batch)
+        with autocast(self.device, self.config.amp):
+            logits = self.net(x)
+            loss = self.criterion(logits.float(), y)
+        return (loss, logits) if return_logits else loss
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def sync_grads(self, params: Sequence[nn.Parameter]) -> None:
+        """Average gradients over data-parallel ranks (both levels: arch gradients too)."""
+        all_reduce_mean_([p.grad for p in params if p.grad is not None])
+
+    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
+        """Hook for loss scaling; bf16 autocast needs none."""
+
+    def step_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.step()
+
+    # -- the loop --------------------------------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self.stopped_early or self.epoch >= self.config.epochs
+
+    @property
+    def arch_active(self) -> bool:
+        return self.epoch >= self.config.warmup_epochs
+
+    def current_lr(self) -> float:
+        return self.config.lr * self.method.lr_factor(self.config, self.epoch)
+
+    def run_epoch(self) -> dict[str, Any]:
+        cfg, epoch = self.config, self.epoch
+        start = time.perf_counter()
+        self.method.on_epoch_start(self, epoch)
+        lr = self.current_lr()
+        for group in self.weight_optimizer.param_groups:
+            group["lr"] = lr
+        data_lib.set_epoch(self.train_loader, epoch)
+        data_lib.set_epoch(self.val_loader, epoch)
+        self.net.train()
+        arch_on = self.arch_active
+        loss_sum = correct = seen = 0.0
+        arch_loss_sum, arch_steps = 0.0, 0
+        val_iter = iter(self.val_loader)
+        for step, train in enumerate(self.train_loader):
+            if cfg.steps_per_epoch is not None and step >= cfg.steps_per_epoch:
+                break
+            if arch_on:
+                try:
+                    val = next(val_iter)
+                except StopIteration:
+                    val_iter = iter(self.val_loader)
+                    val = next(val_iter)
+                arch_loss_sum += self.method.arch_step(self, train, val)
+                arch_steps += 1
+            loss, logits = self.method.weight_step(self, train)
+            n = train[1].shape[0]
+            loss_sum += loss * n
+            correct += accuracy(logits, train[1].to(logits.device))
+            seen += n
+        train_time = time.perf_counter() - start
+        loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], self.device)
+        self.sync_buffers()
+        val_loss, val_acc = self.evaluate()
+        self.epoch += 1
+        genotype = self.method.genotype(self.net)
+        metrics = {
+            "epoch": self.epoch,
+            "lr": lr,
+            "arch_active": arch_on,
+            "train_loss": loss_sum / max(seen, 1),
+            "train_acc": correct / max(seen, 1),
+            "arch_loss": arch_loss_sum / arch_steps if arch_steps else float("nan"),
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            **arch_summary(self.net),
+            "genotype": genotype.to_json(),
+            "n_skip_normal": genotype.count_op("skip_connect", "normal"),
+            "throughput": seen / train_time if train_time > 0 else 0.0,
+            **self.method.epoch_metrics(self),
+        }
+        if cfg.hessian_every and self.epoch % cfg.hessian_every == 0:
+            metrics.update(self._track_hessian(genotype))
+        metrics["epoch_time_s"] = time.perf_counter() - start
+        return metrics
+
+    def sync_buffers(self) -> None:
+        """Average BatchNorm running statistics across ranks so validation sees one model."""
+        bufs = [b for b in self.net.buffers() if b.dtype.is_floating_point]
+        all_reduce_mean_(bufs)
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        """Supernet loss and top-1 accuracy on the arch split (the official ``infer``)."""
+        self.net.eval()
+        loss_sum = correct = seen = 0.0
+        for step, batch in enumerate(self.val_loader):
+            if self.config.eval_steps is not None and step >= self.config.eval_steps:
+                break
+            x, y = self.to_device(batch)
+            with autocast(self.device, self.config.amp):
+                logits = self.net(x)
+            loss_sum += float(self.criterion(logits.float(), y)) * y.shape[0]
+            correct += accuracy(logits, y)
+            seen += y.shape[0]
+        self.net.train()
+        loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], self.device)
+        return loss_sum / max(seen, 1), correct / max(seen, 1)
+
+    def _track_hessian(self, genotype: Genotype) -> dict[str, Any]:
+        """RobustDARTS (Zela et al., ICLR 2020): the dominant eigenvalue of the arch Hessian of L_val; with
+        ``early_stop`` DARTS-ES's rule stops the search and keeps the genotype of 4 evaluations earlier."""
+        from .hessian import darts_es_should_stop, dominant_eigenvalue
+
+        val = next(iter(self.val_loader))
+        value = dominant_eigenvalue(self, self.to_device(val))
+        self.eigen_history.append({"epoch": self.epoch, "eigenvalue": value, "genotype": genotype.to_json()})
+        out: dict[str, Any] = {"hessian_eigenvalue": value}
+        if self.config.early_stop and darts_es_should_stop([h["eigenvalue"] for h in self.eigen_history]):
+            self.stopped_early = True
+            out["early_stopped"] = True
+        return out
+
+    def final_genotype(self) -> Genotype:
+        """The search's answer: DARTS-ES's earlier genotype when it stopped the search, else the current one."""
+        if self.stopped_early and len(self.eigen_history) > 4:
+            from .genotypes import parse_genotype
+
+            return parse_genotype(self.eigen_history[-5]["genotype"])
+        return self.method.genotype(self.net)
+
+    # -- state -----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": "pcdarts-search/1",
+            "config": self.config.to_dict(),
+            "epoch": self.epoch,
+            "stopped_early": self.stopped_early,
+            "eigen_history": list(self.eigen_history),
+            "method": self.method.state(self),
+            "model": self.net.state_dict(),
+            "weight_optimizer": self.weight_optimizer.state_dict(),
+            "arch_optimizer": self.arch_optimizer.state_dict(),
+            "channel_rng": self.net.channel_generator.get_state(),
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from .runtime import CheckpointError
+
+        if state.get("format") != "pcdarts-search/1":
+            raise CheckpointError("not a search checkpoint of this project (format mismatch)")
+        saved, now = state["config"], self.config.to_dict()
+        changed = sorted(k for k in now if k not in RESUMABLE_DIFFERENCES and saved.get(k) != now[k])
+        if changed:
+            raise ValueError(f"cannot resume: the checkpoint was made with different settings ({', '.join(changed)})")
+        self.method.restore(self, state["method"])
+        self.net.load_state_dict(state["model"])
+        self.weight_optimizer.load_state_dict(state["weight_optimizer"])
+        self.arch_optimizer.load_state_dict(state["arch_optimizer"])
+        self.net.channel_generator.set_state(state["channel_rng"])
+        self.epoch = int(state["epoch"])
+        self.stopped_early = bool(state["stopped_early"])
+        self.eigen_history = list(state["eigen_history"])
+        set_rng_state(state["rng"])
+
+
+def arch_summary(net: SearchNetwork) -> dict[str, Any]:
+    """Alphas/betas as lists and the mean entropy of the op distributions (nats; log(8) ~ 2.08 is uniform)."""
+    out: dict[str, Any] = {}
+    entropies = []
+    for cell in ("normal", "reduce"):
+        alphas = net.alphas(cell).detach().float().cpu()
+        probs = torch.softmax(alphas, dim=-1)
+        ent = float(-(probs * probs.clamp_min(1e-12).log()).sum(-1).mean())
+        out[f"arch_entropy_{cell}"] = ent
+        entropies.append(ent)
+        out[f"alphas_{cell}"] = alphas.tolist()
+        betas = net.betas(cell)
+        out[f"betas_{cell}"] = None if betas is None else betas.detach().float().cpu().tolist()
+    out["arch_entropy"] = sum(entropies) / len(entropies)
+    out["arch_entropy_max"] = math.log(net.alphas_normal.shape[1])
+    return out
+
+
+def search(config: SearchConfig, callbacks: Iterable[Callback] = (), state: dict[str, Any] | None = None,
+           data: data_lib.SearchData | None = None) -> Iterator[dict[str, Any]]:
+    """Run (or, from ``state``, resume) a search, yielding each epoch's metrics after the callbacks saw them.
+
+    The callbacks get ``(metrics, searcher)``; ``searcher.state_dict()`` there is a resumable checkpoint.
+    """
+    searcher = Searcher(config, data)
+    if state is not None:
+        searcher.load_state_dict(state)
+    callbacks = list(callbacks)
+    while not searcher.done:
+        metrics = searcher.run_epoch()
+        for cb in callbacks:
+            cb(metrics, searcher)
+        yield metrics
