@@ -1,0 +1,125 @@
+"""``python -m orchestrator.genotype`` as a user runs it: subprocesses, JSON on the last stdout line, exit 2 and a
+single ``error:`` line on bad input. All commands run once per module, two at a time, to keep the suite fast."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from orchestrator import genotype as genotype_cli
+from orchestrator.cli import run_cli
+from pcdarts_core.genotypes import PUBLISHED, Genotype
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _alphas() -> tuple[torch.Tensor, torch.Tensor]:
+    """Hand-made alphas (14 edges x 8 ops in PRIMITIVES order) whose derivation is worked out below."""
+    an, ar = torch.zeros(14, 8), torch.zeros(14, 8)
+    an[0, 4], an[1, 5] = 5.0, 4.0                  # node 0: sep_conv_3x3 <- 0, sep_conv_5x5 <- 1
+    an[2, 3], an[4, 6] = 3.0, 6.0                  # node 1: dil_conv_3x3 <- node 0 (6), skip_connect <- 0 (3)
+    an[5, 0], an[7, 1], an[8, 2] = 50.0, 5.0, 4.0  # node 2: `none` on edge 5 never wins; max_pool <- 2, avg <- 3
+    an[12, 7], an[13, 4] = 5.0, 5.0                # node 3: equal weights, lower input first: dil_conv_5x5 <- 3
+    ar[:, 1] = 2.0                                 # reduce: max_pool everywhere, ties -> inputs 0 and 1
+    return an, ar
+
+
+EXPECTED_JSON = Genotype(
+    normal=(("sep_conv_3x3", 0), ("sep_conv_5x5", 1), ("dil_conv_3x3", 2), ("skip_connect", 0),
+            ("max_pool_3x3", 2), ("avg_pool_3x3", 3), ("dil_conv_5x5", 3), ("sep_conv_3x3", 4)),
+    normal_concat=(2, 3, 4, 5),
+    reduce=(("max_pool_3x3", 0), ("max_pool_3x3", 1)) * 4,
+    reduce_concat=(2, 3, 4, 5))
+
+# With betas (PC-DARTS edge normalization) favouring input 1 of node 1, whose alphas are flat (its best non-none
+# op is then the first one, max_pool_3x3), node 1 keeps input 1 and, second, node 0's dil_conv_3x3.
+EXPECTED_PT = Genotype(
+    normal=EXPECTED_JSON.normal[:2] + (("max_pool_3x3", 1), ("dil_conv_3x3", 2)) + EXPECTED_JSON.normal[4:],
+    normal_concat=(2, 3, 4, 5), reduce=EXPECTED_JSON.reduce, reduce_concat=(2, 3, 4, 5))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, subprocess.CompletedProcess[str]]:
+    d = tmp_path_factory.mktemp("genotype_cli")
+    an, ar = _alphas()
+    (d / "arch.json").write_text(json.dumps({"alphas_normal": an.tolist(), "alphas_reduce": ar.tolist()}))
+    bn = torch.zeros(14)
+    bn[2:5] = torch.tensor([0.0, 5.0, 1.0])
+    torch.save({"model": {"stem.0.weight": torch.zeros(2, 3, 3, 3), "alphas_normal": an, "alphas_reduce": ar,
+                          "betas_normal": bn, "betas_reduce": torch.zeros(14)}, "epoch": 3}, d / "search.pt")
+    (d / "pc_darts_cifar.txt").write_text(f"PC_DARTS_CIFAR = {PUBLISHED['PC_DARTS_CIFAR']}\n")
+    (d / "bad_genotype.txt").write_text("Genotype(normal=[('sep_conv_3x3', 0)], reduce=[('conv_9x9', 7)])")
+    good = (d / "search.pt").read_bytes()
+    (d / "corrupted.pt").write_bytes(good[: len(good) // 2])
+    commands = {
+        "info_cifar_file": ["info", str(d / "pc_darts_cifar.txt"), "--dataset", "cifar10", "--json"],
+        "show": ["show", "PDARTS", "--json"],
+        "derive_json": ["derive", str(d / "arch.json"), "--json"],
+        "derive_pt": ["derive", str(d / "search.pt"), "--json"],
+        "bad_genotype": ["show", str(d / "bad_genotype.txt")],
+        "unknown_name": ["info", "NO_SUCH_GENOTYPE", "--dataset", "cifar10"],
+        "corrupted_pt": ["derive", str(d / "corrupted.pt")],
+    }
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "100"}
+
+    def run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "orchestrator.genotype", *argv], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = dict(zip(commands, pool.map(run, commands.values())))
+    return results
+
+
+def _last_json(proc: subprocess.CompletedProcess[str]) -> dict:
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_info_cifar_from_a_file_in_the_official_text_form(runs: dict) -> None:
+    out = _last_json(runs["info_cifar_file"])
+    assert out["params"] == 3_634_678 and round(out["params"] / 1e6, 1) == 3.6  # PC-DARTS Table 1
+    assert (out["dataset"], out["channels"], out["layers"]) == ("cifar10", 36, 20)
+    assert out["genotype"] == PUBLISHED["PC_DARTS_CIFAR"].to_dict()
+    assert "parameters" in runs["info_cifar_file"].stdout  # the readable table comes first
+
+
+def test_info_imagenet_published_counts(capsys: pytest.CaptureFixture[str]) -> None:
+    """In-process (one subprocess fewer: each pays ~2 s of torch import on a shared machine)."""
+    torch.set_num_threads(1)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(genotype_cli.main, ["info", "PC_DARTS_IMAGENET", "--dataset", "imagenet", "--json"])
+    assert exit_info.value.code == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert round(out["params"] / 1e6, 1) == 5.3 and out["madds"] == 581_627_328  # paper: 5.3M, 597M
+    assert (out["dataset"], out["channels"], out["layers"]) == ("imagenet", 48, 14)
+
+
+def test_show_prints_both_cells_and_json(runs: dict) -> None:
+    proc = runs["show"]
+    assert "normal cell" in proc.stdout and "reduce cell" in proc.stdout
+    assert "c_{k-2}" in proc.stdout and "node 1" in proc.stdout and "dil_conv_5x5" in proc.stdout
+    assert _last_json(proc) == PUBLISHED["PDARTS"].to_dict()
+
+
+def test_derive_from_json(runs: dict) -> None:
+    assert _last_json(runs["derive_json"]) == EXPECTED_JSON.to_dict()
+
+
+def test_derive_from_checkpoint_state_dict_with_betas(runs: dict) -> None:
+    assert _last_json(runs["derive_pt"]) == EXPECTED_PT.to_dict()
+
+
+@pytest.mark.parametrize("case", ["bad_genotype", "unknown_name", "corrupted_pt"])
+def test_bad_input_is_one_error_line(runs: dict, case: str) -> None:
+    proc = runs[case]
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr
