@@ -344,9 +344,11 @@ def synthetic_images(n: int, *, image_size: int = 16, seed: int = 0, noise: floa
     background colour with a random linear gradient, plus Gaussian pixel noise. The class is the pattern's
     *shape*: horizontal, vertical, diagonal and anti-diagonal stripes, a checkerboard, a disk, a ring, a plus,
     a triangle, an X. Colours are random (foreground differs from background by 0.3-0.7 per channel), so the
-    mean colour says nothing about the class: a linear model on mean colour scores chance (9.8% on 1000 test
-    images), as does a linear model on raw pixels (10.6%); a 3-layer CNN (16/32/32 channels, Adam) scores 82%
-    after 15 epochs on 2000 images (about 5 s on 2 CPU cores). Stripe periods are 3.6-5.2 px at 16 px, so
+    mean colour says nothing about the class. Measured (defaults: 2000 train / 1000 test, 16 px, 2 CPU cores):
+    a linear model on mean colour scores chance (9.8%), one on raw pixels 10.2%; a 3-layer CNN (16/32/32
+    channels, Adam, batch 64, through :func:`make_loader` with shifts) 86% after 15 epochs (80% with data seed
+    1; seconds); a PC-DARTS supernet (C=8, 3 layers, K=4, batch 32, first-order, arch frozen for 3 epochs)
+    42% after 6 epochs and 57% after 8 (about 10 minutes). Stripe periods are 3.6-5.2 px at 16 px, so
     orientation needs spatial filters, and shapes at random positions need pooling/invariance: conv and pool
     choices both matter. Flips would turn diagonal into anti-diagonal stripes, so augment with shifts only.
     """
