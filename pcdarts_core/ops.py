@@ -130,10 +130,9 @@ class FactorizedReduce(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(x)
-        shifted = x[:, :, 1:, 1:]
-        if shifted.shape[-1] % 2 or shifted.shape[-2] % 2:
-            # Odd sizes: pad so both branches agree on the output size (same as the official padding trick).
-            shifted = nn.functional.pad(shifted, (0, 1, 0, 1))
+        # Shift by one pixel and pad back to the input's size: identical to the official x[:, :, 1:, 1:] on even
+        # sizes (the padded row/column is never sampled by the stride-2 1x1 conv) and also right on odd/1x1 maps.
+        shifted = nn.functional.pad(x[:, :, 1:, 1:], (0, 1, 0, 1))
         return self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1))
 
 

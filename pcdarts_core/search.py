@@ -61,9 +61,12 @@ class Searcher:
                                     world_size=self.world_size, num_workers=cfg.num_workers, drop_last=drop_last,
                                     pin_memory=self.device.type == "cuda")
 
-    def build_network(self) -> SearchNetwork:
-        """(Re)build the supernet and both optimizers; methods that change the network (P-DARTS) call this."""
-        net = self.method.build_network(self.config, self.num_classes).to(self.device)
+    def build_network(self, net: SearchNetwork | None = None) -> SearchNetwork:
+        """(Re)build the supernet and both optimizers; methods that change the network (P-DARTS's stages) pass
+        the new ``net`` here so that it lands on the device, in the memory format, with fresh optimizers."""
+        if net is None:
+            net = self.method.build_network(self.config, self.num_classes)
+        net = net.to(self.device)
         if self.config.channels_last:
             net = net.to(memory_format=torch.channels_last)
         self.set_network(net)
@@ -112,7 +115,7 @@ class Searcher:
 
     @property
     def arch_active(self) -> bool:
-        return self.epoch >= self.config.warmup_epochs
+        return self.method.arch_active(self)
 
     def current_lr(self) -> float:
         return self.config.lr * self.method.lr_factor(self.config, self.epoch)
@@ -159,7 +162,7 @@ class Searcher:
             "arch_active": arch_on,
             "train_loss": loss_sum / max(seen, 1),
             "train_acc": correct / max(seen, 1),
-            "arch_loss": arch_loss_sum / arch_steps if arch_steps else float("nan"),
+            "arch_loss": arch_loss_sum / arch_steps if arch_steps else None,
             "val_loss": val_loss,
             "val_acc": val_acc,
             **arch_summary(self.net),
