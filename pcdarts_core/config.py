@@ -53,7 +53,7 @@ class SearchConfig:
     channels_last: bool = False
     num_workers: int = 0
     image_size: int | None = None  # None: the dataset's own size
-    synthetic_samples: int | None = None
+    synthetic_samples: int | tuple[int, int] | None = None  # train size, or (train, test) sizes
     steps_per_epoch: int | None = None  # cap the steps of an epoch (quick runs, tests)
     eval_steps: int | None = None  # cap the validation batches of an epoch
     hessian_every: int = 0  # RobustDARTS: dominant Hessian eigenvalue every N epochs (0: off)
@@ -122,7 +122,7 @@ class EvalConfig:
     channels_last: bool = False
     num_workers: int = 0
     image_size: int | None = None
-    synthetic_samples: int | None = None
+    synthetic_samples: int | tuple[int, int] | None = None
     steps_per_epoch: int | None = None
     eval_steps: int | None = None
 
@@ -154,10 +154,13 @@ def _check_common(cfg: SearchConfig | EvalConfig) -> None:
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("steps_per_epoch", "eval_steps", "image_size", "synthetic_samples"):
+    for name in ("steps_per_epoch", "eval_steps", "image_size"):
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise ValueError(f"{name} must be >= 1 or unset, got {value}")
+    samples = cfg.synthetic_samples
+    if samples is not None and (min(samples) if isinstance(samples, tuple) else samples) < 10:
+        raise ValueError(f"synthetic_samples must be at least 10 (train) and 10 (test), got {samples}")
     if cfg.lr <= 0 or cfg.lr_min < 0 or cfg.lr_min > cfg.lr:
         raise ValueError(f"need 0 <= lr_min <= lr and lr > 0, got lr={cfg.lr}, lr_min={cfg.lr_min}")
     if not 0 <= cfg.momentum < 1 or cfg.weight_decay < 0 or cfg.grad_clip <= 0:
@@ -218,7 +221,9 @@ def _fields_from(cls: type, values: Mapping[str, Any], kind: str) -> dict[str, A
             raise _unknown(kind, key, list(fields))
         f = fields[key]
         default = f.default if f.default is not dataclasses.MISSING else None
-        if key in _OPTIONAL_INT and value is not None:
+        if key == "synthetic_samples" and isinstance(value, (list, tuple)):
+            default = (0, 0)
+        elif key in _OPTIONAL_INT and value is not None:
             default = 0
         if key == "data_dir" and value is not None:
             value = str(value)
