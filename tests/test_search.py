@@ -29,8 +29,9 @@ def roundtrip(state):
 
 def test_search_learns_on_offline_data():
     """A short PC-DARTS search on the synthetic dataset: supernet accuracy clearly above chance (10%)."""
-    cfg = search_config("pcdarts", "synthetic", init_channels=8, layers=3, k=4, synthetic_samples=(1000, 10),
-                        batch_size=32, epochs=4, warmup_epochs=2, lr=0.1, arch_lr=3e-3, eval_steps=8, device="cpu")
+    # Measured here: val acc 0.10 -> 0.30 over 6 epochs (arch updates in the last one).
+    cfg = search_config("pcdarts", "synthetic", init_channels=8, layers=3, k=4, synthetic_samples=(1600, 10),
+                        batch_size=32, epochs=6, warmup_epochs=5, lr=0.05, arch_lr=3e-3, eval_steps=8, device="cpu")
     history = list(search(cfg))
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert max(m["val_acc"] for m in history) > 0.2, [m["val_acc"] for m in history]
