@@ -63,6 +63,10 @@ class SearchMethod:
         floor = cfg.lr_min / cfg.lr
         return floor + (1 - floor) * (1 + math.cos(math.pi * t / span)) / 2
 
+    def arch_active(self, searcher: "Searcher") -> bool:
+        """Whether this epoch updates the arch: after ``warmup_epochs`` weights-only epochs (PC-DARTS Sec. 4.1)."""
+        return searcher.epoch >= searcher.config.warmup_epochs
+
     def on_epoch_start(self, searcher: "Searcher", epoch: int) -> None:
         """Per-epoch schedules (temperatures, dropout rates, stage changes). Nothing for PC-DARTS."""
 
