@@ -33,12 +33,15 @@ class CellWeights:
     ``ops``: (edges, ops) weights of each op on each edge. ``edges``: (edges,) scale of each edge or None.
     ``active_ops``: one op index per edge to run alone (single-path methods), or None to run all.
     ``active_edges``: which edges run at all (sampled or derived sub-graphs), or None for all.
+    ``transit``: the (active_edges, active_ops) sub-graph that transit cells run, when the method derives it by a
+    rule of its own (EnTranNAS-DST's thresholds); None: the top-2 rule of :func:`derived_subgraph`.
     """
 
     ops: torch.Tensor
     edges: torch.Tensor | None = None
     active_ops: list[int] | None = None
     active_edges: list[bool] | None = None
+    transit: tuple[list[bool], list[int]] | None = None
 
 
 class ArchWeighting:
@@ -119,7 +122,10 @@ class SearchCell(nn.Module):
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         active_edges, active_ops = weights.active_edges, weights.active_ops
         if self.transit and active_edges is None:
-            active_edges, active_ops = derived_subgraph(weights, self.edge_op_names, self.steps)
+            if weights.transit is not None:
+                active_edges, active_ops = weights.transit
+            else:
+                active_edges, active_ops = derived_subgraph(weights, self.edge_op_names, self.steps)
         cache: dict[tuple[int, int], torch.Tensor] = {}
         splits: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         for node, rows in enumerate(node_edge_slices(self.steps)):
