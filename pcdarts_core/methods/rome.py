@@ -1,0 +1,180 @@
+"""ROME (Wang et al., arXiv 2011.11233): single-path search with the topology disentangled from the operations.
+
+Every node gets topology parameters over its incoming edges (the supernet's betas, so edge parameters are always
+on) and every edge op parameters over its ops (alphas, `none` removed: the topology decides which edges exist).
+Each forward samples one sub-network (Sec. 3.2-3.3):
+
+* Gumbel-Top2 topology: per node, the two largest of log_softmax(beta) + Gumbel noise pick exactly two distinct
+  inputs; a straight-through estimator (hard mask forward, softmax((log_softmax(beta) + g) / tau) backward) gives
+  the betas gradients.
+* Gumbel-Max ops: per chosen edge, a hard Gumbel-softmax sample of one op, straight-through as well.
+
+Only the chosen ops of the chosen edges run (``CellWeights.active_ops`` / ``active_edges``), so a step holds one
+path per edge in memory. Gradient accumulation (Sec. 3.4): both the arch and the weight update average the
+gradients of K=7 sampled sub-networks on the same batch before stepping. The temperature falls linearly from 10 to
+0.1 over the search (GDAS's schedule, which ROME reuses). The noise comes from torch's RNG, so resume is exact.
+In eval mode nothing is sampled: the net runs the derived cell. Derivation: per node the two inputs with the largest
+topology weight, the argmax op on each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..architect import frozen
+from ..config import MethodOptions, SearchConfig
+from ..genotypes import Genotype, derive_cell, node_edge_slices, normalized_betas
+from ..ops import PRIMITIVES
+from ..supernet import ArchWeighting, CellWeights, SearchNetwork
+from .base import Batch, SearchMethod
+
+if TYPE_CHECKING:
+    from ..search import Searcher
+
+ROME_PRIMITIVES: tuple[str, ...] = tuple(p for p in PRIMITIVES if p != "none")
+
+
+@dataclass(frozen=True)
+class RomeOptions(MethodOptions):
+    samples: int = 7  # K: sub-networks whose gradients one update accumulates
+    tau_max: float = 10.0  # Gumbel temperature at the first epoch
+    tau_min: float = 0.1  # ... and at the last
+
+
+def gumbel_noise(like: torch.Tensor) -> torch.Tensor:
+    """-log(Exp(1)) samples from torch's default generator (so checkpoints capture them)."""
+    return -torch.empty_like(like).exponential_().log()
+
+
+def straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+    """``hard`` forward, gradient of ``soft`` backward."""
+    return hard - soft.detach() + soft
+
+
+class GumbelTop2Weighting(ArchWeighting):
+    """Samples the sub-network of each forward: two inputs per node, one op per edge (eval mode: the argmax)."""
+
+    def __init__(self, n_inputs: int = 2):
+        self.tau = 1.0
+        self.n_inputs = n_inputs
+
+    def cell_weights(self, net: SearchNetwork, cell_type: str) -> CellWeights:
+        sample = net.training
+        alphas, betas = net.alphas(cell_type), net.betas(cell_type)
+        assert betas is not None, "ROME needs the topology parameters (edge_norm=True)"
+        logits = alphas + gumbel_noise(alphas) if sample else alphas
+        soft = F.softmax(logits / self.tau, dim=-1)
+        index = logits.argmax(dim=-1)
+        ops = straight_through(F.one_hot(index, alphas.shape[-1]).to(soft.dtype), soft)
+        active = [False] * betas.shape[0]
+        parts = []
+        for rows in node_edge_slices(net.steps):
+            scores = F.log_softmax(betas[rows], dim=-1)
+            if sample:
+                scores = scores + gumbel_noise(scores)
+            top = torch.topk(scores, self.n_inputs).indices
+            hard = torch.zeros_like(scores).scatter(0, top, 1.0)
+            parts.append(straight_through(hard, F.softmax(scores / self.tau, dim=-1)))
+            for j in top.tolist():
+                active[rows.start + j] = True
+        edges = torch.cat(parts)
+        return CellWeights(ops, edges, active_ops=index.tolist(), active_edges=active)
+
+
+class Rome(SearchMethod):
+    name = "rome"
+    options_type = RomeOptions
+    summary = ("topology params per node with Gumbel-Top2 edge sampling, one Gumbel-sampled op per edge, "
+               "no `none`, gradients accumulated over K=7 sub-networks")
+
+    def defaults(self, dataset: str) -> dict[str, Any]:
+        d: dict[str, Any] = {"k": 1, "edge_norm": True, "batch_size": 64, "lr": 0.025, "lr_min": 0.001,
+                             "arch_lr": 3e-4, "warmup_epochs": 0}
+        if dataset == "synthetic":
+            d.update(batch_size=32, lr=0.05, arch_lr=3e-3, options={"samples": 2})
+        return d
+
+    def validate(self, cfg: SearchConfig) -> None:
+        o: RomeOptions = cfg.options  # type: ignore[assignment]
+        if not cfg.edge_norm:
+            raise ValueError("ROME's topology parameters are the edge parameters: edge_norm must be true")
+        if cfg.order != "first":
+            raise ValueError("ROME samples sub-networks; the unrolled second-order update is not defined for it")
+        if o.samples < 1 or not 0 < o.tau_min <= o.tau_max:
+            raise ValueError(f"ROME needs samples >= 1 and 0 < tau_min <= tau_max, got {o.samples}, "
+                             f"{o.tau_min}, {o.tau_max}")
+
+    # -- the supernet ----------------------------------------------------------------------------------------
+    def primitives(self, cfg: SearchConfig) -> tuple[str, ...]:
+        return ROME_PRIMITIVES
+
+    def weighting(self, cfg: SearchConfig) -> ArchWeighting:
+        return GumbelTop2Weighting()
+
+    @staticmethod
+    def temperature(cfg: SearchConfig, epoch: int) -> float:
+        """Linear from ``tau_max`` at the first epoch to ``tau_min`` at the last."""
+        o: RomeOptions = cfg.options  # type: ignore[assignment]
+        frac = epoch / max(1, cfg.epochs - 1)
+        return o.tau_max - (o.tau_max - o.tau_min) * min(1.0, frac)
+
+    def on_epoch_start(self, searcher: "Searcher", epoch: int) -> None:
+        weighting = searcher.net.weighting
+        assert isinstance(weighting, GumbelTop2Weighting)
+        weighting.tau = self.temperature(searcher.config, epoch)
+
+    def epoch_metrics(self, searcher: "Searcher") -> dict[str, Any]:
+        return {"tau": self.temperature(searcher.config, searcher.epoch - 1)}
+
+    # -- steps: gradient accumulation over K sampled sub-networks ---------------------------------------------
+    def arch_step(self, searcher: "Searcher", train: Batch, val: Batch) -> float:
+        net, opt, k = searcher.net, searcher.arch_optimizer, searcher.config.options.samples  # type: ignore[attr-defined]
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        with frozen(net.weight_parameters()):
+            for _ in range(k):
+                loss = searcher.loss(val)
+                searcher.backward(loss / k)
+                total += float(loss.detach())
+        searcher.sync_grads(net.arch_parameters())
+        searcher.step_optimizer(opt)
+        return total / k
+
+    def weight_step(self, searcher: "Searcher", train: Batch) -> tuple[float, torch.Tensor]:
+        net, opt, k = searcher.net, searcher.weight_optimizer, searcher.config.options.samples  # type: ignore[attr-defined]
+        opt.zero_grad(set_to_none=True)
+        total, logits_sum = 0.0, None
+        with frozen(net.arch_parameters()):
+            for _ in range(k):
+                loss, logits = searcher.loss(train, return_logits=True)
+                searcher.backward(loss / k)
+                total += float(loss.detach())
+                logits_sum = logits.detach() if logits_sum is None else logits_sum + logits.detach()
+        params = net.weight_parameters()
+        searcher.sync_grads(params)
+        searcher.unscale(opt)
+        nn.utils.clip_grad_norm_(params, searcher.config.grad_clip)
+        searcher.step_optimizer(opt)
+        assert logits_sum is not None
+        return total / k, logits_sum / k
+
+    # -- derivation ------------------------------------------------------------------------------------------
+    def genotype(self, net: SearchNetwork) -> Genotype:
+        """Per node the two inputs with the largest topology weight, each with its argmax op (Sec. 3.2)."""
+        cells = []
+        for t in ("normal", "reduce"):
+            alphas, betas = net.alphas(t).detach().float(), net.betas(t)
+            assert betas is not None
+            one_hot = F.one_hot(alphas.argmax(dim=-1), alphas.shape[-1]).float()
+            weights = one_hot * normalized_betas(betas.detach().float(), net.steps).unsqueeze(-1)
+            cells.append(derive_cell(weights, net.edge_primitives[t], net.steps))
+        concat = tuple(range(2, 2 + net.steps))
+        return Genotype(tuple(cells[0]), concat, tuple(cells[1]), concat)
+
+
+METHOD = Rome()
