@@ -58,10 +58,18 @@ def _normalize(vs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 def darts_es_should_stop(eigenvalues: Sequence[float], window: int = 5, lookback: int = 4,
                          factor: float = 1.3) -> bool:
     """DARTS-ES (Zela et al., Sec. 5.1): stop when the ``window``-average of the eigenvalue has grown by more
-    than ``factor`` over the last ``lookback`` evaluations."""
-    averages = [sum(eigenvalues[max(0, i - window + 1): i + 1]) / len(eigenvalues[max(0, i - window + 1): i + 1])
-                for i in range(len(eigenvalues))]
-    if len(averages) <= lookback:
+    than ``factor`` over the last ``lookback`` evaluations.
+
+    Only full windows count: an "average" of the first one or two values is a single noisy eigenvalue, and
+    comparing against it stopped searches on noise before the rule had the evidence it asks for.
+    """
+    if window < 1 or lookback < 1:
+        raise ValueError(f"window and lookback must be >= 1, got {window}, {lookback}")
+    if len(eigenvalues) < window + lookback:
         return False
-    earlier, now = averages[-1 - lookback], averages[-1]
+
+    def average(end: int) -> float:  # mean of the ``window`` values ending at index ``end`` (inclusive)
+        return sum(eigenvalues[end - window + 1: end + 1]) / window
+
+    now, earlier = average(len(eigenvalues) - 1), average(len(eigenvalues) - 1 - lookback)
     return earlier > 0 and now > factor * earlier
