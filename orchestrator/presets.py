@@ -9,11 +9,27 @@ A preset file looks like::
       epochs: 2
     grid:                        # optional: key -> values; their cartesian product gives the configuration groups
       k: [2, 4]
+    configurations:              # optional: explicit groups (each one's settings), times the grid when both are given
+      - {method: pcdarts, k: 4}
+      - {method: darts}          # a method's own defaults apply to what the search section does not set
     seeds: [0, 1, 2]             # every group runs once per seed
     resources: {cpu: 1, gpu: 0}  # per trial (fractional GPUs allowed)
     max_concurrent_trials: 2
-    evaluate:                    # optional: EvalConfig fields for evaluation trials, plus seeds/top_k/random_baseline
+    failure: {max_failures: 2}   # retries of a crashing trial from its last checkpoint
+    evaluate:                    # optional: EvalConfig fields for evaluation trials, plus what to evaluate
       epochs: 5
+      seeds: [0, 1]              # every evaluated genotype is trained once per seed
+      top_k: 1                   # per group, the k searches with the best val_acc (null: all of them)
+      consensus: true            # also each group's consensus genotype
+      random_baseline: 4         # and this many random DARTS-space cells, under the same protocol
+      genotypes: [PC_DARTS_CIFAR]  # and published names or genotype files
+      after_sweep: false         # evaluate at the end of every ``sweep stability`` run (like --evaluate)
+    hpo:                         # optional: ``sweep hpo`` (Optuna, multi-objective)
+      num_samples: 8
+      seeds: [0, 1, 2]           # every Optuna trial runs one search per seed
+      space:                     # SearchConfig fields: {loguniform|uniform: [lo, hi]}, {int: [lo, hi]}, {choice: [...]}
+        arch_lr: {loguniform: [1.0e-4, 1.0e-2]}
+        k: {choice: [2, 4]}
 
 ``--set key=value`` overrides use dotted paths (``search.k=8``, ``seeds=[0,1]``, ``evaluate.epochs=3``); values are
 parsed as YAML scalars/lists. Every key is checked; the first problem is one ``ValueError`` line.
@@ -22,6 +38,7 @@ parsed as YAML scalars/lists. Every key is checked; the first problem is one ``V
 from __future__ import annotations
 
 import copy
+import difflib
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +46,11 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from pcdarts_core.config import SearchConfig, search_config_from_dict
+from pcdarts_core.config import EvalConfig, SearchConfig, eval_config, search_config_from_dict
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "tune_configs"
-TOP_LEVEL_KEYS = {"name", "description", "search", "grid", "seeds", "resources", "max_concurrent_trials",
-                  "evaluate", "hpo", "failure", "distributed"}
+TOP_LEVEL_KEYS = {"name", "description", "search", "grid", "configurations", "seeds", "resources",
+                  "max_concurrent_trials", "evaluate", "hpo", "failure", "distributed"}
 
 
 @dataclass(frozen=True)
@@ -50,16 +67,27 @@ class Preset:
     distributed: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    configurations: tuple[Mapping[str, Any], ...] = ()
 
     def groups(self) -> list[dict[str, Any]]:
-        """One search-config dict per grid point (without the seed)."""
+        """One search-config dict per configuration and grid point (without the seed)."""
         keys = list(self.grid)
         out = []
-        for values in itertools.product(*(self.grid[k] for k in keys)) if keys else [()]:
-            cfg = dict(self.search)
-            cfg.update(zip(keys, values))
-            out.append(cfg)
+        for base in self.configurations or ({},):
+            for values in itertools.product(*(self.grid[k] for k in keys)) if keys else [()]:
+                cfg = dict(self.search)
+                cfg.update(base)
+                cfg.update(zip(keys, values))
+                if cfg not in out:
+                    out.append(cfg)
         return out
+
+    def group_keys(self) -> list[str]:
+        """The settings that tell the groups apart (grid keys and the configurations' keys), in first-seen order."""
+        keys: list[str] = []
+        for conf in self.configurations:
+            keys += [k for k in conf if k not in keys]
+        return keys + [k for k in self.grid if k not in keys]
 
     def search_config(self, overrides: Mapping[str, Any] | None = None, seed: int | None = None) -> SearchConfig:
         values = dict(self.search)
@@ -67,6 +95,294 @@ class Preset:
         if seed is not None:
             values["seed"] = seed
         return search_config_from_dict(values)
+
+    def failure_spec(self) -> FailureSpec:
+        return failure_spec(self.failure)
+
+    def evaluation(self) -> EvaluateSpec:
+        """The ``evaluate:`` section: the evaluation protocol and what to evaluate (validated)."""
+        return evaluate_spec(self.evaluate, self.search, self.resources, self.max_concurrent_trials)
+
+    def hpo_spec(self) -> HpoSpec:
+        """The ``hpo:`` section (``ValueError`` when the preset has none)."""
+        if not self.hpo:
+            raise ValueError(f"preset {self.name!r} has no 'hpo' section: add one (see tune_configs/local.yaml)")
+        return hpo_spec(self.hpo, self.search, self.resources, self.max_concurrent_trials)
+
+    def datasets(self) -> list[tuple[str, str | None]]:
+        """The distinct (dataset, data_dir) pairs the sweep's searches and evaluations read."""
+        out: list[tuple[str, str | None]] = []
+        for group in self.groups():
+            pair = (str(group.get("dataset", "cifar10")), group.get("data_dir"))
+            if pair not in out:
+                out.append(pair)
+        if self.evaluate:
+            cfg = self.evaluation().config
+            if (cfg.dataset, cfg.data_dir) not in out:
+                out.append((cfg.dataset, cfg.data_dir))
+        return out
+
+
+# -- sections ----------------------------------------------------------------------------------------------------
+FAILURE_KEYS = {"max_failures", "fail_fast", "checkpoints_to_keep"}
+
+
+@dataclass(frozen=True)
+class FailureSpec:
+    """``failure:``: a crashing trial is retried ``max_failures`` times from its last checkpoint, then failed.
+
+    ``checkpoints_to_keep`` per trial (None: all). Tune deletes older ones as new ones arrive, while its
+    experiment state (what a resumed sweep starts from) is saved every ~10 s: a driver killed outright (not
+    Ctrl-C) may leave a state naming a checkpoint already deleted when epochs take under a few seconds, so
+    keep all for such tiny runs.
+    """
+
+    max_failures: int = 2
+    fail_fast: bool = False  # stop the whole sweep at the first trial that fails for good
+    checkpoints_to_keep: int | None = 5
+
+
+def failure_spec(raw: Mapping[str, Any]) -> FailureSpec:
+    _known("failure", raw, FAILURE_KEYS)
+    max_failures = raw.get("max_failures", 2)
+    if not _is_int(max_failures) or max_failures < -1:
+        raise ValueError("failure.max_failures must be an integer >= 0 (or -1: retry forever)")
+    fail_fast = raw.get("fail_fast", False)
+    if not isinstance(fail_fast, bool):
+        raise ValueError("failure.fail_fast must be true or false")
+    keep = raw.get("checkpoints_to_keep", 5)
+    if keep is not None and (not _is_int(keep) or keep < 1):
+        raise ValueError("failure.checkpoints_to_keep must be an integer >= 1, or null to keep all")
+    return FailureSpec(max_failures, fail_fast, keep)
+
+
+EVALUATE_KEYS = {"seeds", "top_k", "consensus", "random_baseline", "genotypes", "after_sweep", "resources",
+                 "max_concurrent_trials"}
+
+
+@dataclass(frozen=True)
+class EvaluateSpec:
+    """``evaluate:``: retrain derived genotypes from scratch under one protocol, several seeds each."""
+
+    config: EvalConfig  # the protocol (seed is set per evaluation trial)
+    seeds: tuple[int, ...] = (0,)
+    top_k: int | None = None  # per group: the k searches with the best val_acc; None: every search
+    consensus: bool = True
+    random_baseline: int = 0
+    genotypes: tuple[str, ...] = ()
+    after_sweep: bool = False
+    resources: Mapping[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
+    max_concurrent_trials: int = 0
+
+
+def evaluate_spec(raw: Mapping[str, Any], search: Mapping[str, Any], resources: Mapping[str, float],
+                  max_concurrent_trials: int) -> EvaluateSpec:
+    where = "evaluate"
+    protocol = {k: v for k, v in raw.items() if k not in EVALUATE_KEYS}
+    dataset = str(protocol.pop("dataset", search.get("dataset", "cifar10")))
+    if "data_dir" not in protocol and search.get("data_dir") is not None and \
+            dataset == search.get("dataset", "cifar10"):
+        protocol["data_dir"] = search["data_dir"]
+    if "seed" in protocol:
+        raise ValueError(f"{where}: set evaluation seeds with the 'seeds' list, not 'seed'")
+    try:
+        config = eval_config(dataset, **protocol)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    seeds = _seeds(raw.get("seeds", [0]), f"{where}.seeds")
+    top_k = raw.get("top_k")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise ValueError(f"{where}.top_k must be an integer >= 1, or null for every search")
+    random_baseline = raw.get("random_baseline", 0)
+    if not _is_int(random_baseline) or random_baseline < 0:
+        raise ValueError(f"{where}.random_baseline must be an integer >= 0")
+    for key in ("consensus", "after_sweep"):
+        if not isinstance(raw.get(key, False), bool):
+            raise ValueError(f"{where}.{key} must be true or false")
+    genotypes = raw.get("genotypes") or []
+    if isinstance(genotypes, str):
+        genotypes = [genotypes]
+    if not isinstance(genotypes, list) or not all(isinstance(g, str) for g in genotypes):
+        raise ValueError(f"{where}.genotypes must be a list of published names or genotype files")
+    from pcdarts_core.genotypes import load_genotype
+
+    for name in genotypes:
+        load_genotype(name)  # ValueError (one line) for unknown names and bad files
+    res = _resources(raw.get("resources", resources), f"{where}.resources")
+    conc = raw.get("max_concurrent_trials", max_concurrent_trials)
+    if not _is_int(conc) or conc < 0:
+        raise ValueError(f"{where}.max_concurrent_trials must be an integer >= 0")
+    return EvaluateSpec(config, seeds, top_k, bool(raw.get("consensus", True)), random_baseline,
+                        tuple(genotypes), bool(raw.get("after_sweep", False)), res, conc)
+
+
+HPO_KEYS = {"num_samples", "seeds", "space", "max_concurrent_trials", "scheduler", "grace_period",
+            "reduction_factor", "sampler", "seed", "resources", "study_storage"}
+PARAM_KINDS = ("loguniform", "uniform", "int", "choice")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One tuned search setting: ``kind`` in loguniform/uniform (floats), int (inclusive bounds), choice."""
+
+    name: str
+    kind: str
+    values: tuple[Any, ...]  # (low, high), or the choices
+
+    def tune_domain(self) -> Any:
+        from ray import tune
+
+        if self.kind == "loguniform":
+            return tune.loguniform(*self.values)
+        if self.kind == "uniform":
+            return tune.uniform(*self.values)
+        if self.kind == "int":
+            return tune.randint(self.values[0], self.values[1] + 1)  # Tune's upper bound is exclusive
+        return tune.choice(list(self.values))
+
+
+@dataclass(frozen=True)
+class HpoSpec:
+    """``hpo:``: Optuna over search settings, two objectives per configuration measured over ``seeds``:
+    the mean final val_acc (maximized) and the mean pairwise genotype distance between seeds (minimized)."""
+
+    space: tuple[ParamSpec, ...]
+    num_samples: int = 8
+    seeds: tuple[int, ...] = (0, 1, 2)
+    max_concurrent_trials: int = 0
+    scheduler: str = "asha"  # 'asha' (on the running mean val_acc, per seed) or 'none'
+    grace_period: int = 1  # seeds every configuration completes before ASHA may stop it
+    reduction_factor: int = 2
+    sampler: str = "tpe"  # 'tpe' (multi-objective TPE), 'nsga2' or 'random'
+    seed: int = 0  # the sampler's seed
+    resources: Mapping[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
+    study_storage: str | None = None  # an Optuna storage URL; default sqlite under the experiment dir
+
+
+def hpo_spec(raw: Mapping[str, Any], search: Mapping[str, Any], resources: Mapping[str, float],
+             max_concurrent_trials: int) -> HpoSpec:
+    where = "hpo"
+    _known(where, raw, HPO_KEYS)
+    space_raw = raw.get("space")
+    if not isinstance(space_raw, dict) or not space_raw:
+        raise ValueError(f"{where}.space must map search settings to distributions, e.g. "
+                         "arch_lr: {loguniform: [1.0e-4, 1.0e-2]}")
+    space = tuple(_param(name, spec, search) for name, spec in space_raw.items())
+    num_samples = raw.get("num_samples", 8)
+    if not _is_int(num_samples) or num_samples < 1:
+        raise ValueError(f"{where}.num_samples must be an integer >= 1")
+    seeds = _seeds(raw.get("seeds", [0, 1, 2]), f"{where}.seeds")
+    if len(seeds) < 2:
+        raise ValueError(f"{where}.seeds needs at least 2 seeds: stability is measured between seeds")
+    scheduler = raw.get("scheduler", "asha")
+    if scheduler not in ("asha", "none"):
+        raise ValueError(f"{where}.scheduler must be asha or none, got {scheduler!r}")
+    sampler = raw.get("sampler", "tpe")
+    if sampler not in ("tpe", "nsga2", "random"):
+        raise ValueError(f"{where}.sampler must be tpe, nsga2 or random, got {sampler!r}")
+    ints = {}
+    for key, default, low in (("grace_period", 1, 1), ("reduction_factor", 2, 2), ("seed", 0, 0),
+                              ("max_concurrent_trials", max_concurrent_trials, 0)):
+        value = raw.get(key, default)
+        if not _is_int(value) or value < low:
+            raise ValueError(f"{where}.{key} must be an integer >= {low}")
+        ints[key] = value
+    if ints["grace_period"] > len(seeds):
+        raise ValueError(f"{where}.grace_period ({ints['grace_period']}) exceeds the {len(seeds)} seeds")
+    storage = raw.get("study_storage")
+    if storage is not None and (not isinstance(storage, str) or "://" not in storage):
+        raise ValueError(f"{where}.study_storage must be an Optuna storage URL such as sqlite:///path/study.db")
+    return HpoSpec(space, num_samples, seeds, ints["max_concurrent_trials"], scheduler, ints["grace_period"],
+                   ints["reduction_factor"], sampler, ints["seed"],
+                   _resources(raw.get("resources", resources), f"{where}.resources"), storage)
+
+
+def _param(name: Any, spec: Any, search: Mapping[str, Any]) -> ParamSpec:
+    where = f"hpo.space.{name}"
+    if name == "seed":
+        raise ValueError("hpo.space cannot tune 'seed': seeds are what stability is measured over")
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise ValueError(f"{where} must be one of {{loguniform: [lo, hi]}}, {{uniform: [lo, hi]}}, "
+                         "{int: [lo, hi]}, {choice: [...]}")
+    (kind, values), = spec.items()
+    if kind not in PARAM_KINDS:
+        raise ValueError(f"{where}: unknown distribution {kind!r}; known: {', '.join(PARAM_KINDS)}")
+    if not isinstance(values, list) or not values:
+        raise ValueError(f"{where}.{kind} must be a non-empty list")
+    if kind == "choice":
+        points = list(values)
+    else:
+        if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise ValueError(f"{where}.{kind} must be [low, high]")
+        low, high = values
+        if kind == "int" and not (_is_int(low) and _is_int(high)):
+            raise ValueError(f"{where}.int bounds must be integers")
+        if not low < high:
+            raise ValueError(f"{where}: low must be below high, got [{low}, {high}]")
+        if kind == "loguniform" and low <= 0:
+            raise ValueError(f"{where}: loguniform needs low > 0")
+        points = [low, high]
+        values = [float(low), float(high)] if kind != "int" else [int(low), int(high)]
+    for point in points:  # every bound/choice must give a valid search config on top of the base
+        try:
+            search_config_from_dict({**search, str(name): point})
+        except ValueError as err:
+            raise ValueError(f"{where}={point!r}: {err}") from None
+    return ParamSpec(str(name), kind, tuple(values))
+
+
+def _known(where: str, raw: Mapping[str, Any], known: set[str]) -> None:
+    unknown = set(raw) - known
+    if unknown:
+        key = sorted(unknown)[0]
+        hint = difflib.get_close_matches(str(key), sorted(known), n=1)
+        raise ValueError(f"unknown {where} key {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                         + f"; known: {', '.join(sorted(known))}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _seeds(seeds: Any, where: str) -> tuple[int, ...]:
+    if _is_int(seeds) and seeds >= 1:
+        seeds = list(range(seeds))
+    if not isinstance(seeds, list) or not seeds or not all(_is_int(s) and s >= 0 for s in seeds):
+        raise ValueError(f"{where} must be a count or a non-empty list of integers >= 0")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"{where} has duplicates")
+    return tuple(seeds)
+
+
+def _resources(raw: Any, where: str) -> dict[str, float]:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} must be a mapping like {{cpu: 1, gpu: 0}}")
+    bad = set(raw) - {"cpu", "gpu"}
+    if bad or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in raw.values()):
+        raise ValueError(f"{where} takes cpu and gpu amounts >= 0")
+    out = {"cpu": raw.get("cpu", 1), "gpu": raw.get("gpu", 0)}
+    if out["cpu"] <= 0 and out["gpu"] <= 0:
+        raise ValueError(f"{where}: a trial needs some cpu or gpu")
+    if out["gpu"] > 1 and out["gpu"] != int(out["gpu"]):
+        raise ValueError(f"{where}: more than one GPU per trial must be a whole number, got {out['gpu']}")
+    return out
+
+
+def check_resources(per_trial: Mapping[str, float], available: Mapping[str, float], where: str = "resources") -> None:
+    """One line when a single trial asks for more CPUs or GPUs than the whole cluster has."""
+    for key, label in (("cpu", "CPU"), ("gpu", "GPU")):
+        want, have = float(per_trial.get(key, 0) or 0), float(available.get(label, 0) or 0)
+        if want > have + 1e-9:
+            raise ValueError(f"{where}: a trial asks for {want:g} {label}(s) but the cluster has {have:g}; "
+                             f"lower {where}.{key} or add nodes")
+
+
+def check_data(preset: Preset) -> None:
+    """Every dataset the sweep reads is present (one-line ``DatasetError`` naming the path and how to get it)."""
+    from pcdarts_core.data import check_dataset
+
+    for dataset, data_dir in preset.datasets():
+        check_dataset(dataset, data_dir)
 
 
 def preset_path(name_or_path: str) -> Path:
@@ -146,14 +462,15 @@ def preset_from_dict(raw: Mapping[str, Any], default_name: str = "sweep", where:
         raise ValueError(f"{where}: 'seeds' must be a count or a non-empty list of integers")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"{where}: 'seeds' has duplicates")
-    if "seed" in grid or "seed" in search:
-        raise ValueError(f"{where}: set seeds with the top-level 'seeds' list, not in search/grid")
-    resources = dict(raw.get("resources") or {"cpu": 1, "gpu": 0})
-    bad = set(resources) - {"cpu", "gpu"}
-    if bad or not all(isinstance(v, (int, float)) and v >= 0 for v in resources.values()):
-        raise ValueError(f"{where}: 'resources' takes cpu and gpu amounts >= 0")
-    resources.setdefault("cpu", 1)
-    resources.setdefault("gpu", 0)
+    configurations = raw.get("configurations") or []
+    if not isinstance(configurations, list) or not all(isinstance(c, dict) for c in configurations):
+        raise ValueError(f"{where}: 'configurations' must be a list of mappings of search settings")
+    if "seed" in grid or "seed" in search or any("seed" in c for c in configurations):
+        raise ValueError(f"{where}: set seeds with the top-level 'seeds' list, not in search/grid/configurations")
+    try:
+        resources = _resources(raw.get("resources") or {"cpu": 1, "gpu": 0}, "resources")
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
     max_conc = raw.get("max_concurrent_trials", 0)
     if not isinstance(max_conc, int) or max_conc < 0:
         raise ValueError(f"{where}: 'max_concurrent_trials' must be an integer >= 0")
@@ -164,11 +481,20 @@ def preset_from_dict(raw: Mapping[str, Any], default_name: str = "sweep", where:
                     seeds=tuple(seeds), resources=resources, max_concurrent_trials=max_conc,
                     evaluate=dict(raw.get("evaluate") or {}), hpo=dict(raw.get("hpo") or {}),
                     failure=dict(raw.get("failure") or {}), distributed=dict(raw.get("distributed") or {}),
-                    description=str(raw.get("description") or ""), raw=dict(raw))
-    # Validate every configuration group now, before Ray starts.
+                    description=str(raw.get("description") or ""), raw=dict(raw),
+                    configurations=tuple(dict(c) for c in configurations))
+    # Validate every configuration group and section now, before Ray starts.
     for group in preset.groups():
         try:
             search_config_from_dict({**group, "seed": seeds[0]})
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from None
+    try:
+        preset.failure_spec()
+        if preset.evaluate:
+            preset.evaluation()
+        if preset.hpo:
+            preset.hpo_spec()
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
     return preset
