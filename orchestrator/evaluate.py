@@ -1,0 +1,278 @@
+"""``python -m orchestrator.evaluate``: retrain derived genotypes from scratch as Ray Tune trials, several seeds each.
+
+    python -m orchestrator.evaluate --from EXPERIMENT [--storage PATH_OR_URI] [--top-k N] [--consensus]
+        [--genotype NAME_OR_FILE ...] [--random N] [--seeds 0 1 2] [--preset NAME | --config FILE]
+        [--set evaluate.epochs=20 ...] [--address auto|ray://...]
+
+What is evaluated (``source`` column of ``evaluations.parquet``):
+
+- ``trial:<id>``: the genotype a search of the experiment found; ``--top-k N`` takes the N searches with the best
+  ``val_acc`` of every group;
+- ``consensus:<group>``: a group's consensus genotype (per node, the (op, input) pairs its seeds chose most);
+- ``published:<name>``: a published genotype (``PC_DARTS_CIFAR``, ...) or a genotype file;
+- ``random:<i>``: the baseline, the i-th random cell of the DARTS space (per node 2 distinct inputs, each with an
+  op drawn uniformly from the 7 non-``none`` ops; cell i is drawn from ``random.Random(i)``, so ``random:3`` is
+  the same cell in every experiment), trained under the same protocol as everything else.
+
+Without any of ``--top-k/--consensus/--genotype/--random`` the preset's ``evaluate:`` section says what to evaluate.
+The protocol (EvalConfig: epochs, channels, layers, ...) is the ``evaluate:`` section of ``--preset``/``--config``,
+else of the preset the experiment was run with. Evaluations already done under the same protocol are not rerun;
+running the same command again resumes an interrupted evaluation. Results are upserted into
+``evaluations.parquet`` (key ``eval_id`` = ``<source>|seed=<seed>``) and the stability table is recomputed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping, NoReturn, Sequence
+
+from pcdarts_core.genotypes import CELL_TYPES, Genotype, PUBLISHED, consensus_genotype, load_genotype, parse_genotype
+
+from .cli import fail, run_cli
+from .presets import EvaluateSpec, Preset, check_resources, load_preset, preset_from_dict
+from .progress import TuneProgress, console
+from .results import ResultStore, source_consensus, source_published, source_random, source_trial
+from .sweep import (ParquetResults, _abs_data_dir, check_name, connect, experiment_uri, local_resources,
+                    read_claim, run_tuner, split_experiment, trial_dirname, tune_resources, write_stability)
+
+#: the DARTS space's ops a derived cell may use (``none`` is never selected)
+RANDOM_OPS = ("max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3",
+              "dil_conv_5x5")
+
+
+def random_genotype(index: int, steps: int = 4) -> Genotype:
+    """The ``index``-th random DARTS-space cell pair: per node two distinct inputs drawn uniformly from the
+    earlier states, each with an op drawn uniformly from the 7 non-``none`` ops (``random.Random(index)``)."""
+    rng = random.Random(int(index))
+    cells: dict[str, tuple[tuple[str, int], ...]] = {}
+    for cell in CELL_TYPES:
+        edges: list[tuple[str, int]] = []
+        for node in range(steps):
+            for inp in sorted(rng.sample(range(node + 2), 2)):
+                edges.append((rng.choice(RANDOM_OPS), inp))
+        cells[cell] = tuple(edges)
+    concat = tuple(range(2, 2 + steps))
+    return Genotype(cells["normal"], concat, cells["reduce"], concat)
+
+
+@dataclass(frozen=True)
+class EvaluateRequest:
+    """What to evaluate: top-k searches per group (None: none; 0: all), consensus cells, named cells, random cells."""
+
+    top_k: int | None = None
+    consensus: bool = False
+    genotypes: tuple[str, ...] = ()
+    random: int = 0
+    seeds: tuple[int, ...] = (0,)
+
+    @classmethod
+    def from_spec(cls, spec: EvaluateSpec) -> "EvaluateRequest":
+        return cls(top_k=0 if spec.top_k is None else spec.top_k, consensus=spec.consensus,
+                   genotypes=spec.genotypes, random=spec.random_baseline, seeds=spec.seeds)
+
+    @property
+    def empty(self) -> bool:
+        return self.top_k is None and not self.consensus and not self.genotypes and not self.random
+
+
+def protocol_id(eval_cfg: Mapping[str, Any]) -> str:
+    """A short hash of the evaluation protocol (EvalConfig without seed and where it runs)."""
+    skip = {"seed", "device", "num_workers", "data_dir"}
+    text = json.dumps({k: v for k, v in eval_cfg.items() if k not in skip}, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def evaluation_specs(store: ResultStore, request: EvaluateRequest, protocol: str) -> list[dict[str, Any]]:
+    """One spec per (source, seed): ``eval_id``, ``source``, ``genotype`` (JSON), ``seed``, ``group``, ``protocol``."""
+    sources: list[tuple[str, Genotype, str | None]] = []
+    if request.top_k is not None or request.consensus:
+        trials = store.read("trials")
+        done = [r for r in trials.select(["trial_id", "group", "status", "val_acc", "genotype"]).to_pylist()
+                if r["status"] == "done" and r["genotype"]]
+        if not done:
+            raise ValueError(f"experiment {store.name!r} in {store.storage} has no finished searches to evaluate")
+        by_group: dict[str, list[dict[str, Any]]] = {}
+        for r in done:
+            by_group.setdefault(r["group"], []).append(r)
+        for group in sorted(by_group):
+            rows = sorted(by_group[group], key=lambda r: (-(r["val_acc"] if r["val_acc"] is not None else -1),
+                                                          r["trial_id"]))
+            if request.top_k is not None:
+                for r in rows[:request.top_k] if request.top_k else rows:
+                    sources.append((source_trial(r["trial_id"]), parse_genotype(r["genotype"]), group))
+            if request.consensus:
+                cons = consensus_genotype([parse_genotype(r["genotype"]) for r in rows])
+                sources.append((source_consensus(group), cons, group))
+    for name in request.genotypes:
+        label = name if name in PUBLISHED else name.replace("|", "_")
+        sources.append((source_published(label), load_genotype(name), None))
+    for i in range(request.random):
+        sources.append((source_random(i), random_genotype(i), None))
+    specs = []
+    for source, genotype, group in sources:
+        for seed in request.seeds:
+            specs.append({"eval_id": f"{source}|seed={seed}", "source": source, "genotype": genotype.to_json(),
+                          "seed": int(seed), "group": group, "protocol": protocol})
+    return specs
+
+
+def pending(store: ResultStore, specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The specs not already done under the same protocol (evaluations.parquet)."""
+    table = store.read("evaluations")
+    if table.num_rows == 0 or "protocol" not in table.column_names:
+        return specs
+    done = {(r["eval_id"], r["protocol"]) for r in table.select(["eval_id", "status", "protocol"]).to_pylist()
+            if r["status"] == "done"}
+    return [s for s in specs if (s["eval_id"], s["protocol"]) not in done]
+
+
+def run_evaluations(preset: Preset, store: ResultStore, request: EvaluateRequest, address: str | None,
+                    show: bool = True, verbose: bool = False) -> int:
+    """Run the requested evaluations as Tune trials (resuming an interrupted set), then update the tables."""
+    from ray import tune
+
+    from .trainable import eval_trainable
+
+    spec = preset.evaluation()
+    eval_cfg = _abs_data_dir(spec.config.to_dict())
+    protocol = protocol_id(eval_cfg)
+    specs = evaluation_specs(store, request, protocol)
+    todo = pending(store, specs)
+    console().print(f"[bold]evaluate[/] {store.name}: {len(specs)} evaluation(s) "
+                    f"({len(specs) - len(todo)} already done) of {spec.config.epochs} epochs, protocol {protocol}")
+    code = 0
+    if todo:
+        available = connect(address, verbose)
+        check_resources(spec.resources, available, "evaluate.resources")
+        key = hashlib.sha1(json.dumps([sorted(s["eval_id"] for s in todo), protocol]).encode()).hexdigest()[:10]
+        exp = experiment_uri(store.storage, store.name)
+        path = f"{exp}/evaluate-{key}"
+        trainable = tune.with_resources(eval_trainable, tune_resources(spec.resources))
+
+        failure = preset.failure_spec()
+
+        def make_tuner() -> Any:
+            callbacks = [ParquetResults(store.storage, store.name, "evaluate", eval_config=eval_cfg),
+                         TuneProgress("evaluate", len(todo), len(todo) * spec.config.epochs, metric="test_acc")]
+            return tune.Tuner(
+                trainable, param_space={"eval": eval_cfg, "spec": tune.grid_search(todo)},
+                tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials or None,
+                                            trial_dirname_creator=trial_dirname),
+                run_config=tune.RunConfig(
+                    name=f"evaluate-{key}", storage_path=exp, callbacks=callbacks,
+                    failure_config=tune.FailureConfig(max_failures=failure.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=failure.checkpoints_to_keep),
+                verbose=1 if verbose else 0))
+
+        start = time.perf_counter()
+        grid = run_tuner(trainable, path, make_tuner, verbose)
+        rows, unfinished, failed = [], 0, 0
+        from .progress import last_error_line
+        from .sweep import eval_row
+
+        for result in grid:
+            cfg = result.config or {}
+            if "spec" not in cfg:
+                continue
+            metrics = result.metrics or {}
+            error = last_error_line(str(result.error)) if result.error is not None else None
+            status = "failed" if error else ("done" if metrics.get("done") else "running")
+            unfinished += status == "running"
+            failed += status == "failed"
+            rows.append(eval_row(cfg["spec"], eval_cfg, metrics, status, error, metrics.get("trial_id")))
+        if rows:
+            store.upsert("evaluations", rows)
+        console().print(f"evaluations: {len(rows) - unfinished - failed} done, {failed} failed, {unfinished} "
+                        f"unfinished; {time.perf_counter() - start:.0f} s")
+        if unfinished:
+            code = 130
+    if show:
+        write_stability(store)
+    return code
+
+
+# -- command line --------------------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message} (see {self.prog} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m orchestrator.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--from", dest="experiment", required=True,
+                   help="experiment name (under --storage) or its folder")
+    p.add_argument("--storage", help="results root (default $PCDARTS_STORAGE or ./results)")
+    p.add_argument("--top-k", type=int, metavar="N", help="the N best searches (val_acc) of every group")
+    p.add_argument("--consensus", action="store_true", help="each group's consensus genotype")
+    p.add_argument("--genotype", action="append", default=[], metavar="NAME_OR_FILE",
+                   help="a published genotype (PC_DARTS_CIFAR, DARTS_V2, ...) or a genotype file; repeatable")
+    p.add_argument("--random", type=int, default=0, metavar="N", help="N random DARTS-space cells (the baseline)")
+    p.add_argument("--seeds", type=int, nargs="+", help="training seeds of every evaluation (default: the preset's)")
+    p.add_argument("--preset", help="take the evaluation protocol from this preset's evaluate: section")
+    p.add_argument("--config", help="... or from this YAML file")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the protocol: evaluate.epochs=20, evaluate.layers=8, ...")
+    p.add_argument("--address", help="Ray cluster to join (default: start Ray on this machine)")
+    p.add_argument("--verbose", action="store_true", help="Tune's own output and the workers' logs")
+    return p
+
+
+def experiment_preset(store: ResultStore, args: argparse.Namespace) -> Preset:
+    if args.preset and args.config:
+        raise ValueError("give either --preset NAME or --config FILE, not both")
+    if args.preset or args.config:
+        return load_preset(args.preset or args.config, args.sets)
+    claim = read_claim(store)
+    raw = dict((claim or {}).get("preset") or {})
+    if not raw:
+        raise ValueError(f"experiment {store.name!r} has no recorded preset; pass --preset NAME for the protocol")
+    from .presets import _apply, parse_set
+
+    for key_path, value in parse_set(args.sets):
+        if key_path[0] not in raw and len(key_path) == 1:
+            key_path = ["evaluate", *key_path]
+        _apply(raw, key_path, value)
+    return preset_from_dict(raw, default_name=store.name, where=f"{store.name} preset")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    storage, name = split_experiment(args.experiment, args.storage)
+    store = ResultStore(storage, check_name(name))
+    if read_claim(store) is None and not store.exists("trials"):
+        raise ValueError(f"no experiment {name!r} in {storage}")
+    preset = experiment_preset(store, args)
+    spec = preset.evaluation()
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError("--top-k must be at least 1")
+    if args.random < 0:
+        raise ValueError("--random must be >= 0")
+    for g in args.genotype:
+        load_genotype(g)
+    seeds = tuple(args.seeds) if args.seeds else spec.seeds
+    if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
+        raise ValueError("--seeds must be distinct integers >= 0")
+    request = EvaluateRequest(args.top_k, args.consensus, tuple(args.genotype), args.random, seeds)
+    if request.empty:
+        from dataclasses import replace
+
+        request = replace(EvaluateRequest.from_spec(spec), seeds=seeds)
+    if request.empty:
+        raise ValueError("nothing to evaluate: give --top-k, --consensus, --genotype or --random "
+                         "(or an evaluate: section that selects some)")
+    if not (args.address or "").startswith("ray://"):
+        from pcdarts_core.data import check_dataset
+
+        check_dataset(spec.config.dataset, spec.config.data_dir)
+    if not args.address:
+        check_resources(spec.resources, local_resources(), "evaluate.resources")
+    return run_evaluations(preset, store, request, args.address, verbose=args.verbose)
+
+
+if __name__ == "__main__":
+    run_cli(main)
