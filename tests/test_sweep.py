@@ -1,0 +1,217 @@
+"""Stability sweeps, HPO and evaluation trials on a real local Ray cluster (2 CPUs, shared by this module).
+
+Smoke-size searches (seconds each). Subprocess tests join the module's cluster with ``--address``, which is also
+how a sweep joins a real cluster; in-process tests call the commands' ``main`` in this (driver) process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from orchestrator import evaluate as evaluate_cli
+from orchestrator import sweep
+from orchestrator.trainable import failure_epoch
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = []
+
+
+# -- pure helpers (no Ray) -------------------------------------------------------------------------------------------
+def test_failure_hook_parsing():
+    env = {"PCDARTS_FAIL_AT_EPOCH": "2"}
+    assert failure_epoch(0, resumed=False, env={}) is None
+    assert failure_epoch(0, resumed=True, env=env) == 2
+    assert failure_epoch(1, resumed=False, env={**env, "PCDARTS_FAIL_SEEDS": "1,3"}) == 2
+    assert failure_epoch(2, resumed=False, env={**env, "PCDARTS_FAIL_SEEDS": "1,3"}) is None
+    assert failure_epoch(0, resumed=True, env={**env, "PCDARTS_FAIL_ONCE": "1"}) is None
+    with pytest.raises(ValueError, match="PCDARTS_FAIL_AT_EPOCH"):
+        failure_epoch(0, resumed=False, env={"PCDARTS_FAIL_AT_EPOCH": "soon"})
+
+
+def test_rows_from_results():
+    config = {"search": {"method": "pcdarts", "dataset": "synthetic", "k": 4, "epochs": 2}, "seed": 3}
+    result = {"epoch": 2, "val_acc": 0.5, "train_acc": 0.6, "val_loss": float("nan"), "genotype": "{}",
+              "final_genotype": "G", "time_total_s": 12.0, "alphas_normal": [[0.1] * 8] * 14, "arch_loss": 1.5,
+              "trial_id": "x", "pid": 7, "search_done": True}
+    row = sweep.stability_trial_row("t1", config, result, "done", ["k"])
+    assert row["group"] == "method=pcdarts,k=4" and row["seed"] == 3 and row["genotype"] == "G"
+    assert row["cfg_k"] == 4 and row["cfg_seed"] == 3 and row["val_loss"] is None and row["wall_time_s"] == 12.0
+    erow = sweep.epoch_row("t1", row["group"], 3, result)
+    assert erow["epoch"] == 2 and erow["arch_loss"] == 1.5 and "pid" not in erow and "search_done" not in erow
+    assert sweep.hpo_group({"method": "darts"}, {"arch_lr": 0.0012345678, "k": 2}) == "method=darts,arch_lr=0.001235,k=2"
+
+
+def test_experiment_claim_refuses_changed_settings(tmp_path):
+    from orchestrator.results import ResultStore
+
+    store = ResultStore(str(tmp_path), "exp")
+    sweep.claim_experiment(store, "stability", {"seeds": [0, 1]})
+    sweep.claim_experiment(store, "stability", {"seeds": [0, 1]})  # the same: a resume
+    with pytest.raises(ValueError, match="different settings \\(seeds differ\\)"):
+        sweep.claim_experiment(store, "stability", {"seeds": [0, 1, 2]})
+    with pytest.raises(ValueError, match="is a stability run, not hpo"):
+        sweep.claim_experiment(store, "hpo", {"seeds": [0, 1]})
+
+
+# -- on Ray ----------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray cluster (2 CPUs) for the module; yields its address for subprocess drivers."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture
+def quiet_tune(monkeypatch):
+    """The sweep sets Tune's output environment in the driver process: restore it after the test."""
+    for key in ("RAY_AIR_NEW_OUTPUT", "TUNE_DISABLE_STRICT_METRIC_CHECKING"):
+        monkeypatch.setenv(key, os.environ.get(key, "1" if key == "RAY_AIR_NEW_OUTPUT" else "0"))
+
+
+def _table(path: Path, kind: str) -> list[dict]:
+    return pq.read_table(path / f"{kind}.parquet").to_pylist()
+
+
+def _cli(module: str, *args: str, env: dict | None = None, timeout: int = 400) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_smoke_sweep_end_to_end_with_evaluation(ray_cluster, quiet_tune, tmp_path, capsys):
+    code = sweep.main(["stability", "--preset", "smoke", "--storage", str(tmp_path), "--evaluate"])
+    assert code == 0
+    exp = tmp_path / "smoke"
+    for kind in ("trials", "epochs", "stability", "evaluations"):
+        assert (exp / f"{kind}.parquet").is_file(), kind
+
+    trials = _table(exp, "trials")
+    assert len(trials) == 4 and {r["status"] for r in trials} == {"done"}
+    assert {(r["group"], r["seed"]) for r in trials} == {
+        (f"method=pcdarts,k={k}", s) for k in (2, 4) for s in (0, 1)}
+    assert all(r["genotype"].startswith("{") and 0 <= r["val_acc"] <= 1 and r["epochs_done"] == 2 for r in trials)
+    assert all(r["cfg_dataset"] == "synthetic" and r["error"] is None for r in trials)
+
+    epochs = _table(exp, "epochs")
+    assert len(epochs) == 8 and len({(r["trial_id"], r["epoch"]) for r in epochs}) == 8
+    row = epochs[0]
+    assert len(row["alphas_normal"]) == 14 and len(row["alphas_normal"][0]) == 8 and len(row["betas_normal"]) == 14
+    assert row["genotype"] and row["arch_entropy"] > 0 and row["n_skip_normal"] is not None
+
+    stability = _table(exp, "stability")
+    assert [r["group"] for r in stability] == ["method=pcdarts,k=2", "method=pcdarts,k=4"]
+    assert all(r["n_seeds"] == 2 and r["genotype_distance_mean"] is not None for r in stability)
+    assert all(r["n_evaluated"] == 1 and r["n_consensus_evals"] == 1 for r in stability)
+
+    evaluations = _table(exp, "evaluations")
+    sources = sorted(r["source"] for r in evaluations)
+    assert len(evaluations) == 5 and {r["status"] for r in evaluations} == {"done"}
+    assert sum(s.startswith("trial:") for s in sources) == 2  # top-1 of each group
+    assert sum(s.startswith("consensus:") for s in sources) == 2
+    assert "random:0" in sources
+    assert all(r["test_acc"] is not None and r["params"] > 0 for r in evaluations)
+
+    # The evaluate command adds a random cell and a published one; done evaluations are not rerun.
+    capsys.readouterr()
+    code = evaluate_cli.main(["--from", "smoke", "--storage", str(tmp_path), "--random", "2",
+                              "--genotype", "DARTS_V2", "--seeds", "0"])
+    assert code == 0
+    assert "(1 already done)" in capsys.readouterr().out
+    evaluations = _table(exp, "evaluations")
+    assert len(evaluations) == 7 and len({r["eval_id"] for r in evaluations}) == 7
+    assert {"random:1", "published:DARTS_V2"} <= {r["source"] for r in evaluations}
+
+    # Status/summary read the Parquet files back.
+    assert sweep.main(["status", str(exp)]) == 0
+    out = capsys.readouterr().out
+    assert "4 done, 0 running, 0 failed" in out and "method=pcdarts,k=4" in out
+    assert "random DARTS-space cells" in out
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_killed_driver_resumes_without_duplicates(ray_cluster, tmp_path):
+    args = ["stability", "--preset", "smoke", "--storage", str(tmp_path), "--address", ray_cluster,
+            "--set", "epochs=6", "--set", "grid.k=[4]"]
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.sweep", *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    epochs_file = tmp_path / "smoke" / "epochs.parquet"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        time.sleep(1)
+        if epochs_file.exists() and any(r["epoch"] >= 2 for r in pq.read_table(epochs_file).to_pylist()):
+            break
+        assert proc.poll() is None, "the sweep ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)  # no chance to save anything: the harshest way to lose the driver
+    proc.wait(timeout=30)
+    before = {r["trial_id"]: r["status"] for r in _table(tmp_path / "smoke", "trials")}
+    assert before and "running" in before.values()
+
+    again = _cli("orchestrator.sweep", *args)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "resuming the Tune experiment" in again.stdout
+    trials = _table(tmp_path / "smoke", "trials")
+    assert len(trials) == 2 and {r["status"] for r in trials} == {"done"}
+    epochs = _table(tmp_path / "smoke", "epochs")
+    keys = [(r["trial_id"], r["epoch"]) for r in epochs]
+    assert len(keys) == len(set(keys)) == 2 * 6
+    # Searches that were running continued from a checkpoint rather than from scratch.
+    assert any(r["resumed_from_epoch"] > 0 for r in epochs), sorted(
+        (r["trial_id"], r["epoch"], r["resumed_from_epoch"]) for r in epochs)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_crashing_trial_is_retried_then_recorded_failed(ray_cluster, tmp_path):
+    env = {"PCDARTS_FAIL_AT_EPOCH": "2", "PCDARTS_FAIL_SEEDS": "1"}
+    proc = _cli("orchestrator.sweep", "stability", "--preset", "smoke", "--storage", str(tmp_path),
+                "--address", ray_cluster, "--set", "grid.k=[4]", env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "retrying" in proc.stdout and "1 search(es) failed" in proc.stdout
+    trials = {r["seed"]: r for r in _table(tmp_path / "smoke", "trials")}
+    assert trials[0]["status"] == "done" and trials[0]["error"] is None
+    failed = trials[1]
+    assert failed["status"] == "failed" and failed["num_failures"] == 2  # smoke: max_failures 1, so 2 attempts
+    assert "InjectedFailure" in failed["error"]
+    assert "this attempt started from epoch 1" in failed["error"]  # the retry resumed from the checkpoint
+    stability = _table(tmp_path / "smoke", "stability")
+    assert stability[0]["n_seeds"] == 1 and stability[0]["n_failed"] == 1
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_hpo_smoke_writes_study_and_results(ray_cluster, quiet_tune, tmp_path):
+    import optuna
+
+    assert sweep.main(["hpo", "--preset", "smoke", "--storage", str(tmp_path)]) == 0
+    exp = tmp_path / "smoke-hpo"
+    db = exp / "optuna.db"
+    assert db.is_file()
+    study = optuna.load_study(study_name="smoke-hpo", storage=f"sqlite:///{db}")
+    states = [t.state.name for t in study.trials]
+    assert len(states) == 2 and set(states) <= {"COMPLETE", "PRUNED"} and "COMPLETE" in states
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert all(len(t.values) == 2 and 0 <= t.values[0] <= 1 and 0 <= t.values[1] <= 1 for t in complete)
+    assert {"params/arch_lr", "params/k"} == set(complete[0].params)
+
+    trials = _table(exp, "trials")
+    assert len(trials) >= 2 and all(r["status"] == "done" and "arch_lr=" in r["group"] for r in trials)
+    assert len({r["trial_id"] for r in trials}) == len(trials)
+    epochs = _table(exp, "epochs")
+    assert len({(r["trial_id"], r["epoch"]) for r in epochs}) == len(epochs) >= 2 * len(trials)
+    assert (exp / "stability.parquet").is_file()
