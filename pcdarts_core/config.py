@@ -237,14 +237,16 @@ def search_config(method: str = "pcdarts", dataset: str = "cifar10", **overrides
 
     m = get_method(method)
     raw_options = overrides.pop("options", None) or {}
+    method_defaults = dict(m.defaults(dataset))
+    default_options = method_defaults.pop("options", None) or {}  # the method's option values for this dataset
     values: dict[str, Any] = {"method": method, "dataset": dataset}
     values.update(DATASET_SEARCH_DEFAULTS.get(dataset, {}))
-    values.update(m.defaults(dataset))
+    values.update(method_defaults)
     values.update(overrides)
     values = _fields_from(SearchConfig, values, "search config")
     if not isinstance(raw_options, Mapping):
         raise ValueError("options must be a mapping of method options")
-    opts = _fields_from(m.options_type, raw_options, f"{method} option")
+    opts = _fields_from(m.options_type, {**default_options, **raw_options}, f"{method} option")
     try:
         values["options"] = m.options_type(**opts)
     except TypeError as err:

@@ -26,6 +26,9 @@ def test_cifar_defaults_and_validation():
         (5, 11, 17), (25, 25, 25), (8, 5, 3), (0.1, 0.4, 0.7), 2)
     assert (cfg.epochs, cfg.warmup_epochs, cfg.batch_size, cfg.lr, cfg.arch_lr, cfg.k, cfg.edge_norm) == (
         75, 10, 96, 0.025, 6e-4, 1, False)
+    quick = search_config("pdarts", "synthetic")  # the method's option defaults per dataset apply
+    assert (quick.epochs, quick.options.stage_layers, quick.options.stage_epochs) == (6, (3, 4, 5), (2, 2, 2))
+    assert search_config("pdarts", "synthetic", options={"max_skip": 1}).options.stage_epochs == (2, 2, 2)
     with pytest.raises(ValueError, match="sum of stage_epochs"):
         search_config("pdarts", "cifar10", epochs=50)
     with pytest.raises(ValueError, match="per P-DARTS stage"):
