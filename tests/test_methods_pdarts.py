@@ -9,7 +9,7 @@ import torch
 from methods_testlib import check_genotype, roundtrip, tiny_config, trace
 
 from pcdarts_core.config import search_config
-from pcdarts_core.genotypes import derive_cell, edge_op_weights
+from pcdarts_core.genotypes import derive_cell
 from pcdarts_core.methods.pdarts import METHOD, Pdarts, StageNetwork, capped_cell, prune_ops
 from pcdarts_core.ops import PRIMITIVES, Identity
 from pcdarts_core.search import Searcher, search
