@@ -3,13 +3,13 @@ EnTranNAS-DST's differentiable sparsification.
 
 * Engine-cells are ordinary differentiable cells (all mixed ops, PC-DARTS partial channels and edge
   normalization); Transit-cells run only the sub-graph the derivation rule picks *now* (re-derived every forward
-  from the current arch parameters), so the searched network is mostly the network that will be evaluated
-  (Sec. 3.1). Here the engines are the first cell and the two reduction cells (``engine_cells='auto'``): the
-  first normal cell and every reduction cell then see the full mixed ops, and the remaining normal cells, the bulk
-  of the compute, are transits. Any other set can be named, e.g. ``engine_cells='0,1'``.
-* Feature sharing (Sec. 3.3): a source node computes each candidate op once and every successor reuses that output
+  from the current arch parameters), so the searched network is mostly the network that will be evaluated.
+  Here the engines are the first cell and the two reduction cells (``engine_cells='auto'``): the first normal
+  cell and every reduction cell then see the full mixed ops, and the remaining normal cells, the bulk of the
+  compute, are transits. Any other set can be named, e.g. ``engine_cells='0,1'``.
+* Feature sharing: a source node computes each candidate op once and every successor reuses that output
   (``feature_sharing=True`` in the supernet), which balances the ops' training and saves compute.
-* EnTranNAS-DST (``dst=True``, Sec. 3.4): node j has a threshold t_j = sigmoid(b_j) (extra arch parameters); with
+* EnTranNAS-DST (``dst=True``): node j has a threshold t_j = sigmoid(b_j) (extra arch parameters); with
   p the node's edge importance (softmax of the betas over its inputs), the edge weight is
   q = ReLU(p / max p - t_j), renormalized over the node's inputs. Inputs with q = 0 are pruned in search and in
   the derived cell, so a node keeps any number (>= 1: the strongest input has q > 0 whenever t_j < 1) of inputs.

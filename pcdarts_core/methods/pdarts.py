@@ -1,9 +1,9 @@
 """P-DARTS (Chen et al., ICCV 2019, arXiv 1904.12760): progressive deepening with search-space approximation.
 
-The search runs in stages on ever deeper supernets (5, 11, 17 cells, Sec. 3.2) while the candidate ops of each
+The search runs in stages on ever deeper supernets (5, 11, 17 cells) while the candidate ops of each
 edge shrink (8 -> 5 -> 3): after a stage the lowest-weighted ops of every edge are dropped, `none` first before the
 last stage. Each stage trains the weights alone for its first ``warmup_epochs`` epochs (10 of 25), with a fresh
-network, fresh optimizers and its own cosine lr. Search-space regularization (Sec. 3.3): dropout after every
+network, fresh optimizers and its own cosine lr. Search-space regularization: dropout after every
 skip-connect, at a per-stage base rate that decays during the stage, and at most M=2 skip-connects in the final
 normal cell (the weakest selected skip is zeroed and the cell re-derived until the cap holds).
 
@@ -61,7 +61,7 @@ class StageNetwork(SearchNetwork):
 def capped_cell(weights: torch.Tensor, op_names: Sequence[Sequence[str]], steps: int,
                 max_skip: int) -> list[tuple[str, int]]:
     """Derive, then while more than ``max_skip`` skip-connects are selected zero the weakest selected one and
-    derive again (Sec. 3.3.2). Each round zeroes one positive weight, so it ends."""
+    derive again. Each round zeroes one positive weight, so it ends."""
     w = weights.clone()
     while True:
         gene = derive_cell(w, op_names, steps)
@@ -150,7 +150,7 @@ class Pdarts(SearchMethod):
                             weighting=self.weighting(cfg), seed=cfg.seed, stage=stage, max_skip=o.max_skip)
 
     def arch_active(self, searcher: "Searcher") -> bool:
-        """The arch trains after the first ``warmup_epochs`` epochs of *each* stage (Sec. 4.1.2)."""
+        """The arch trains after the first ``warmup_epochs`` epochs of *each* stage."""
         return self.stage_of(searcher.config, searcher.epoch)[1] >= searcher.config.warmup_epochs
 
     def lr_factor(self, cfg: SearchConfig, epoch: int) -> float:
@@ -162,7 +162,7 @@ class Pdarts(SearchMethod):
 
     @staticmethod
     def skip_dropout_rate(cfg: SearchConfig, epoch: int) -> float:
-        """Sec. 3.3.1 / official code: p = rate (E - e - 1) / E while only the weights train, then
+        """As the official code: p = rate (E - e - 1) / E while only the weights train, then
         p = rate exp(-decay (e - warmup)), with e the epoch within the stage and E the stage's epochs."""
         o: PdartsOptions = cfg.options  # type: ignore[assignment]
         stage, e = Pdarts.stage_of(cfg, epoch)

@@ -2,7 +2,7 @@
 
 Every node gets topology parameters over its incoming edges (the supernet's betas, so edge parameters are always
 on) and every edge op parameters over its ops (alphas, `none` removed: the topology decides which edges exist).
-Each forward samples one sub-network (Sec. 3.2-3.3):
+Each forward samples one sub-network:
 
 * Gumbel-Top2 topology: per node, the two largest of log_softmax(beta) + Gumbel noise pick exactly two distinct
   inputs; a straight-through estimator (hard mask forward, softmax((log_softmax(beta) + g) / tau) backward) gives
@@ -10,11 +10,13 @@ Each forward samples one sub-network (Sec. 3.2-3.3):
 * Gumbel-Max ops: per chosen edge, a hard Gumbel-softmax sample of one op, straight-through as well.
 
 Only the chosen ops of the chosen edges run (``CellWeights.active_ops`` / ``active_edges``), so a step holds one
-path per edge in memory. Gradient accumulation (Sec. 3.4): both the arch and the weight update average the
-gradients of K=7 sampled sub-networks on the same batch before stepping. The temperature falls linearly from 10 to
-0.1 over the search (GDAS's schedule, which ROME reuses). The noise comes from torch's RNG, so resume is exact.
-In eval mode nothing is sampled: the net runs the derived cell. Derivation: per node the two inputs with the largest
-topology weight, the argmax op on each.
+path per edge in memory. Gradient accumulation: both the arch and the weight update average the gradients of K=7
+sampled sub-networks on the same batch before stepping. The temperature falls linearly from 10 to 0.1 over the
+search (GDAS's schedule; ROME's exact schedule could not be checked here, so both ends are options). The noise comes
+from torch's RNG, so resume is exact. In eval mode nothing is sampled: the net runs the derived cell.
+Derivation: per node the two inputs with the largest topology weight, the argmax op on each.
+
+Search settings (batch 64, lr 0.025 -> 0.001, arch lr 3e-4, no arch warm-up) are DARTS's, which ROME builds on.
 """
 
 from __future__ import annotations
@@ -165,7 +167,7 @@ class Rome(SearchMethod):
 
     # -- derivation ------------------------------------------------------------------------------------------
     def genotype(self, net: SearchNetwork) -> Genotype:
-        """Per node the two inputs with the largest topology weight, each with its argmax op (Sec. 3.2)."""
+        """Per node the two inputs with the largest topology weight, each with its argmax op."""
         cells = []
         for t in ("normal", "reduce"):
             alphas, betas = net.alphas(t).detach().float(), net.betas(t)

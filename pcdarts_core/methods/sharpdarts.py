@@ -1,11 +1,11 @@
 """sharpDARTS (Hundt, Jain and Hager, arXiv 1903.09900, 2019): DARTS with Cosine Power Annealing of the weight lr
 and Max-W weighting of the mixed ops, optionally over the SharpSepConv op set.
 
-Cosine Power Annealing (Sec. 3.3): lr_t = lr_min + (lr_max - lr_min) * norm(p^(c_t + 1)),
+Cosine Power Annealing: lr_t = lr_min + (lr_max - lr_min) * norm(p^(c_t + 1)),
 c_t = (1 + cos(pi t / T)) / 2, norm = min-max normalization over the schedule, so lr_0 = lr_max and lr_T = lr_min;
 a larger power p decays faster early, p = 1 is plain cosine annealing.
 
-Max-W (Sec. 5): an edge computes sum_o (1 - max_w + w_o) * op_o(x) with w = softmax(alpha): the strongest op gets
+Max-W regularization: an edge computes sum_o (1 - max_w + w_o) * op_o(x) with w = softmax(alpha): the strongest op gets
 weight 1 and the others keep their gap to it, so the weighting no longer scales every path down.
 
 Defaults follow the official search commands: batch 48, lr 0.025 -> 1e-4, p = 2, a 5-epoch lr warm-up, arch lr
