@@ -193,7 +193,12 @@ def connect(address: str | None, verbose: bool = False) -> dict[str, float]:
             url = getattr(ctx, "dashboard_url", None)
             if url:
                 console().print(f"Ray dashboard: http://{url}")
-    return {k: float(v) for k, v in ray.cluster_resources().items()}
+    try:  # an autoscaling cluster may grow: its configured maximum is what a trial must fit in
+        from .distributed import cluster_capacity
+
+        return cluster_capacity()
+    except ImportError:  # pragma: no cover
+        return {k: float(v) for k, v in ray.cluster_resources().items()}
 
 
 def preflight(preset: Preset, address: str | None, per_trial: Iterable[Mapping[str, float]]) -> None:
@@ -546,7 +551,19 @@ def _abs_data_dir(values: Mapping[str, Any]) -> dict[str, Any]:
 def stability_settings(preset: Preset) -> dict[str, Any]:
     """What defines a stability sweep's trials (a resumed sweep must match): its groups and seeds."""
     return {"groups": [_abs_data_dir(g) for g in preset.groups()], "group_keys": preset.group_keys(),
-            "seeds": list(preset.seeds)}
+            "seeds": list(preset.seeds), "distributed": dict(preset.distributed)}
+
+
+def distributed_trials(preset: Preset) -> tuple[Any, Any] | None:
+    """(options, trainable) when the preset's ``distributed:`` section makes every search a data-parallel Ray
+    Train run inside its Tune trial (``orchestrator.distributed.distributed_search_trial``), else None."""
+    if not preset.distributed:
+        return None
+    try:
+        from .distributed import DistributedOptions, distributed_search_trial
+    except ImportError:  # pragma: no cover - the module ships with the project
+        raise ValueError("the preset has a distributed: section but orchestrator.distributed is missing") from None
+    return DistributedOptions.from_mapping(preset.distributed), distributed_search_trial
 
 
 def total_epochs(preset: Preset) -> int:
@@ -564,20 +581,27 @@ def run_stability(preset: Preset, storage: str, name: str, address: str | None, 
     evaluation = preset.evaluation() if (evaluate or preset.evaluate) else None
     per_trial = [preset.resources] + ([evaluation.resources] if evaluation and (evaluate or
                                                                                evaluation.after_sweep) else [])
+    dist = distributed_trials(preset)
     preflight(preset, address, per_trial)
     store = ResultStore(storage, name)
     claim_experiment(store, "stability", stability_settings(preset), preset.raw)
     available = connect(address, verbose)
     for res in per_trial:
         check_resources(res, available)
+    if dist is not None:
+        from .distributed import check_resources as check_workers, cluster_capacity
+
+        check_workers(dist[0], cluster_capacity())
 
     exp = experiment_uri(storage, name)
     path = f"{exp}/{TUNE_DIRS['stability']}"
     grid_keys = preset.group_keys()
     n_trials = len(preset.groups()) * len(preset.seeds)
-    trainable = tune.with_resources(search_trainable, tune_resources(preset.resources))
+    trainable = tune.with_resources(dist[1] if dist else search_trainable, tune_resources(preset.resources))
+    extra_space = {"distributed": dict(preset.distributed)} if dist else {}
     console().print(f"[bold]{name}[/]: {len(preset.groups())} configuration(s) x {len(preset.seeds)} seed(s) = "
-                    f"{n_trials} searches; results in {exp}")
+                    f"{n_trials} searches" + (f", each on {dist[0].num_workers} Ray Train worker(s)" if dist else "")
+                    + f"; results in {exp}")
 
     def make_tuner() -> Any:
         callbacks = [ParquetResults(storage, name, "stability", grid_keys),
@@ -585,7 +609,7 @@ def run_stability(preset: Preset, storage: str, name: str, address: str | None, 
         return tune.Tuner(
             trainable,
             param_space={"search": tune.grid_search([_abs_data_dir(g) for g in preset.groups()]),
-                         "seed": tune.grid_search(list(preset.seeds))},
+                         "seed": tune.grid_search(list(preset.seeds)), **extra_space},
             tune_config=tune.TuneConfig(max_concurrent_trials=preset.max_concurrent_trials or None,
                                         trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(
