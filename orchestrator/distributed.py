@@ -54,7 +54,7 @@ import torch.distributed as dist
 
 from pcdarts_core.config import SearchConfig, search_config_from_dict
 from pcdarts_core.genotypes import Genotype
-from pcdarts_core.runtime import CheckpointError, distributed_world, load_checkpoint
+from pcdarts_core.runtime import CheckpointError, all_reduce_sum, distributed_world, load_checkpoint
 from pcdarts_core.search import RESUMABLE_DIFFERENCES, Searcher
 
 from .metrics import record_epoch
@@ -429,7 +429,10 @@ class SearchRun:
         if self.store is not None:
             self._write_trial("running")
         while not self.searcher.done:
+            cpu_start = time.process_time()
             metrics = self.searcher.run_epoch()
+            # CPU seconds the epoch took in all ranks together (throughput per CPU-second survives a busy machine)
+            (cpu_time,) = all_reduce_sum([time.process_time() - cpu_start], self.searcher.device)
             in_sync = ranks_identical(self.searcher.net, list(self.searcher.net.arch_parameters()))
             if not in_sync:
                 raise RuntimeError(f"data-parallel ranks diverged in epoch {metrics['epoch']}: parameters differ "
@@ -441,7 +444,7 @@ class SearchRun:
             step_time = self.config.batch_size * self.world / throughput if throughput > 0 else None
             metrics.update(trial_id=self.spec["trial_id"], world_size=self.world, ranks_identical=in_sync,
                            resumed_from_epoch=self.resumed_from_epoch, steps=steps, step_time_s=step_time,
-                           wall_time_s=self.wall_time_s)
+                           cpu_time_s=cpu_time, wall_time_s=self.wall_time_s)
             # The keys the sweep's own search trials report too (orchestrator.trainable.epoch_result).
             metrics.update(seed=self.global_config.seed, epochs_total=self.global_config.epochs,
                            search_done=self.searcher.done,
