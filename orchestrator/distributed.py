@@ -20,6 +20,8 @@ summed, every rank draws the same channel subsets, and each rank reads its own s
   the run's one row into ``trials.parquet``, and writes ``genotype.json`` at the end (the core's JSON). Inside a
   sweep (:func:`distributed_search_trial`) nothing is written here: rank 0's metrics go to Tune, and the sweep
   driver, the single writer of its store, records them.
+- **Dashboard.** Runs appear in the Train view (``RAY_TRAIN_ENABLE_STATE_TRACKING=1`` is set unless already set:
+  Ray 2.60 tracks Train V2 runs only with it) and rank 0 records :mod:`orchestrator.metrics` every epoch.
 - **Consistency check.** After every epoch the ranks all-gather a fingerprint of their parameters and buffers
   (every arch parameter in full, per-tensor sums of the rest) and stop with an error if any rank differs from
   rank 0 in a single bit.
@@ -693,8 +695,14 @@ def check_resources(opts: DistributedOptions, capacity: Mapping[str, float] | No
                          f"{capacity.get('CPU', 0):g}; use fewer --num-workers or --cpus-per-worker")
 
 
+#: Ray 2.60 shows Train V2 runs in the dashboard's Train view only with this set where the trainer is created.
+STATE_TRACKING_ENV = "RAY_TRAIN_ENABLE_STATE_TRACKING"
+
+
 def _train_configs(opts: DistributedOptions) -> tuple[Any, Any]:
     from ray.train import CheckpointConfig, FailureConfig
+
+    os.environ.setdefault(STATE_TRACKING_ENV, "1")  # read by the TorchTrainer we are about to build
 
     return (FailureConfig(max_failures=opts.max_failures),
             CheckpointConfig(num_to_keep=opts.checkpoints_to_keep))
