@@ -37,7 +37,7 @@ from .cli import fail, run_cli
 from .presets import EvaluateSpec, Preset, check_resources, load_preset, preset_from_dict
 from .progress import TuneProgress, console
 from .results import ResultStore, source_consensus, source_published, source_random, source_trial
-from .sweep import (ParquetResults, _abs_data_dir, check_name, connect, experiment_uri, local_resources,
+from .sweep import (REUSE_ACTORS, ParquetResults, _abs_data_dir, check_name, connect, experiment_uri, local_resources,
                     read_claim, run_tuner, split_experiment, trial_dirname, tune_resources, write_stability)
 
 #: the DARTS space's ops a derived cell may use (``none`` is never selected)
@@ -162,7 +162,7 @@ def run_evaluations(preset: Preset, store: ResultStore, request: EvaluateRequest
             return tune.Tuner(
                 trainable, param_space={"eval": eval_cfg, "spec": tune.grid_search(todo)},
                 tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials or None,
-                                            trial_dirname_creator=trial_dirname),
+                                            trial_dirname_creator=trial_dirname, reuse_actors=REUSE_ACTORS),
                 run_config=tune.RunConfig(
                     name=f"evaluate-{key}", storage_path=exp, callbacks=callbacks,
                     failure_config=tune.FailureConfig(max_failures=failure.max_failures),
@@ -231,12 +231,12 @@ def experiment_preset(store: ResultStore, args: argparse.Namespace) -> Preset:
     raw = dict((claim or {}).get("preset") or {})
     if not raw:
         raise ValueError(f"experiment {store.name!r} has no recorded preset; pass --preset NAME for the protocol")
-    from .presets import _apply, parse_set
+    from .presets import apply_override, parse_set
 
     for key_path, value in parse_set(args.sets):
         if key_path[0] not in raw and len(key_path) == 1:
             key_path = ["evaluate", *key_path]
-        _apply(raw, key_path, value)
+        apply_override(raw, key_path, value)
     return preset_from_dict(raw, default_name=store.name, where=f"{store.name} preset")
 
 

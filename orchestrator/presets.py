@@ -416,7 +416,8 @@ def parse_set(assignments: Sequence[str]) -> list[tuple[list[str], Any]]:
     return out
 
 
-def _apply(raw: dict[str, Any], path: list[str], value: Any) -> None:
+def apply_override(raw: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set ``raw[path[0]][path[1]]... = value`` for one ``--set``, creating sections as needed."""
     node = raw
     for part in path[:-1]:
         nxt = node.setdefault(part, {})
@@ -439,7 +440,7 @@ def load_preset(name_or_path: str = "local", sets: Sequence[str] = ()) -> Preset
     for key_path, value in parse_set(sets):
         if key_path[0] not in TOP_LEVEL_KEYS and len(key_path) == 1:
             key_path = ["search", *key_path]  # --set k=8 means search.k=8
-        _apply(raw, key_path, value)
+        apply_override(raw, key_path, value)
     return preset_from_dict(raw, default_name=path.stem, where=str(path))
 
 

@@ -25,7 +25,7 @@ import re
 from typing import Any, NoReturn, Sequence
 
 from .cli import fail, run_cli
-from .presets import TOP_LEVEL_KEYS, Preset, load_preset, parse_set, preset_from_dict
+from .presets import TOP_LEVEL_KEYS, Preset, apply_override, load_preset, parse_set, preset_from_dict
 
 DEFAULT_STORAGE_ENV = "PCDARTS_STORAGE"
 DEFAULT_STORAGE = "results"
@@ -80,13 +80,7 @@ def _raw_preset(args: argparse.Namespace) -> Preset:
     for path, value in parse_set(args.sets):
         if path[0] not in TOP_LEVEL_KEYS and len(path) == 1:
             path = ["search", *path]
-        node = raw
-        for part in path[:-1]:
-            nxt = node.setdefault(part, {})
-            if not isinstance(nxt, dict):
-                raise ValueError(f"--set {'.'.join(path)}: {part} is not a section")
-            node = nxt
-        node[path[-1]] = value
+        apply_override(raw, path, value)
     return preset_from_dict(raw, default_name="search", where="--set")
 
 
