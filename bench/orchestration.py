@@ -10,7 +10,9 @@ Four figures, measured in this one run, side by side:
 - ``tune, 1 at a time``: the same N searches as the sweep runs them (``search_trainable`` under
   ``tune.with_resources``, a checkpoint every epoch, the Parquet-writing callback) with one trial at a time: the
   per-trial overhead of Tune (a fresh actor process per trial, imports, checkpoint persistence, result handling);
-- ``tune, concurrent``: the same with one trial per CPU, which is what a sweep gains back.
+- ``tune, concurrent``: the same with one trial per CPU, which is what a sweep gains back;
+- ``tune, reuse_actors``: one at a time again, but trials reuse the previous trial's actor process (no new
+  worker process and imports per trial).
 
 The searches are the ``smoke`` preset's (seconds each), so the overhead is as visible as it will ever be; with real
 searches (minutes to hours each) the same absolute overhead vanishes.
@@ -69,12 +71,13 @@ def main() -> None:
     startup = time.perf_counter() - start
     logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
 
-    def run(concurrency: int, storage: str) -> float:
+    def run(concurrency: int, storage: str, reuse: bool = False) -> float:
         trainable = tune.with_resources(search_trainable, {"cpu": 1, "gpu": 0})
         tuner = tune.Tuner(
             trainable,
             param_space={"search": base, "seed": tune.grid_search(seeds)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, trial_dirname_creator=trial_dirname),
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, trial_dirname_creator=trial_dirname,
+                                        reuse_actors=reuse),
             run_config=tune.RunConfig(name="bench", storage_path=storage, verbose=0,
                                       callbacks=[ParquetResults(storage, "parquet", "stability", ["k"])]))
         t0 = time.perf_counter()
@@ -88,6 +91,8 @@ def main() -> None:
         print(f"tune, 1 trial at a time: {serial:.1f} s", flush=True)
         parallel = run(cpus, os.path.join(tmp, "parallel"))
         print(f"tune, {cpus} concurrent: {parallel:.1f} s", flush=True)
+        reused = run(1, os.path.join(tmp, "reused"), reuse=True)
+        print(f"tune, 1 trial at a time, reuse_actors: {reused:.1f} s", flush=True)
     ray.shutdown()
 
     print()
@@ -97,6 +102,7 @@ def main() -> None:
     print(f"| ray.init (local, {cpus} CPUs), once per sweep | {startup:.1f} | |")
     print(f"| Tune, 1 trial at a time | {serial:.1f} | {serial / sequential:.2f}x |")
     print(f"| Tune, {cpus} trials at a time | {parallel:.1f} | {parallel / sequential:.2f}x |")
+    print(f"| Tune, 1 trial at a time, `reuse_actors=True` | {reused:.1f} | {reused / sequential:.2f}x |")
     per_trial = (serial - sequential) / args.n
     print(f"\nTune's overhead per trial: {per_trial:.1f} s "
           f"(a search here takes {sequential / args.n:.1f} s on its own)")

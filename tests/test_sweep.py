@@ -147,16 +147,23 @@ def test_smoke_sweep_end_to_end_with_evaluation(ray_cluster, quiet_tune, tmp_pat
 @pytest.mark.slow
 def test_killed_driver_resumes_without_duplicates(ray_cluster, tmp_path):
     args = ["stability", "--preset", "smoke", "--storage", str(tmp_path), "--address", ray_cluster,
-            "--set", "epochs=6", "--set", "grid.k=[4]"]
+            "--set", "epochs=12", "--set", "grid.k=[4]"]
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.sweep", *args], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     epochs_file = tmp_path / "smoke" / "epochs.parquet"
     deadline = time.monotonic() + 300
+    seen = None  # when epoch-2 rows were on disk: their checkpoints were registered with Tune before then
     while time.monotonic() < deadline:
-        time.sleep(1)
-        if epochs_file.exists() and any(r["epoch"] >= 2 for r in pq.read_table(epochs_file).to_pylist()):
-            break
+        time.sleep(0.5)
         assert proc.poll() is None, "the sweep ended before it could be killed"
+        if seen is None:
+            if epochs_file.exists() and any(r["epoch"] >= 2 for r in pq.read_table(epochs_file).to_pylist()):
+                seen = time.time()
+            continue
+        # Then wait for Tune to save its experiment state once more (every ~10 s), so it names those checkpoints.
+        states = list((tmp_path / "smoke" / "search").glob("experiment_state-*.json"))
+        if states and max(p.stat().st_mtime for p in states) > seen + 0.5:
+            break
     proc.send_signal(signal.SIGKILL)  # no chance to save anything: the harshest way to lose the driver
     proc.wait(timeout=30)
     before = {r["trial_id"]: r["status"] for r in _table(tmp_path / "smoke", "trials")}
@@ -169,7 +176,7 @@ def test_killed_driver_resumes_without_duplicates(ray_cluster, tmp_path):
     assert len(trials) == 2 and {r["status"] for r in trials} == {"done"}
     epochs = _table(tmp_path / "smoke", "epochs")
     keys = [(r["trial_id"], r["epoch"]) for r in epochs]
-    assert len(keys) == len(set(keys)) == 2 * 6
+    assert len(keys) == len(set(keys)) == 2 * 12
     # Searches that were running continued from a checkpoint rather than from scratch.
     assert any(r["resumed_from_epoch"] > 0 for r in epochs), sorted(
         (r["trial_id"], r["epoch"], r["resumed_from_epoch"]) for r in epochs)
