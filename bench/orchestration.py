@@ -3,7 +3,7 @@
     .venv/bin/python bench/orchestration.py                  # 8 smoke-size searches, 2 epochs each
     .venv/bin/python bench/orchestration.py --n 16 --epochs 3
 
-Four figures, measured in this one run, side by side:
+The figures, measured in this one run, side by side:
 
 - ``sequential``: the N searches in this process, one after another (``pcdarts_core.search``, 1 torch thread);
 - ``ray start``: ``ray.init(num_cpus=...)`` of a local cluster (paid once per sweep);
@@ -12,7 +12,7 @@ Four figures, measured in this one run, side by side:
   per-trial overhead of Tune (a fresh actor process per trial, imports, checkpoint persistence, result handling);
 - ``tune, concurrent``: the same with one trial per CPU, which is what a sweep gains back;
 - ``tune, reuse_actors``: one at a time again, but trials reuse the previous trial's actor process (no new
-  worker process and imports per trial).
+  worker process and imports per trial); and with one trial per CPU, which is what ``sweep stability`` runs.
 
 The searches are the ``smoke`` preset's (seconds each), so the overhead is as visible as it will ever be; with real
 searches (minutes to hours each) the same absolute overhead vanishes.
@@ -93,6 +93,8 @@ def main() -> None:
         print(f"tune, {cpus} concurrent: {parallel:.1f} s", flush=True)
         reused = run(1, os.path.join(tmp, "reused"), reuse=True)
         print(f"tune, 1 trial at a time, reuse_actors: {reused:.1f} s", flush=True)
+        sweep_like = run(cpus, os.path.join(tmp, "sweep"), reuse=True)
+        print(f"tune, {cpus} concurrent, reuse_actors (the sweep's setting): {sweep_like:.1f} s", flush=True)
     ray.shutdown()
 
     print()
@@ -103,9 +105,10 @@ def main() -> None:
     print(f"| Tune, 1 trial at a time | {serial:.1f} | {serial / sequential:.2f}x |")
     print(f"| Tune, {cpus} trials at a time | {parallel:.1f} | {parallel / sequential:.2f}x |")
     print(f"| Tune, 1 trial at a time, `reuse_actors=True` | {reused:.1f} | {reused / sequential:.2f}x |")
-    per_trial = (serial - sequential) / args.n
-    print(f"\nTune's overhead per trial: {per_trial:.1f} s "
-          f"(a search here takes {sequential / args.n:.1f} s on its own)")
+    print(f"| Tune, {cpus} at a time, `reuse_actors=True` (what `sweep` does) | {sweep_like:.1f} | "
+          f"{sweep_like / sequential:.2f}x |")
+    print(f"\nTune's overhead per trial, one at a time: {(serial - sequential) / args.n:.1f} s, with reuse_actors "
+          f"{(reused - sequential) / args.n:.1f} s (a search here takes {sequential / args.n:.1f} s on its own)")
 
 
 if __name__ == "__main__":
