@@ -37,8 +37,9 @@ from .cli import fail, run_cli
 from .presets import EvaluateSpec, Preset, check_resources, load_preset, preset_from_dict
 from .progress import TuneProgress, console
 from .results import ResultStore, source_consensus, source_published, source_random, source_trial
-from .sweep import (REUSE_ACTORS, ParquetResults, _abs_data_dir, check_name, connect, experiment_uri, local_resources,
-                    read_claim, run_tuner, split_experiment, trial_dirname, tune_resources, write_stability)
+from .sweep import (REUSE_ACTORS, ParquetResults, _abs_data_dir, check_name, cluster_address, connect,
+                    experiment_uri, local_resources, read_claim, run_tuner, split_experiment, trial_dirname,
+                    tune_resources, write_stability)
 
 #: the DARTS space's ops a derived cell may use (``none`` is never selected)
 RANDOM_OPS = ("max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3",
@@ -265,13 +266,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if request.empty:
         raise ValueError("nothing to evaluate: give --top-k, --consensus, --genotype or --random "
                          "(or an evaluate: section that selects some)")
-    if not (args.address or "").startswith("ray://"):
+    address = cluster_address(args.address)
+    if not (address or "").startswith("ray://"):
         from pcdarts_core.data import check_dataset
 
         check_dataset(spec.config.dataset, spec.config.data_dir)
-    if not args.address:
+    if not address:
         check_resources(spec.resources, local_resources(), "evaluate.resources")
-    return run_evaluations(preset, store, request, args.address, verbose=args.verbose)
+    return run_evaluations(preset, store, request, address, verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -171,6 +171,11 @@ def local_resources() -> dict[str, float]:
     return {"CPU": float(machine_cpus()), "GPU": float(gpus)}
 
 
+def cluster_address(address: str | None) -> str | None:
+    """``--address``, else ``$RAY_ADDRESS`` (set by ``ray job submit`` on a cluster), else None: start Ray here."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
 def hook_env() -> dict[str, str]:
     """The testing-hook variables (see ``orchestrator.trainable``) to forward to the Ray job's workers."""
     from .trainable import TEST_HOOK_ENV
@@ -883,9 +888,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     storage = resolve_storage(args.storage)
     if args.command == "stability":
         name = check_name(args.name or preset.name)
-        return run_stability(preset, storage, name, args.address, evaluate=args.evaluate, verbose=args.verbose)
+        return run_stability(preset, storage, name, cluster_address(args.address), evaluate=args.evaluate,
+                             verbose=args.verbose)
     name = check_name(args.name or f"{preset.name}-hpo")
-    return run_hpo(preset, storage, name, args.address, verbose=args.verbose)
+    return run_hpo(preset, storage, name, cluster_address(args.address), verbose=args.verbose)
 
 
 if __name__ == "__main__":
