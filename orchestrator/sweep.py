@@ -82,7 +82,7 @@ def experiment_uri(storage: str, name: str) -> str:
 
 def split_experiment(experiment: str, storage: str | None) -> tuple[str, str]:
     """``EXPERIMENT`` as (storage, name): a name under ``--storage``, or a path/URI of the experiment folder."""
-    if "/" in experiment or "://" in experiment or os.path.isdir(experiment) and storage is None:
+    if "/" in experiment or "://" in experiment:
         path = experiment.rstrip("/")
         if "://" not in path:
             path = os.path.abspath(os.path.expanduser(path))
