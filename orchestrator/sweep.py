@@ -22,14 +22,12 @@ with 130.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
 import os
 import re
 import time
-from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, NoReturn, Sequence
 
 from ray.tune import Callback

@@ -21,7 +21,6 @@ from orchestrator import sweep
 from orchestrator.trainable import failure_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = []
 
 
 # -- pure helpers (no Ray) -------------------------------------------------------------------------------------------
