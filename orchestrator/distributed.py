@@ -619,6 +619,16 @@ class RunResult:
     resumed: bool
 
 
+def _previous_or_finished(store: ResultStore, cfg: Any, values: Mapping[str, Any], resume: bool, name: str,
+                          echo: Echo | None) -> tuple[Any, RunResult | None]:
+    """The run's earlier record (checked against these settings) and, if it already finished, its result."""
+    previous = prepare_run(store, cfg, values, resume)
+    done = finished_run(store, previous, cfg, name)
+    if done is not None and echo:
+        echo(f"{name} already finished its {cfg.epochs} epochs")
+    return previous, done
+
+
 def run_single(values: Mapping[str, Any], storage: str, name: str, *, resume: bool = False,
                lr_reference_batch: int | None = None, echo: Echo | None = print) -> RunResult:
     """One search in this process; a checkpoint after every epoch; rerunning resumes (exactly, on CPU)."""
@@ -628,11 +638,8 @@ def run_single(values: Mapping[str, Any], storage: str, name: str, *, resume: bo
     cfg = global_config(values, lr_reference_batch)
     check_dataset(cfg.dataset, cfg.data_dir)  # before anything is written (a distributed run checks on workers)
     store = ResultStore(storage, name)
-    previous = prepare_run(store, cfg, values, resume)
-    done = finished_run(store, previous, cfg, name)
+    previous, done = _previous_or_finished(store, cfg, values, resume, name, echo)
     if done is not None:
-        if echo:
-            echo(f"{name} already finished its {cfg.epochs} epochs")
         return done
     data = read_bytes(store, CHECKPOINT_FILE)
     state = load_checkpoint(data) if data is not None else None
@@ -722,11 +729,8 @@ def run_distributed(values: Mapping[str, Any], opts: DistributedOptions, storage
     testing = testing_hooks_from_env(storage, name)
     ensure_ray()
     check_resources(opts)
-    previous = prepare_run(store, cfg, values, resume)
-    done = finished_run(store, previous, cfg, name)
+    previous, done = _previous_or_finished(store, cfg, values, resume, name, echo)
     if done is not None:
-        if echo:
-            echo(f"{name} already finished its {cfg.epochs} epochs")
         return done
     existed = previous is not None
     spec = make_spec(values, storage=storage, name=name, trial_id=name, write_results=True,
