@@ -581,6 +581,17 @@ def total_epochs(preset: Preset) -> int:
         * len(preset.seeds)
 
 
+def _run_config(kind: str, exp: str, callbacks: list, failure: Any, verbose: bool) -> Any:
+    """Tune's RunConfig shared by stability sweeps and HPO: storage, retries from checkpoints, kept checkpoints."""
+    from ray import tune
+
+    return tune.RunConfig(
+        name=TUNE_DIRS[kind], storage_path=exp, callbacks=callbacks,
+        failure_config=tune.FailureConfig(max_failures=failure.max_failures, fail_fast=failure.fail_fast),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=failure.checkpoints_to_keep),
+        verbose=1 if verbose else 0)
+
+
 def run_stability(preset: Preset, storage: str, name: str, address: str | None, evaluate: bool = False,
                   verbose: bool = False) -> int:
     from ray import tune
@@ -622,11 +633,7 @@ def run_stability(preset: Preset, storage: str, name: str, address: str | None, 
                          "seed": tune.grid_search(list(preset.seeds)), **extra_space},
             tune_config=tune.TuneConfig(max_concurrent_trials=preset.max_concurrent_trials or None,
                                         trial_dirname_creator=trial_dirname, reuse_actors=REUSE_ACTORS),
-            run_config=tune.RunConfig(
-                name=TUNE_DIRS["stability"], storage_path=exp, callbacks=callbacks,
-                failure_config=tune.FailureConfig(max_failures=failure.max_failures, fail_fast=failure.fail_fast),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=failure.checkpoints_to_keep),
-                verbose=1 if verbose else 0))
+            run_config=_run_config("stability", exp, callbacks, failure, verbose))
 
     start = time.perf_counter()
     grid = run_tuner(trainable, path, make_tuner, verbose)
@@ -733,11 +740,7 @@ def run_hpo(preset: Preset, storage: str, name: str, address: str | None, verbos
             tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=limit),
                                         scheduler=scheduler, num_samples=spec.num_samples,
                                         trial_dirname_creator=trial_dirname, reuse_actors=REUSE_ACTORS),
-            run_config=tune.RunConfig(
-                name=TUNE_DIRS["hpo"], storage_path=exp, callbacks=callbacks,
-                failure_config=tune.FailureConfig(max_failures=failure.max_failures, fail_fast=failure.fail_fast),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=failure.checkpoints_to_keep),
-                verbose=1 if verbose else 0))
+            run_config=_run_config("hpo", exp, callbacks, failure, verbose))
 
     start = time.perf_counter()
     grid = run_tuner(trainable, path, make_tuner, verbose)
