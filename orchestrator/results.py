@@ -24,9 +24,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import time
 import uuid
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -163,6 +164,66 @@ def trial_row(trial_id: str, config: Mapping[str, Any], status: str, **fields: A
         row["method"] = str(config["method"])
     row.update(fields)
     row.update(config_columns(config))
+    return row
+
+
+#: result keys Tune adds itself; never copied into the Parquet files
+TUNE_KEYS = {"timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date",
+             "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip", "config", "time_since_restore",
+             "iterations_since_restore", "experiment_tag", "should_checkpoint"}
+EPOCH_COLUMNS = ("epoch", "train_acc", "train_loss", "val_acc", "val_loss", "lr", "alphas_normal", "alphas_reduce",
+                 "betas_normal", "betas_reduce", "genotype", "arch_entropy", "n_skip_normal")
+#: result keys of the loops that are not per-epoch columns of their own
+NOT_EPOCH_EXTRAS = {"search_done", "final_genotype", "epochs_total", "seed", "seed_done", "seed_index",
+                    "seeds_done", "eval_id", "source", "hpo_epochs_done", "wall_time_s", "seed_wall_time_s"}
+
+
+def epoch_row(trial_id: str, group: str, seed: Any, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """An ``epochs`` row from one reported search epoch: the known columns, then any other numeric metric."""
+    row: dict[str, Any] = {"trial_id": trial_id, "group": group, "seed": seed}
+    for key in EPOCH_COLUMNS:
+        row[key] = _num(metrics.get(key))
+    row["wall_time_s"] = finite_or_none(metrics.get("wall_time_s", metrics.get("time_total_s")))
+    for key, value in metrics.items():
+        if key not in row and key not in TUNE_KEYS and key not in NOT_EPOCH_EXTRAS and \
+                isinstance(value, (bool, int, float)):
+            row[key] = _num(value)
+    return row
+
+
+def _num(value: Any) -> Any:
+    """``value``, with a non-finite float as None."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def search_row(trial_id: str, values: Mapping[str, Any], status: str, metrics: Mapping[str, Any] | None = None,
+               *, group: str | None = None, error: str | None = None, **fields: Any) -> dict[str, Any]:
+    """A ``trials`` row of one search (a single run, a sweep trial, one seed of an HPO configuration): its
+    settings (``values`` with the seed), its last reported metrics, and ``fields`` (num_failures, hpo_trial...)."""
+    m = metrics or {}
+    row = trial_row(trial_id, values, status, val_acc=finite_or_none(m.get("val_acc")),
+                    train_acc=finite_or_none(m.get("train_acc")), val_loss=finite_or_none(m.get("val_loss")),
+                    train_loss=finite_or_none(m.get("train_loss")),
+                    genotype=m.get("final_genotype") or m.get("genotype"), error=error,
+                    wall_time_s=finite_or_none(m.get("wall_time_s", m.get("time_total_s"))),
+                    epochs_done=m.get("epoch"), arch_entropy=finite_or_none(m.get("arch_entropy")),
+                    n_skip_normal=m.get("n_skip_normal"), **fields)
+    if group is not None:
+        row["group"] = group
+    return row
+
+
+def eval_row(spec: Mapping[str, Any], eval_cfg: Mapping[str, Any], result: Mapping[str, Any] | None, status: str,
+             error: str | None = None, tune_id: str | None = None) -> dict[str, Any]:
+    """An ``evaluations`` row: one genotype trained from scratch with one seed under one protocol."""
+    result = result or {}
+    row = {"eval_id": spec["eval_id"], "source": spec["source"], "genotype": spec["genotype"],
+           "seed": int(spec["seed"]), "status": status, "test_acc": finite_or_none(result.get("test_acc")),
+           "params": result.get("params"), "epochs_done": result.get("epoch"), "error": error,
+           "wall_time_s": finite_or_none(result.get("time_total_s")), "group": spec.get("group"),
+           "train_acc": finite_or_none(result.get("train_acc")), "test_loss": finite_or_none(result.get("test_loss")),
+           "protocol": spec.get("protocol"), "tune_trial_id": tune_id}
+    row.update(config_columns({k: v for k, v in eval_cfg.items() if k != "seed"}))
     return row
 
 
@@ -419,16 +480,20 @@ class ResultStore:
         self._put(f"{self.path(kind)}/{name}", table)
 
     def _put(self, path: str, table: pa.Table) -> None:
+        self._atomic_write(path, lambda sink: pq.write_table(table, sink))
+
+    def _atomic_write(self, path: str, write: Callable[[Any], None]) -> None:
+        """Write ``path`` whole or not at all: one PUT on object stores, else a hidden temp file renamed."""
         if self._atomic_put:  # object stores have no directories to create, and one PUT is atomic
             with self.fs.open_output_stream(path) as sink:
-                pq.write_table(table, sink)
+                write(sink)
             return
         folder, _, base = path.rpartition("/")
         self.fs.create_dir(folder, recursive=True)
         tmp = f"{folder}/.{base}.{uuid.uuid4().hex}.tmp"  # hidden: readers skip it
         try:
             with self.fs.open_output_stream(tmp) as sink:
-                pq.write_table(table, sink)
+                write(sink)
             self.fs.move(tmp, path)
         except BaseException:
             try:
@@ -436,6 +501,34 @@ class ResultStore:
             except (FileNotFoundError, OSError):
                 pass
             raise
+
+    # -- other files of the experiment (genotype.json, checkpoints, settings records) ---------------------------
+    def read_file(self, name: str) -> bytes | None:
+        """The bytes of ``<root>/<name>``, or None when there is no such file."""
+        path = f"{self.root}/{name}"
+        if self.fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with self.fs.open_input_stream(path) as fh:
+            return fh.read()
+
+    def write_file(self, name: str, data: bytes) -> None:
+        """Replace ``<root>/<name>`` with ``data``, atomically."""
+        self._atomic_write(f"{self.root}/{name}", lambda sink: sink.write(data))
+
+    def delete_file(self, name: str) -> None:
+        self._delete([f"{self.root}/{name}"])
+
+    def read_json(self, name: str) -> Any:
+        data = self.read_file(name)
+        if data is None:
+            return None
+        try:
+            return json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(f"{self.root}/{name} is not valid JSON") from None
+
+    def write_json(self, name: str, value: Any) -> None:
+        self.write_file(name, (json.dumps(value, indent=1, sort_keys=True, default=str) + "\n").encode("utf-8"))
 
     def _delete(self, files: Iterable[str]) -> None:
         for path in files:
@@ -445,9 +538,61 @@ class ResultStore:
                 pass
 
 
-def finite_or_none(value: float | None) -> float | None:
-    """``value`` as a float, or ``None`` when it is missing or not finite (Parquet nulls rather than NaN)."""
-    if value is None:
+# -- one writer per experiment ----------------------------------------------------------------------------------
+LOCK_FILE = "lock.json"
+LOCK_STALE_S = 600.0  # a lock from another host without a heartbeat for this long is abandoned
+
+
+def _lock_record() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()}
+
+
+def _owner_alive(lock: Mapping[str, Any]) -> bool:
+    if lock.get("host") == socket.gethostname():
+        try:
+            os.kill(int(lock.get("pid", 0)), 0)
+        except ProcessLookupError:
+            return False
+        except (PermissionError, ValueError, OverflowError):
+            return True
+        return int(lock.get("pid", 0)) > 0
+    return time.time() - float(lock.get("heartbeat") or 0) < LOCK_STALE_S
+
+
+class ExperimentLock:
+    """``with ExperimentLock(store):`` this process is the one writer of the experiment (see the module doc)."""
+
+    def __init__(self, store: ResultStore):
+        self.store = store
+
+    def __enter__(self) -> "ExperimentLock":
+        try:
+            lock = self.store.read_json(LOCK_FILE)
+        except ValueError:
+            lock = None
+        if isinstance(lock, dict) and lock.get("pid") != os.getpid() and _owner_alive(lock):
+            raise ValueError(f"experiment {self.store.name!r} in {self.store.storage} is being run by process "
+                             f"{lock.get('pid')} on {lock.get('host')}; wait for it to end or pick another --name")
+        self.existed = self.store.fs.get_file_info(self.store.root).type != pafs.FileType.NotFound
+        self.store.write_json(LOCK_FILE, _lock_record())
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.store.delete_file(LOCK_FILE)
+        if not self.existed and not self.store.fs.get_file_info(pafs.FileSelector(self.store.root)):
+            self.store.fs.delete_dir(self.store.root)  # nothing was written: leave no empty folder behind
+
+
+def heartbeat(store: ResultStore) -> None:
+    """Refresh this process's lock (a long run on another host must not look abandoned)."""
+    store.write_json(LOCK_FILE, _lock_record())
+
+
+
+
+def finite_or_none(value: Any) -> float | None:
+    """``value`` as a float, or ``None`` when it is missing, not a number or not finite (Parquet nulls, not NaN)."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     value = float(value)
     return value if math.isfinite(value) else None

@@ -17,6 +17,22 @@ DATASET_NAMES = ("cifar10", "cifar100", "imagenet", "synthetic")
 DEVICES = ("cpu", "cuda", "auto")
 
 
+#: method name -> its ``SearchMethod``: filled by ``pcdarts_core.methods`` (which the package imports), so this
+#: module never imports the methods, which import it.
+METHODS: dict[str, Any] = {}
+
+
+def register_method(name: str, method: Any) -> None:
+    METHODS[name] = method
+
+
+def get_method(name: str) -> Any:
+    """The method called ``name``; ``ValueError`` naming the known methods otherwise."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
 @dataclass(frozen=True)
 class MethodOptions:
     """Base of each method's own options (a method with none uses this)."""
@@ -61,8 +77,6 @@ class SearchConfig:
     options: MethodOptions = field(default_factory=MethodOptions)
 
     def __post_init__(self) -> None:
-        from .methods import get_method  # late: methods import config
-
         method = get_method(self.method)
         if not isinstance(self.options, method.options_type):
             raise ValueError(f"options for method {self.method!r} must be {method.options_type.__name__}")
@@ -233,8 +247,6 @@ def _fields_from(cls: type, values: Mapping[str, Any], kind: str) -> dict[str, A
 
 def search_config(method: str = "pcdarts", dataset: str = "cifar10", **overrides: Any) -> SearchConfig:
     """The papers' settings for ``method`` on ``dataset``, with ``overrides`` on top (validated)."""
-    from .methods import get_method
-
     m = get_method(method)
     raw_options = overrides.pop("options", None) or {}
     method_defaults = dict(m.defaults(dataset))

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from orchestrator.distributed import global_config, rank_config, ranks_identical
+from orchestrator.run import global_config, rank_config, ranks_identical
 from pcdarts_core import data as data_lib
 from pcdarts_core.search import Searcher
 

@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from orchestrator.cli import run_cli
-from orchestrator.distributed import DistributedOptions, global_config, rank_config
+from orchestrator.distributed import DistributedOptions
+from orchestrator.run import global_config, rank_config
 from orchestrator.metrics import record_epoch
 from orchestrator.presets import CONFIG_DIR, load_preset
 from orchestrator.search import main
