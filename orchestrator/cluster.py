@@ -9,10 +9,12 @@ local Ray is started, sized to this machine, and owned by this process: it is st
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import socket
+import tempfile
 import threading
 import time
 from typing import Any
@@ -143,11 +145,61 @@ def connect(address: str | None, verbose: bool = False) -> dict[str, float]:
             except (ConnectionError, RuntimeError) as err:
                 raise Unreachable(f"cannot join the Ray cluster at {address}: {str(err).splitlines()[0]}") from None
         else:
+            reap_orphans()
             ctx = ray.init(num_cpus=machine_cpus(), **kwargs)
+            record_local_cluster()
             url = getattr(ctx, "dashboard_url", None)
             if url:
                 print(f"Ray dashboard: http://{url}")
     return cluster_capacity()
+
+
+# -- a local cluster is owned by the driver that started it -----------------------------------------------------
+def _owner_files() -> list[str]:
+    folder = os.path.join(tempfile.gettempdir(), "pcdarts-local-ray")
+    return [os.path.join(folder, f) for f in sorted(os.listdir(folder))] if os.path.isdir(folder) else []
+
+
+def record_local_cluster() -> None:
+    """Note the processes of the local Ray this driver just started (``ray.shutdown`` stops them at a normal
+    exit; a driver killed outright leaves them, and the next run here ends them: :func:`reap_orphans`)."""
+    import psutil
+
+    me = psutil.Process()
+    procs = [{"pid": p.pid, "created": p.create_time()} for p in me.children(recursive=True)]
+    folder = os.path.join(tempfile.gettempdir(), "pcdarts-local-ray")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{me.pid}.json"), "w", encoding="utf-8") as f:
+        json.dump({"driver": me.pid, "created": me.create_time(), "processes": procs}, f)
+
+
+def reap_orphans() -> int:
+    """End the local Ray processes of drivers on this machine that died without stopping them; returns how many.
+    Only processes recorded by :func:`record_local_cluster` (same pid and start time) are touched."""
+    import psutil
+
+    ended = 0
+    for path in _owner_files():
+        try:
+            with open(path, encoding="utf-8") as f:
+                record = json.load(f)
+            driver = psutil.Process(record["driver"])
+            if abs(driver.create_time() - record["created"]) < 1:
+                continue  # its driver is alive: not an orphan
+        except psutil.NoSuchProcess:
+            pass
+        except (OSError, ValueError, KeyError):
+            continue
+        for entry in record.get("processes", []):
+            try:
+                proc = psutil.Process(entry["pid"])
+                if abs(proc.create_time() - entry["created"]) < 1:
+                    proc.kill()
+                    ended += 1
+            except psutil.Error:
+                pass
+        os.remove(path)
+    return ended
 
 
 def cluster_capacity() -> dict[str, float]:

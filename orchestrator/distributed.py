@@ -277,13 +277,15 @@ def distributed_search_trial(config: Mapping[str, Any], callbacks: Sequence[RunC
     from ray.train import RunConfig
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from .trainable import experiment_name
+
     opts = DistributedOptions.from_mapping(config.get(TRIAL_DISTRIBUTED_KEY) or {})
     values = {**config["search"], "seed": int(config["seed"])}
     rank_config(global_config(values, opts.lr_reference_batch), opts.max_workers)
     context = ray.tune.get_context()
     storage = context.get_storage()
     spec = make_spec(values, name="distributed-search", trial_id=context.get_trial_id(),
-                     run_label=context.get_experiment_name(), lr_reference_batch=opts.lr_reference_batch)
+                     run_label=experiment_name(), lr_reference_batch=opts.lr_reference_batch)
     trainer({"spec": spec, "callbacks": list(callbacks)}, opts,
             RunConfig(name="distributed-search", storage_path=storage.trial_fs_path,
                       storage_filesystem=storage.storage_filesystem, callbacks=[TuneReportCallback()])).fit()

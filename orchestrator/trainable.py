@@ -12,7 +12,7 @@ install fault injectors that way.
 from __future__ import annotations
 
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -68,11 +68,17 @@ def report(result: Mapping[str, Any], state: Mapping[str, Any]) -> None:
         tune.report(dict(result), checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
+def experiment_name() -> str:
+    """The sweep's name (the dashboard metrics' ``run`` tag): the folder above Tune's ``search/``, ``hpo/``..."""
+    from ray import tune
+
+    return PurePosixPath(tune.get_context().get_storage().experiment_fs_path).parent.name
+
+
 def _trial_spec(values: Mapping[str, Any]) -> dict[str, Any]:
     from ray import tune
 
-    ctx = tune.get_context()
-    return make_spec(values, name=ctx.get_trial_id(), run_label=ctx.get_experiment_name())
+    return make_spec(values, name=tune.get_context().get_trial_id(), run_label=experiment_name())
 
 
 class TuneReporter(Reporter):

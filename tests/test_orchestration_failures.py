@@ -138,3 +138,28 @@ def test_settings_record_is_written_with_state(tmp_path):
     run_single(smoke_values(), str(tmp_path), "rec", echo=None)
     record = json.loads((tmp_path / "rec" / "search_config.json").read_text())
     assert record["finished"] and record["epochs_done"] == 2 and record["config"]["k"] == 4
+
+
+# -- a killed driver leaves no Ray processes behind ----------------------------------------------------------------------
+def test_local_ray_of_a_killed_driver_is_ended_by_the_next_run(tmp_path):
+    import psutil
+
+    from orchestrator.cluster import reap_orphans
+
+    code = ("import time; from orchestrator.cluster import connect; connect(None); print('up', flush=True); "
+            "time.sleep(600)")
+    driver = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "RAY_TMPDIR": str(tmp_path / "ray")})
+    try:
+        assert driver.stdout.readline().strip() == "up"
+        ray_procs = psutil.Process(driver.pid).children(recursive=True)
+        assert ray_procs
+    finally:
+        driver.kill()  # SIGKILL: no chance to stop its cluster
+        driver.wait()
+    time.sleep(1)
+    left = [p for p in ray_procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert left, "nothing was left behind to clean up"
+    assert reap_orphans() >= len(left)
+    psutil.wait_procs(left, timeout=30)
+    assert not [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
