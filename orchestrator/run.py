@@ -199,12 +199,13 @@ class SearchRun:
                                    "between ranks (a bug: every rank must apply the same averaged gradients)")
             self.wall_time_s += float(metrics.get("epoch_time_s") or 0.0)
             throughput = float(metrics.get("throughput") or 0.0)
-            # One bilevel step processes a global batch: its mean time, validation excluded.
-            step_time = self.config.batch_size * self.world / throughput if throughput > 0 else None
+            # One bilevel step processes a global batch: its mean time, validation excluded (unless the core
+            # measured it itself).
+            metrics.setdefault("step_time_s", self.config.batch_size * self.world / throughput if throughput else None)
             done = self.searcher.done
             metrics.update(trial_id=self.spec["trial_id"], world_size=self.world, ranks_identical=in_sync,
                            resumed_from_epoch=self.resumed_from_epoch, steps=self.steps_per_epoch(),
-                           step_time_s=step_time, cpu_time_s=cpu_time, wall_time_s=self.wall_time_s,
+                           cpu_time_s=cpu_time, wall_time_s=self.wall_time_s,
                            seed=self.global_config.seed, epochs_total=self.global_config.epochs, search_done=done,
                            final_genotype=self.genotype().to_json() if done else metrics.get("genotype"))
             self.last_metrics = _plain(metrics)

@@ -77,6 +77,7 @@ def resolve(args: argparse.Namespace) -> tuple[Preset, dict[str, Any], str, str]
     """(preset, the run's flat search values incl. seed, storage, name) from the command line."""
     preset = _raw_preset(args)
     values = dict(preset.search)
+    values.update({k: v[0] for k, v in preset.grid.items() if len(v) == 1})  # a grid value picked with --set k=2
     if args.method:
         values["method"] = args.method
     if args.dataset:

@@ -46,10 +46,8 @@ def distributed_trials(preset: Preset) -> tuple[Any, Any] | None:
     Train run inside its Tune trial (``orchestrator.distributed.distributed_search_trial``), else None."""
     if not preset.distributed:
         return None
-    try:
-        from .distributed import DistributedOptions, distributed_search_trial
-    except ImportError:  # pragma: no cover - the module ships with the project
-        raise ValueError("the preset has a distributed: section but orchestrator.distributed is missing") from None
+    from .distributed import DistributedOptions, distributed_search_trial
+
     return DistributedOptions.from_mapping(preset.distributed), distributed_search_trial
 
 
