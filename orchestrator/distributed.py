@@ -441,11 +441,8 @@ class SearchRun:
                                    "between ranks (a bug: every rank must apply the same averaged gradients)")
             steps = self.steps_per_epoch()
             self.wall_time_s += float(metrics.get("epoch_time_s") or 0.0)
-            throughput = float(metrics.get("throughput") or 0.0)
-            # One bilevel step processes a global batch: its mean time, validation excluded.
-            step_time = self.config.batch_size * self.world / throughput if throughput > 0 else None
             metrics.update(trial_id=self.spec["trial_id"], world_size=self.world, ranks_identical=in_sync,
-                           resumed_from_epoch=self.resumed_from_epoch, steps=steps, step_time_s=step_time,
+                           resumed_from_epoch=self.resumed_from_epoch, steps=steps,
                            cpu_time_s=cpu_time, wall_time_s=self.wall_time_s)
             # The keys the sweep's own search trials report too (orchestrator.trainable.epoch_result).
             metrics.update(seed=self.global_config.seed, epochs_total=self.global_config.epochs,
@@ -571,9 +568,10 @@ def _resume_state(spec: Mapping[str, Any]) -> dict[str, Any] | None:
         with checkpoint.as_directory() as directory:
             return load_checkpoint(Path(directory) / RAY_CHECKPOINT_FILE)
     if spec.get("write_results") and spec.get("storage"):
-        data = read_bytes(ResultStore(spec["storage"], spec["name"]), CHECKPOINT_FILE)
+        store = ResultStore(spec["storage"], spec["name"])
+        data = read_bytes(store, CHECKPOINT_FILE)
         if data is not None:
-            return load_checkpoint(data)
+            return load_checkpoint(data, name=_file(store, CHECKPOINT_FILE))
     return None
 
 
@@ -642,7 +640,7 @@ def run_single(values: Mapping[str, Any], storage: str, name: str, *, resume: bo
     if done is not None:
         return done
     data = read_bytes(store, CHECKPOINT_FILE)
-    state = load_checkpoint(data) if data is not None else None
+    state = load_checkpoint(data, name=_file(store, CHECKPOINT_FILE)) if data is not None else None
     spec = make_spec(values, storage=storage, name=name, trial_id=name, write_results=True,
                      lr_reference_batch=lr_reference_batch)
     run = SearchRun(spec, state, echo=echo)
