@@ -75,7 +75,7 @@ def main() -> None:
         trainable = tune.with_resources(search_trainable, {"cpu": 1, "gpu": 0})
         tuner = tune.Tuner(
             trainable,
-            param_space={"search": base, "seed": tune.grid_search(seeds)},
+            param_space={"search": base, "seed": tune.grid_search(seeds), "run": "bench"},
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, trial_dirname_creator=trial_dirname,
                                         reuse_actors=reuse),
             run_config=tune.RunConfig(name="bench", storage_path=storage, verbose=0,

@@ -59,7 +59,7 @@ from pcdarts_core.genotypes import Genotype
 from pcdarts_core.runtime import CheckpointError, all_reduce_sum, distributed_world, load_checkpoint
 from pcdarts_core.search import RESUMABLE_DIFFERENCES, Searcher
 
-from .metrics import record_epoch
+from .metrics import RUN_KEY, record_epoch, trial_tags
 from .results import ResultStore, finite_or_none, group_key, trial_row
 
 CHECKPOINT_FORMAT = "pcdarts-run/1"
@@ -772,7 +772,7 @@ def trial_values(config: Mapping[str, Any]) -> tuple[dict[str, Any], Distributed
         if "seed" in config:
             values["seed"] = int(config["seed"])
     else:
-        values = {k: v for k, v in config.items() if k != TRIAL_DISTRIBUTED_KEY}
+        values = {k: v for k, v in config.items() if k not in (TRIAL_DISTRIBUTED_KEY, RUN_KEY)}
     return values, options
 
 
@@ -805,7 +805,7 @@ def distributed_search_trial(config: Mapping[str, Any]) -> None:
     context = ray.tune.get_context()
     storage = context.get_storage()
     spec = make_spec(values, storage=None, name="distributed-search", trial_id=context.get_trial_id(),
-                     write_results=False, run_label=context.get_experiment_name(),
+                     write_results=False, run_label=trial_tags(config)[0],
                      lr_reference_batch=opts.lr_reference_batch, cpus_per_worker=opts.cpus_per_worker,
                      use_gpu=opts.use_gpu)
     failure, checkpoints = _train_configs(opts)

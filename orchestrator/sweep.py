@@ -34,6 +34,7 @@ from ray.tune import Callback
 
 from .cli import fail, run_cli
 from .presets import Preset, check_data, check_resources, load_preset
+from .metrics import RUN_KEY
 from .progress import TuneProgress, console, error_line, stop_all
 from .results import ResultStore, config_columns, group_key, trial_row
 
@@ -630,7 +631,7 @@ def run_stability(preset: Preset, storage: str, name: str, address: str | None, 
         return tune.Tuner(
             trainable,
             param_space={"search": tune.grid_search([_abs_data_dir(g) for g in preset.groups()]),
-                         "seed": tune.grid_search(list(preset.seeds)), **extra_space},
+                         "seed": tune.grid_search(list(preset.seeds)), RUN_KEY: name, **extra_space},
             tune_config=tune.TuneConfig(max_concurrent_trials=preset.max_concurrent_trials or None,
                                         trial_dirname_creator=trial_dirname, reuse_actors=REUSE_ACTORS),
             run_config=_run_config("stability", exp, callbacks, failure, verbose))
@@ -735,7 +736,7 @@ def run_hpo(preset: Preset, storage: str, name: str, address: str | None, verbos
                                   metric=OBJECTIVE_ACC, epoch_key="hpo_epochs_done")]
         return tune.Tuner(
             trainable,
-            param_space={"search": _abs_data_dir(preset.search), "seeds": list(spec.seeds),
+            param_space={"search": _abs_data_dir(preset.search), "seeds": list(spec.seeds), RUN_KEY: name,
                          "params": {p.name: p.tune_domain() for p in spec.space}},
             tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=limit),
                                         scheduler=scheduler, num_samples=spec.num_samples,

@@ -32,6 +32,8 @@ from pcdarts_core.runtime import CheckpointError, load_checkpoint, save_checkpoi
 from pcdarts_core.search import Searcher, search
 from pcdarts_core.train import Trainer, train_eval
 
+from .metrics import trial_tags
+
 CHECKPOINT_FILE = "state.pt"
 FAIL_AT_EPOCH_ENV = "PCDARTS_FAIL_AT_EPOCH"
 FAIL_SEEDS_ENV = "PCDARTS_FAIL_SEEDS"
@@ -64,25 +66,12 @@ def set_threads_from_trial() -> int:
     return threads
 
 
-def _trial_tags() -> tuple[str, str]:
-    from ray import tune
+def _record_dashboard(metrics: Mapping[str, Any], tags: tuple[str, str]) -> None:
+    """Per-epoch custom metrics for Ray's dashboard, tagged ``(run, trial)`` (:func:`.metrics.trial_tags`)."""
+    from .metrics import record_epoch
 
     try:
-        ctx = tune.get_context()
-        return ctx.get_experiment_name(), ctx.get_trial_id()
-    except Exception:  # noqa: BLE001
-        return "", ""
-
-
-def _record_dashboard(metrics: Mapping[str, Any]) -> None:
-    """Per-epoch custom metrics for Ray's dashboard, when ``orchestrator.metrics`` is there."""
-    try:
-        from .metrics import record_epoch
-    except ImportError:  # pragma: no cover - the module is optional
-        return
-    run, trial = _trial_tags()
-    try:
-        record_epoch(metrics, run=run, trial=trial)
+        record_epoch(metrics, run=tags[0], trial=tags[1])
     except Exception:  # noqa: BLE001 - dashboard metrics must never kill a search
         pass
 
@@ -127,16 +116,16 @@ def epoch_result(metrics: Mapping[str, Any], searcher: Searcher) -> dict[str, An
     return out
 
 
-def report_epoch(metrics: Mapping[str, Any], searcher: Searcher, extra: Mapping[str, Any] | None = None,
-                 state: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def report_epoch(metrics: Mapping[str, Any], searcher: Searcher, tags: tuple[str, str],
+                 extra: Mapping[str, Any] | None = None, state: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Report one search epoch to Tune with a resumable checkpoint (``searcher.state_dict()`` unless ``state``
-    is given) and record the dashboard metrics; returns the reported dict. A ``search`` callback can be just
-    ``lambda m, s: report_epoch(m, s)``."""
+    is given) and record the dashboard metrics under ``tags`` (``trial_tags(config)``); returns the reported
+    dict."""
     result = epoch_result(metrics, searcher)
     if extra:
         result.update(extra)
     report(result, state if state is not None else searcher.state_dict())
-    _record_dashboard(metrics)
+    _record_dashboard(metrics, tags)
     return result
 
 
@@ -169,6 +158,7 @@ def _maybe_fail(fail_at: int | None, next_epoch: int, start_epoch: int) -> None:
 def search_trainable(config: dict[str, Any]) -> None:
     """One search: ``config = {"search": {SearchConfig fields}, "seed": int}``."""
     cfg = search_config_from_dict({**config["search"], "seed": int(config["seed"])})
+    tags = trial_tags(config)
     set_threads_from_trial()
     state = restored_state()
     start = int(state["epoch"]) if state is not None else 0
@@ -178,7 +168,7 @@ def search_trainable(config: dict[str, Any]) -> None:
     _maybe_fail(fail_at, start + 1, start)
 
     def callback(metrics: dict[str, Any], searcher: Searcher) -> None:
-        report_epoch(metrics, searcher, extra={"resumed_from_epoch": start})
+        report_epoch(metrics, searcher, tags, extra={"resumed_from_epoch": start})
         if not searcher.done:
             _maybe_fail(fail_at, searcher.epoch + 1, start)
 
@@ -219,6 +209,7 @@ def hpo_trainable(config: dict[str, Any]) -> None:
 
     seeds = [int(s) for s in config["seeds"]]
     values = {**config["search"], **config["params"]}
+    tags = trial_tags(config)
     set_threads_from_trial()
     state = restored_state()
     if state is not None and state.get("format") != "pcdarts-hpo/1":
@@ -272,7 +263,7 @@ def hpo_trainable(config: dict[str, Any]) -> None:
                 extra["seeds_done"] = len(completed)
                 ckpt = {"format": "pcdarts-hpo/1", "index": i, "completed": completed,
                         "searcher": searcher.state_dict(), "seed_time": seed_time}
-            report_epoch(metrics, searcher, extra=extra, state=ckpt)
+            report_epoch(metrics, searcher, tags, extra=extra, state=ckpt)
 
         for _ in search(cfg, callbacks=[callback], state=resume):
             pass

@@ -42,7 +42,8 @@ def _tune_trial(values: dict, storage, distributed: dict):
 
     search = {k: v for k, v in values.items() if k != "seed"}  # the sweep's trial config format
     tuner = tune.Tuner(distributed_search_trial,
-                       param_space={"search": search, "seed": values["seed"], "distributed": distributed},
+                       param_space={"search": search, "seed": values["seed"], "distributed": distributed,
+                                    "run": "sweep"},
                        run_config=tune.RunConfig(storage_path=str(storage), name="sweep"))
     (result,) = list(tuner.fit())
     assert result.error is None, result.error
