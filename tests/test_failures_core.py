@@ -210,7 +210,7 @@ def test_sweep_trials_export_the_documented_metrics_tagged_with_the_experiment(r
 
     port = ray.nodes()[0]["MetricsExportPort"]
     args = ["stability", "--preset", "smoke", "--name", "metrics-exp", "--storage", str(tmp_path), "--address",
-            ray_cluster, "--set", "grid.k=[2]", "--set", "seeds=[0]", "--set", "epochs=30",
+            ray_cluster, "--set", "grid.k=[2]", "--set", "seeds=[0]", "--set", "epochs=300",
             "--set", "warmup_epochs=0", "--set", "steps_per_epoch=1"]
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.sweep", *args], cwd=ROOT, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
