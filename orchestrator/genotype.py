@@ -148,8 +148,10 @@ def read_arch_file(path: Path) -> dict[str, Any]:
         for key in ("model", "state_dict"):
             if isinstance(data.get(key), dict):
                 arch = _from_state_dict(data[key], str(path))
-                primitives = data.get("primitives", (data.get("method") or {}).get("primitives"))
-                if primitives is not None:  # P-DARTS keeps its pruned per-edge op lists in the method state
+                method_state = data.get("method")  # P-DARTS keeps its pruned per-edge op lists there
+                primitives = data.get("primitives", method_state.get("primitives")
+                                      if isinstance(method_state, dict) else None)
+                if primitives is not None:
                     arch["primitives"] = primitives
                 data = arch
                 break

@@ -208,3 +208,30 @@ def test_derive_from_a_damaged_or_empty_checkpoint_names_the_file(project_checkp
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
     running = _derive(str(tmp_path / "hpo_running.pt"), ROOT)
     assert running.returncode == 0, running.stderr
+
+
+def test_derive_takes_pdarts_pruned_ops_from_the_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A P-DARTS search in its second stage has 5 ops per edge, different per edge: derive reads them from the
+    method state saved with the search (in-process: one subprocess fewer)."""
+    from pcdarts_core.config import search_config
+    from pcdarts_core.genotypes import derive_genotype, parse_genotype
+    from pcdarts_core.search import Searcher
+
+    torch.set_num_threads(1)
+    cfg = search_config("pdarts", "synthetic", epochs=3, options={"stage_epochs": [1, 1, 1]}, warmup_epochs=0,
+                        batch_size=8, init_channels=4, layers=5, image_size=16, steps_per_epoch=1, eval_steps=1,
+                        device="cpu", synthetic_samples=40)
+    searcher = Searcher(cfg)
+    searcher.run_epoch()
+    searcher.run_epoch()
+    net = searcher.net
+    assert net.alphas_normal.shape[1] == 5  # pruned in stage 2
+    torch.save(searcher.state_dict(), tmp_path / "pdarts.pt")
+    with pytest.raises(SystemExit) as exc:
+        run_cli(genotype_cli.main, ["derive", str(tmp_path / "pdarts.pt"), "--json"])
+    assert exc.value.code == 0
+    derived = parse_genotype(capsys.readouterr().out.strip().splitlines()[-1])
+    with torch.no_grad():
+        expected = derive_genotype(net.alphas_normal, net.alphas_reduce, net.betas_normal, net.betas_reduce,
+                                   net.edge_primitives["normal"], net.edge_primitives["reduce"])
+    assert derived == expected
