@@ -14,8 +14,10 @@ import re
 import sys
 from typing import Callable, Iterable, NoReturn, Sequence
 
+from pcdarts_core.runtime import SearchDiverged
+
 EXIT_OK = 0
-EXIT_USAGE = 2
+EXIT_BAD_INPUT = 2
 EXIT_FAILED = 3
 EXIT_INTERRUPTED = 130
 
@@ -24,17 +26,20 @@ DEFAULT_STORAGE = "results"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]{0,199}$")
 
 
-def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> NoReturn:
-    """Run ``main``; user errors (ValueError, FileNotFoundError, KeyError from configs) print one line, exit 2."""
+    """Run ``main``; user errors (ValueError, FileNotFoundError, KeyError from configs) print one line, exit 2; a
+    diverged search or evaluation prints its ``diverged at epoch E (loss nan)`` line and exits 3."""
     try:
         code = main(argv)
     except KeyboardInterrupt:
         fail("interrupted; run the same command again to resume", EXIT_INTERRUPTED)
+    except SearchDiverged as err:  # the search ran and failed: not bad input
+        fail(str(err), EXIT_FAILED)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
         fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
     raise SystemExit(code or 0)

@@ -3,8 +3,9 @@
 - ``info NAME_OR_FILE --dataset cifar10|cifar100|imagenet``: parameters (auxiliary head excluded) and
   multiply-adds of the evaluation network, as DARTS/PC-DARTS tables report them.
 - ``show NAME_OR_FILE``: both cells, node by node.
-- ``derive FILE``: the PC-DARTS derivation rule applied to saved arch parameters (JSON or a ``.pt`` checkpoint,
-  loaded with ``weights_only=True``: nothing is unpickled).
+- ``derive FILE``: the PC-DARTS derivation rule applied to saved arch parameters: JSON, or any checkpoint this
+  project writes (a single run's ``checkpoint.pt``, a Ray Train ``search.pt``, a sweep trial's ``state.pt``, or
+  the folder holding one), loaded with ``weights_only=True``: nothing is unpickled.
 
 ``--json`` makes the last line of stdout a JSON object. Bad input is one ``error: ...`` line and exit status 2.
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle  # only for its exception type: nothing is unpickled outside torch's weights_only loader
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
@@ -25,8 +25,11 @@ from pcdarts_core.genotypes import CELL_TYPES, Genotype, derive_genotype, load_g
 from pcdarts_core.model import NetworkCIFAR, NetworkImageNet
 from pcdarts_core.ops import PRIMITIVES, check_op_name
 from pcdarts_core.profile import count_madds, count_parameters
+from pcdarts_core.runtime import load_checkpoint
 
 from .cli import fail, run_cli
+from .distributed import CHECKPOINT_FILE, RAY_CHECKPOINT_FILE
+from .trainable import CHECKPOINT_FILE as TRIAL_CHECKPOINT_FILE
 
 #: dataset -> (classes, input resolution, default C, default layers): DARTS Sec. 3.3 (CIFAR) and 3.4 (mobile).
 DATASETS: dict[str, tuple[int, int, int, int]] = {
@@ -35,7 +38,9 @@ DATASETS: dict[str, tuple[int, int, int, int]] = {
     "imagenet": (1000, 224, 48, 14),
 }
 MAX_CHANNELS, MAX_LAYERS = 1024, 100
-MAX_FILE_BYTES = 64 * 1024 * 1024
+MAX_JSON_BYTES = 64 * 1024 * 1024
+#: the checkpoint files of a single run, a Ray Train run and a sweep trial (orchestrator.distributed/trainable)
+CHECKPOINT_FILES = (CHECKPOINT_FILE, RAY_CHECKPOINT_FILE, TRIAL_CHECKPOINT_FILE)
 ARCH_KEYS = ("alphas_normal", "alphas_reduce", "betas_normal", "betas_reduce")
 
 
@@ -117,45 +122,75 @@ def cmd_show(args: argparse.Namespace, console: Console) -> None:
 
 
 # -- derive ------------------------------------------------------------------------------------------------------
-def read_arch_file(path_text: str) -> dict[str, Any]:
-    """The arch parameters saved in a JSON file or a torch checkpoint, as a dict with ``alphas_normal`` etc."""
-    path = Path(path_text)
-    if not path.exists():
-        raise ValueError(f"{path_text}: no such file")
+def read_arch_file(path: Path) -> dict[str, Any]:
+    """The arch parameters saved in a JSON file or a checkpoint, as a dict with ``alphas_normal`` etc.
+
+    Checkpoints are read with ``weights_only=True``: a bare state dict, one with a ``model`` state dict, or any
+    checkpoint this project writes (:func:`search_state`).
+    """
     if not path.is_file():
-        raise ValueError(f"{path_text}: not a regular file")
-    if path.stat().st_size > MAX_FILE_BYTES:
-        raise ValueError(f"{path_text}: file is too large for saved arch parameters")
+        raise ValueError(f"{path}: not a regular file")
     with path.open("rb") as fh:
         head = fh.read(64).lstrip()
     if path.suffix.lower() == ".json" or head.startswith((b"{", b"[")):
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise ValueError(f"{path}: file is too large for saved arch parameters")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path_text}: not valid JSON ({str(err).splitlines()[0]})") from None
+            raise ValueError(f"{path}: not valid JSON ({str(err).splitlines()[0]})") from None
     else:
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            raise ValueError(f"{path_text}: not a readable torch checkpoint (corrupted, or it holds objects other "
-                             f"than tensors and plain containers, which weights_only loading refuses)") from None
-        except Exception as err:  # torch raises many types (RuntimeError, EOFError, OSError...) here
-            first = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
-            raise ValueError(f"{path_text}: not a readable torch checkpoint ({first[:160]})") from None
+        data = load_checkpoint(path)  # weights_only; a truncated or foreign file is one error naming it
     if not isinstance(data, dict):
-        raise ValueError(f"{path_text}: expected an object with alphas_normal/alphas_reduce, got {type(data).__name__}")
+        raise ValueError(f"{path}: expected an object with alphas_normal/alphas_reduce, got {type(data).__name__}")
     if "alphas_normal" not in data:
+        data = search_state(data, str(path))
         for key in ("model", "state_dict"):
             if isinstance(data.get(key), dict):
-                arch = _from_state_dict(data[key], path_text)
-                if "primitives" in data:
-                    arch["primitives"] = data["primitives"]
+                arch = _from_state_dict(data[key], str(path))
+                method_state = data.get("method")  # P-DARTS keeps its pruned per-edge op lists there
+                primitives = data.get("primitives", method_state.get("primitives")
+                                      if isinstance(method_state, dict) else None)
+                if primitives is not None:
+                    arch["primitives"] = primitives
                 data = arch
                 break
     missing = [k for k in ARCH_KEYS[:2] if k not in data]
     if missing:
-        raise ValueError(f"{path_text}: missing {', '.join(missing)} (expected alphas_normal, alphas_reduce and "
-                         f"optionally betas_*, primitives, or a 'model' state dict holding them)")
+        raise ValueError(f"{path}: missing {', '.join(missing)} (expected alphas_normal, alphas_reduce and "
+                         f"optionally betas_*, primitives, a 'model' state dict holding them, or a checkpoint "
+                         f"of this project)")
+    return data
+
+
+def checkpoint_in(path: Path) -> Path:
+    """``path`` itself, or for a directory the checkpoint in it: a single run's folder (``checkpoint.pt``), a Ray
+    Train checkpoint (``search.pt``), a sweep trial's checkpoint (``state.pt``), or the newest ``checkpoint_*``
+    folder holding one of them (a Train run's or a Tune trial's folder)."""
+    if not path.exists():
+        raise ValueError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        return path
+    for name in CHECKPOINT_FILES:
+        if (path / name).is_file():
+            return path / name
+    for sub in sorted((p for p in path.glob("checkpoint_*") if p.is_dir()), reverse=True):
+        for name in CHECKPOINT_FILES:
+            if (sub / name).is_file():
+                return sub / name
+    raise ValueError(f"{path}: a directory without a checkpoint ({', '.join(CHECKPOINT_FILES)}, directly or in a "
+                     f"checkpoint_* folder)")
+
+
+def search_state(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """The search's own state (``pcdarts-search/1``: model, method state) inside the checkpoints this project
+    writes: a single or Ray Train run's (``pcdarts-run/1``) and an HPO trial's (``pcdarts-hpo/1``) wrap it under
+    ``searcher``; a stability sweep trial's is that state itself. Anything else is returned as it is."""
+    while isinstance(data, dict) and "searcher" in data:
+        if data["searcher"] is None:
+            raise ValueError(f"{where}: this checkpoint holds no running search (an HPO trial saved between two "
+                             f"seeds: the finished seeds' genotypes are in the experiment's results)")
+        data = data["searcher"]
     return data
 
 
@@ -235,11 +270,12 @@ def genotype_from_arch(data: dict[str, Any]) -> Genotype:
 
 
 def cmd_derive(args: argparse.Namespace, console: Console) -> None:
+    path = checkpoint_in(Path(args.file))
+    data = read_arch_file(path)
     try:
-        genotype = genotype_from_arch(read_arch_file(args.file))
+        genotype = genotype_from_arch(data)
     except ValueError as err:
-        msg = str(err)
-        raise ValueError(msg if msg.startswith(args.file) else f"{args.file}: {msg}") from None
+        raise ValueError(f"{path}: {err}") from None
     print_genotype(genotype, console)
     console.print(str(genotype), markup=False, highlight=False, soft_wrap=True)
     if args.json:
@@ -259,8 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="print both cells")
     show.add_argument("genotype", metavar="NAME_OR_FILE")
     show.add_argument("--json", action="store_true", help="last line of stdout: the genotype JSON")
-    derive = sub.add_parser("derive", help="derive a genotype from saved arch parameters (.json or .pt)")
-    derive.add_argument("file", metavar="FILE")
+    derive = sub.add_parser("derive", help="derive a genotype from saved arch parameters (.json, a checkpoint "
+                                           "of this project, or its folder)")
+    derive.add_argument("file", metavar="FILE", help="a .json/.pt file or a checkpoint folder")
     derive.add_argument("--json", action="store_true", help="last line of stdout: the genotype JSON")
     return parser
 

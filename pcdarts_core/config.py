@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -94,10 +95,7 @@ class SearchConfig:
             raise ValueError("second-order updates need a fixed channel slice (channel_sampling='fixed')")
         _choice("channel_sampling", self.channel_sampling, ("fixed", "random"))
         _choice("order", self.order, ("first", "second"))
-        if self.arch_lr <= 0 or self.arch_weight_decay < 0:
-            raise ValueError(f"arch_lr must be > 0 and arch_weight_decay >= 0, got {self.arch_lr}, "
-                             f"{self.arch_weight_decay}")
-        if not all(0 <= b < 1 for b in self.arch_betas) or len(self.arch_betas) != 2:
+        if len(self.arch_betas) != 2:
             raise ValueError(f"arch_betas must be two numbers in [0, 1), got {self.arch_betas}")
         if self.hessian_every < 0 or (self.early_stop and self.hessian_every == 0):
             raise ValueError("early_stop (DARTS-ES) needs hessian_every > 0")
@@ -146,11 +144,6 @@ class EvalConfig:
             raise ValueError(f"init_channels must be even and >= 2, got {self.init_channels}")
         if self.layers < 3:
             raise ValueError(f"layers must be at least 3, got {self.layers}")
-        for name in ("drop_path", "label_smoothing"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.auxiliary_weight < 0 or self.cutout < 0:
-            raise ValueError("auxiliary_weight and cutout must be >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -161,26 +154,85 @@ def _choice(name: str, value: Any, allowed: tuple) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
 
 
+@dataclass(frozen=True)
+class Range:
+    """An accepted interval of a numeric setting; ``str()`` writes it as ``[low, high]`` / ``(low, high)``."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        return ((value > self.low if self.low_open else value >= self.low)
+                and (value < self.high if self.high_open else value <= self.high))
+
+    def __str__(self) -> str:
+        def num(x: float) -> str:
+            return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+        return f"{'(' if self.low_open else '['}{num(self.low)}, {num(self.high)}{')' if self.high_open else ']'}"
+
+
+#: The accepted range of every numeric setting of both configs. Values outside, NaN and infinities are refused
+#: when a config is built, with the range in the message. The upper bounds are far above any published setting
+#: (the papers use lr <= 0.5, batch <= 1024, epochs <= 600) and catch typos such as ``lr=1e30`` before a run.
+RANGES: dict[str, Range] = {
+    "epochs": Range(1, 10_000),
+    "batch_size": Range(1, 2**20),
+    "lr": Range(0, 10, low_open=True),
+    "lr_min": Range(0, 10),
+    "lr_warmup_epochs": Range(0, 10_000),
+    "momentum": Range(0, 1, high_open=True),
+    "weight_decay": Range(0, 1),
+    "grad_clip": Range(0, 1e6, low_open=True),
+    "arch_lr": Range(0, 10, low_open=True),
+    "arch_betas": Range(0, 1, high_open=True),
+    "arch_weight_decay": Range(0, 1),
+    "warmup_epochs": Range(0, 10_000),
+    "init_channels": Range(1, 4096),
+    "layers": Range(1, 1000),
+    "k": Range(1, 4096),
+    "seed": Range(0, 2**32 - 1),
+    "data_seed": Range(0, 2**32 - 1),
+    "num_workers": Range(0, 1024),
+    "image_size": Range(1, 4096),
+    "synthetic_samples": Range(10, 10_000_000),
+    "steps_per_epoch": Range(1, 10**9),
+    "eval_steps": Range(1, 10**9),
+    "hessian_every": Range(0, 10_000),
+    "auxiliary_weight": Range(0, 100),
+    "drop_path": Range(0, 1, high_open=True),
+    "label_smoothing": Range(0, 1, high_open=True),
+    "cutout": Range(0, 4096),
+}
+
+
+def check_range(name: str, value: Any, accepted: Range | None) -> None:
+    """One-line ``ValueError`` (naming the range) unless ``value`` is a finite number inside ``accepted``."""
+    finite = not isinstance(value, bool) and isinstance(value, (int, float)) and (
+        not isinstance(value, float) or math.isfinite(value))
+    if not finite or (accepted is not None and value not in accepted):
+        shown = repr(value) if len(repr(value)) <= 24 else repr(value)[:20] + "..."
+        what = f"in {accepted}" if finite else "a finite number" + (f" in {accepted}" if accepted else "")
+        raise ValueError(f"{name} must be {what}, got {shown}")
+
+
+def _check_ranges(cfg: Any) -> None:
+    """Every number of ``cfg`` in its range, and finite (float fields without a range here too)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        for v in value if isinstance(value, tuple) else (value,):
+            if (f.name in RANGES and v is not None) or isinstance(v, float):
+                check_range(f.name, v, RANGES.get(f.name))
+
+
 def _check_common(cfg: SearchConfig | EvalConfig) -> None:
     _choice("dataset", cfg.dataset, DATASET_NAMES)
     _choice("device", cfg.device, DEVICES)
-    positive = ("epochs", "batch_size", "layers", "init_channels")
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("steps_per_epoch", "eval_steps", "image_size"):
-        value = getattr(cfg, name)
-        if value is not None and value < 1:
-            raise ValueError(f"{name} must be >= 1 or unset, got {value}")
-    samples = cfg.synthetic_samples
-    if samples is not None and (min(samples) if isinstance(samples, tuple) else samples) < 10:
-        raise ValueError(f"synthetic_samples must be at least 10 (train) and 10 (test), got {samples}")
-    if cfg.lr <= 0 or cfg.lr_min < 0 or cfg.lr_min > cfg.lr:
-        raise ValueError(f"need 0 <= lr_min <= lr and lr > 0, got lr={cfg.lr}, lr_min={cfg.lr_min}")
-    if not 0 <= cfg.momentum < 1 or cfg.weight_decay < 0 or cfg.grad_clip <= 0:
-        raise ValueError("momentum must be in [0, 1), weight_decay >= 0 and grad_clip > 0")
-    if cfg.num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {cfg.num_workers}")
+    _check_ranges(cfg)
+    if cfg.lr_min > cfg.lr:
+        raise ValueError(f"need lr_min <= lr, got lr={cfg.lr}, lr_min={cfg.lr_min}")
 
 
 # -- building configs from plain dicts (YAML, CLI --set, Tune) --------------------------------------------------
@@ -207,9 +259,12 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         if isinstance(value, bool):
             raise ValueError(f"{name} must be a number, got {value!r}")
         try:
-            return float(value)
-        except (TypeError, ValueError):
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
             raise ValueError(f"{name} must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            check_range(name, value if isinstance(value, float) else number, RANGES.get(name))
+        return number
     if isinstance(default, tuple):
         if not isinstance(value, (list, tuple)) or len(value) != len(default):
             raise ValueError(f"{name} must be a list of {len(default)} values, got {value!r}")

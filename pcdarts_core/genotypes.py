@@ -264,6 +264,8 @@ def derive_cell(weights: torch.Tensor, op_names: Sequence[str] | Sequence[Sequen
     Ties go to the lower input index and the earlier op, as in the official ``_parse`` (stable sort).
     """
     names = _edge_op_names(op_names, weights.shape[0])
+    if not bool(torch.isfinite(weights).all()):
+        raise ValueError("cannot derive a cell from arch weights that are NaN or infinite (the search diverged)")
     gene: list[Edge] = []
     for node, rows in enumerate(node_edge_slices(steps)):
         candidates = []

@@ -23,8 +23,8 @@ from . import data as data_lib
 from .config import SearchConfig
 from .genotypes import Genotype
 from .methods import get_method
-from .runtime import (accuracy, all_reduce_mean_, all_reduce_sum, autocast, distributed_world, rng_state,
-                      resolve_device, seed_all, set_rng_state)
+from .runtime import (accuracy, all_reduce_mean_, all_reduce_sum, autocast, check_finite_loss, distributed_world,
+                      rng_state, resolve_device, seed_all, set_rng_state)
 from .supernet import SearchNetwork
 
 Callback = Callable[[dict[str, Any], "Searcher"], None]
@@ -132,7 +132,7 @@ class Searcher:
         self.net.train()
         arch_on = self.arch_active
         loss_sum = correct = seen = 0.0
-        arch_loss_sum, arch_steps = 0.0, 0
+        arch_loss_sum, arch_steps, steps = 0.0, 0, 0
         val_iter = iter(self.val_loader)
         for step, train in enumerate(self.train_loader):
             if cfg.steps_per_epoch is not None and step >= cfg.steps_per_epoch:
@@ -143,17 +143,23 @@ class Searcher:
                 except StopIteration:
                     val_iter = iter(self.val_loader)
                     val = next(val_iter)
-                arch_loss_sum += self.method.arch_step(self, train, val)
+                arch_loss = self.method.arch_step(self, train, val)
+                self._check_step_loss(arch_loss, "arch", step)
+                arch_loss_sum += arch_loss
                 arch_steps += 1
             loss, logits = self.method.weight_step(self, train)
+            self._check_step_loss(loss, "train", step)
             n = train[1].shape[0]
             loss_sum += loss * n
             correct += accuracy(logits, train[1].to(logits.device))
             seen += n
+            steps += 1
         train_time = time.perf_counter() - start
         loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], self.device)
+        check_finite_loss(loss_sum, epoch + 1, "train")  # every rank sees the same sum: they stop together
         self.sync_buffers()
         val_loss, val_acc = self.evaluate()
+        check_finite_loss(val_loss, epoch + 1, "val")
         self.epoch += 1
         genotype = self.method.genotype(self.net)
         metrics = {
@@ -169,12 +175,20 @@ class Searcher:
             "genotype": genotype.to_json(),
             "n_skip_normal": genotype.count_op("skip_connect", "normal"),
             "throughput": seen / train_time if train_time > 0 else 0.0,
+            # one bilevel step (arch + weights on one global batch), validation excluded
+            "step_time_s": train_time / steps if steps else None,
             **self.method.epoch_metrics(self),
         }
         if cfg.hessian_every and self.epoch % cfg.hessian_every == 0:
             metrics.update(self._track_hessian(genotype))
         metrics["epoch_time_s"] = time.perf_counter() - start
         return metrics
+
+    def _check_step_loss(self, loss: float, what: str, step: int) -> None:
+        """Stop at the first non-finite loss (:class:`~.runtime.SearchDiverged`). Data-parallel ranks check the
+        epoch's averaged losses instead, so that they all stop at the same point."""
+        if self.world_size == 1:
+            check_finite_loss(loss, self.epoch + 1, what, step + 1)
 
     def sync_buffers(self) -> None:
         """Average BatchNorm running statistics across ranks so validation sees one model."""
