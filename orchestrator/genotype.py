@@ -27,8 +27,9 @@ from pcdarts_core.ops import PRIMITIVES, check_op_name
 from pcdarts_core.profile import count_madds, count_parameters
 from pcdarts_core.runtime import load_checkpoint
 
-from .cli import fail, run_cli
-from .distributed import CHECKPOINT_FILE, RAY_CHECKPOINT_FILE
+from .cli import Parser, fail, run_cli
+from .distributed import RAY_CHECKPOINT_FILE
+from .run import CHECKPOINT_FILE
 from .trainable import CHECKPOINT_FILE as TRIAL_CHECKPOINT_FILE
 
 #: dataset -> (classes, input resolution, default C, default layers): DARTS Sec. 3.3 (CIFAR) and 3.4 (mobile).
@@ -42,13 +43,6 @@ MAX_JSON_BYTES = 64 * 1024 * 1024
 #: the checkpoint files of a single run, a Ray Train run and a sweep trial (orchestrator.distributed/trainable)
 CHECKPOINT_FILES = (CHECKPOINT_FILE, RAY_CHECKPOINT_FILE, TRIAL_CHECKPOINT_FILE)
 ARCH_KEYS = ("alphas_normal", "alphas_reduce", "betas_normal", "betas_reduce")
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is the project's single ``error: ...`` line (exit 2), not a usage dump."""
-
-    def error(self, message: str) -> NoReturn:
-        fail(f"{message} (see {self.prog} --help)")
 
 
 # -- info --------------------------------------------------------------------------------------------------------
@@ -284,8 +278,8 @@ def cmd_derive(args: argparse.Namespace, console: Console) -> None:
 
 # -- entry point -------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m orchestrator.genotype", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = Parser(prog="python -m orchestrator.genotype", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     info = sub.add_parser("info", help="parameters and multiply-adds of the evaluation network")
     info.add_argument("genotype", metavar="NAME_OR_FILE")
     info.add_argument("--dataset", required=True, choices=sorted(DATASETS))
