@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, Sequence
 
 import torch
 from rich.console import Console
@@ -27,7 +27,7 @@ from pcdarts_core.ops import PRIMITIVES, check_op_name
 from pcdarts_core.profile import count_madds, count_parameters
 from pcdarts_core.runtime import load_checkpoint
 
-from .cli import Parser, fail, run_cli
+from .cli import Parser, run_cli
 from .distributed import RAY_CHECKPOINT_FILE
 from .run import CHECKPOINT_FILE
 from .trainable import CHECKPOINT_FILE as TRIAL_CHECKPOINT_FILE
