@@ -43,7 +43,8 @@ class Searcher:
         seed_all(config.seed)
         self.data = data or data_lib.search_data(
             config.dataset, config.data_dir, seed=config.data_seed, train_portion=config.train_portion,
-            image_size=config.image_size, synthetic_samples=config.synthetic_samples)
+            image_size=config.image_size, synthetic_samples=config.synthetic_samples, augment=config.augment,
+            cutout=config.cutout)
         self.num_classes = self.data.num_classes
         self.criterion = self.method.criterion(config).to(self.device)
         self.train_loader = self._loader(self.data.weight_set)
