@@ -37,14 +37,17 @@ def frozen(params: Sequence[nn.Parameter]) -> Iterator[None]:
             p.requires_grad_(f)
 
 
-def first_order_step(searcher: "Searcher", val: Batch) -> float:
-    """Adam step on grad_a L_val(w, a)."""
+def first_order_step(searcher: "Searcher", val: Batch, grad_clip: float | None = None) -> float:
+    """Adam step on grad_a L_val(w, a); with ``grad_clip`` the arch gradients are clipped to that norm first."""
     net, opt = searcher.net, searcher.arch_optimizer
     opt.zero_grad(set_to_none=True)
     with frozen(net.weight_parameters()):
         loss = searcher.loss(val)
         searcher.backward(loss)
     searcher.sync_grads(net.arch_parameters())
+    if grad_clip is not None:
+        searcher.unscale(opt)
+        nn.utils.clip_grad_norm_(net.arch_parameters(), grad_clip)
     searcher.step_optimizer(opt)
     return float(loss.detach())
 
