@@ -56,7 +56,7 @@ def unobserved(searcher: "Searcher") -> Iterator[None]:
 
 
 def largest_eigenvalue(matvec: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor, steps: int = 20,
-                       tol: float = 1e-6) -> float:
+                       tol: float = 1e-4) -> float:
     """The largest (algebraic) eigenvalue of the symmetric operator ``matvec`` on flat vectors: Lanczos with full
     reorthogonalization from ``start``, stopped after ``steps`` products or when the top Ritz value changes by less
     than ``tol`` (relative). Unlike power iteration it needs no spectral gap and ignores large negative eigenvalues."""
@@ -86,7 +86,7 @@ def largest_eigenvalue(matvec: Callable[[torch.Tensor], torch.Tensor], start: to
 
 
 def dominant_eigenvalue(searcher: "Searcher", batch: tuple[torch.Tensor, torch.Tensor], steps: int = 20,
-                        tol: float = 1e-6, seed: int = 0, weight_decay: float = 0.0) -> float:
+                        tol: float = 1e-4, seed: int = 0, weight_decay: float = 0.0) -> float:
     """Largest eigenvalue of d^2 [L_val + weight_decay/2 |a|^2] / d a^2 on ``batch``, the net in train mode.
 
     At most ``steps`` Hessian-vector products (double backward through one forward); the start vector comes from
