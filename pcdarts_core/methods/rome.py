@@ -17,6 +17,15 @@ from torch's RNG, so resume is exact. In eval mode nothing is sampled: the net r
 Derivation: per node the two inputs with the largest topology weight, the argmax op on each.
 
 Search settings (batch 64, lr 0.025 -> 0.001, arch lr 3e-4, no arch warm-up) are DARTS's, which ROME builds on.
+
+What was checked where. ROME has no public code. Its text was looked up in the stored copies of the paper (search
+tool, pages corpus: hf.librae.dpdns.org/papers/2011.11233.md and ar5iv.labs.arxiv.org/html/2011.11233), which
+give the abstract and introduction only; a review page (liner.com) gives Figure 1's caption. Confirmed there:
+single-path search (one sub-model per step), topology search disentangled from operation search, Gumbel-Top2
+edge sampling so that every node has in-degree 2, sub-networks run forward and backward independently and their
+gradients are accumulated before one update of the supernet. Not confirmed (the experimental sections were not
+reachable): K = 7, the temperature schedule and its ends, the search hyper-parameters and removing `none` from the
+op set; they stay options (``samples``, ``tau_max``, ``tau_min``) or DARTS's settings, as above.
 """
 
 from __future__ import annotations
