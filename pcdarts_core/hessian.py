@@ -32,15 +32,15 @@ import torch
 from .architect import frozen
 
 if TYPE_CHECKING:
-    from .search import Searcher
+    from .architect import StepContext
 
 
 @contextmanager
-def unobserved(searcher: "Searcher") -> Iterator[None]:
+def unobserved(ctx: "StepContext") -> Iterator[None]:
     """Leave the search as it was: the global CPU/CUDA RNGs, the channel-sampling generator, BatchNorm's running
     statistics (every buffer) and the train/eval mode."""
-    net = searcher.net
-    devices = [searcher.device] if searcher.device.type == "cuda" else []
+    net = ctx.net
+    devices = [ctx.device] if ctx.device.type == "cuda" else []
     channel_state = net.channel_generator.get_state()
     buffers = [b.detach().clone() for b in net.buffers()]
     was_training = net.training
@@ -85,20 +85,20 @@ def largest_eigenvalue(matvec: Callable[[torch.Tensor], torch.Tensor], start: to
     return value
 
 
-def dominant_eigenvalue(searcher: "Searcher", batch: tuple[torch.Tensor, torch.Tensor], steps: int = 20,
+def dominant_eigenvalue(ctx: "StepContext", batch: tuple[torch.Tensor, torch.Tensor], steps: int = 20,
                         tol: float = 1e-4, seed: int = 0, weight_decay: float = 0.0) -> float:
     """Largest eigenvalue of d^2 [L_val + weight_decay/2 |a|^2] / d a^2 on ``batch``, the net in train mode.
 
     At most ``steps`` Hessian-vector products (double backward through one forward); the start vector comes from
     ``seed``. Nothing the search uses changes (:func:`unobserved`).
     """
-    net = searcher.net
+    net = ctx.net
     params = net.arch_parameters()
     sizes = [p.numel() for p in params]
-    with unobserved(searcher), frozen(net.weight_parameters()):
+    with unobserved(ctx), frozen(net.weight_parameters()):
         net.train()
         x, y = batch
-        loss = searcher.criterion(net(x).float(), y)
+        loss = ctx.criterion(net(x).float(), y)
         grads = torch.autograd.grad(loss, params, create_graph=True)
 
         def matvec(v: torch.Tensor) -> torch.Tensor:

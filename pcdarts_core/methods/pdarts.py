@@ -32,20 +32,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ..architect import first_order_step
+from ..architect import StepContext, first_order_step
 from ..config import MethodOptions, SearchConfig
 from ..genotypes import Genotype, derive_cell, edge_op_weights
 from ..ops import PRIMITIVES, Identity
 from ..supernet import CELL_TYPES, SearchNetwork, validate_supernet_shape
-from .base import Batch, SearchMethod
-
-if TYPE_CHECKING:
-    from ..search import Searcher
+from .base import Batch, SearchContext, SearchMethod
 
 
 @dataclass(frozen=True)
@@ -204,16 +201,16 @@ class Pdarts(SearchMethod):
                             stem="imagenet" if cfg.dataset == "imagenet" else "cifar",
                             weighting=self.weighting(cfg), seed=cfg.seed, stage=stage, max_skip=o.max_skip)
 
-    def arch_active(self, searcher: "Searcher") -> bool:
+    def arch_active(self, ctx: SearchContext) -> bool:
         """The arch trains after the first weights-only epochs of *each* stage."""
-        stage, e = self.stage_of(searcher.config, searcher.epoch)
+        stage, e = self.stage_of(ctx.config, ctx.epoch)
         return e >= stage.warmup
 
-    def arch_step(self, searcher: "Searcher", train: Batch, val: Batch) -> float:
+    def arch_step(self, ctx: StepContext, train: Batch, val: Batch) -> float:
         """The official first-order step clips the arch gradients at norm ``grad_clip`` before Adam."""
-        if searcher.config.order == "second":
-            return super().arch_step(searcher, train, val)
-        return first_order_step(searcher, val, grad_clip=searcher.config.grad_clip)
+        if ctx.config.order == "second":
+            return super().arch_step(ctx, train, val)
+        return first_order_step(ctx, val, grad_clip=ctx.config.grad_clip)
 
     def lr_factor(self, cfg: SearchConfig, epoch: int) -> float:
         """Cosine from ``lr`` to ``lr_min`` within each stage, stepped at the start of the epoch as the official
@@ -233,41 +230,41 @@ class Pdarts(SearchMethod):
             return rate * (stage.epochs - e - 1) / stage.epochs
         return rate * math.exp(-o.dropout_decay * (e - stage.warmup))
 
-    def on_epoch_start(self, searcher: "Searcher", epoch: int) -> None:
+    def on_epoch_start(self, ctx: SearchContext, epoch: int) -> None:
         """Enter the epoch's stage if it is a new one (prune, deepen, fresh optimizers); set the skip dropout."""
-        cfg = searcher.config
+        cfg = ctx.config
         o: PdartsOptions = cfg.options  # type: ignore[assignment]
         stage, _ = self.stage_of(cfg, epoch)
-        net = searcher.net
+        net = ctx.net
         assert isinstance(net, StageNetwork)
         while net.stage < stage.index:
             nxt = net.stage + 1
             primitives = prune_ops(net, o.stage_ops[nxt])
-            net = searcher.build_network(self.build_network(cfg, searcher.num_classes, nxt, primitives))
+            net = ctx.build_network(self.build_network(cfg, ctx.num_classes, nxt, primitives))
             assert isinstance(net, StageNetwork)
         set_skip_dropout(net, self.skip_dropout_rate(cfg, epoch))
 
-    def epoch_metrics(self, searcher: "Searcher") -> dict[str, Any]:
-        net = searcher.net
+    def epoch_metrics(self, ctx: SearchContext) -> dict[str, Any]:
+        net = ctx.net
         assert isinstance(net, StageNetwork)
         return {"stage": net.stage, "stage_layers": net.layers, "ops_per_edge": net.alphas_normal.shape[1],
-                "skip_dropout": self.skip_dropout_rate(searcher.config, searcher.epoch - 1)}
+                "skip_dropout": self.skip_dropout_rate(ctx.config, ctx.epoch - 1)}
 
     # -- resume ----------------------------------------------------------------------------------------------
-    def state(self, searcher: "Searcher") -> dict[str, Any]:
-        net = searcher.net
+    def state(self, ctx: SearchContext) -> dict[str, Any]:
+        net = ctx.net
         assert isinstance(net, StageNetwork)
-        return {"stage": net.stage, "stage_epochs": [s.epochs for s in stage_plan(searcher.config)],
+        return {"stage": net.stage, "stage_epochs": [s.epochs for s in stage_plan(ctx.config)],
                 "primitives": {t: [list(p) for p in net.edge_primitives[t]] for t in CELL_TYPES}}
 
-    def restore(self, searcher: "Searcher", state: dict[str, Any]) -> None:
+    def restore(self, ctx: SearchContext, state: dict[str, Any]) -> None:
         """Rebuild the saved stage's network with its per-edge ops, so its weights and optimizers load into it."""
-        plan = [s.epochs for s in stage_plan(searcher.config)]
+        plan = [s.epochs for s in stage_plan(ctx.config)]
         if state.get("stage_epochs", plan) != plan:
             raise ValueError(f"cannot resume: the P-DARTS stages were {state['stage_epochs']} epochs, these settings "
                              f"give {plan} (epochs changed; give stage_epochs to keep the stages)")
         primitives = {t: [tuple(p) for p in state["primitives"][t]] for t in CELL_TYPES}
-        searcher.build_network(self.build_network(searcher.config, searcher.num_classes, int(state["stage"]),
+        ctx.build_network(self.build_network(ctx.config, ctx.num_classes, int(state["stage"]),
                                                   primitives))
 
 
