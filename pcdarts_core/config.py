@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 DATASET_NAMES = ("cifar10", "cifar100", "imagenet", "synthetic")
 DEVICES = ("cpu", "cuda", "auto")
+AUGMENTS = ("standard", "autoaugment")  # search-data augmentation (see data.search_data)
 
 
 #: method name -> its ``SearchMethod``: filled by ``pcdarts_core.methods`` (which the package imports), so this
@@ -71,6 +72,8 @@ class SearchConfig:
     num_workers: int = 0
     image_size: int | None = None  # None: the dataset's own size
     synthetic_samples: int | tuple[int, int] | None = None  # train size, or (train, test) sizes
+    augment: str = "standard"  # search data: 'standard' (crop + flip) or 'autoaugment' (+ AutoAugment CIFAR-10 policy)
+    cutout: int = 0  # cutout length on the search data (0: none; sharpDARTS searches with 16)
     steps_per_epoch: int | None = None  # cap the steps of an epoch (quick runs, tests)
     eval_steps: int | None = None  # cap the validation batches of an epoch
     hessian_every: int = 0  # RobustDARTS: dominant Hessian eigenvalue every N epochs (0: off)
@@ -95,6 +98,12 @@ class SearchConfig:
             raise ValueError("second-order updates need a fixed channel slice (channel_sampling='fixed')")
         _choice("channel_sampling", self.channel_sampling, ("fixed", "random"))
         _choice("order", self.order, ("first", "second"))
+        _choice("augment", self.augment, AUGMENTS)
+        if self.augment == "autoaugment" and self.dataset not in ("cifar10", "cifar100"):
+            raise ValueError(f"augment 'autoaugment' is AutoAugment's CIFAR-10 policy, for CIFAR images; "
+                             f"dataset {self.dataset!r} uses 'standard'")
+        if self.cutout < 0:
+            raise ValueError(f"cutout must be >= 0, got {self.cutout}")
         if len(self.arch_betas) != 2:
             raise ValueError(f"arch_betas must be two numbers in [0, 1), got {self.arch_betas}")
         if self.hessian_every < 0 or (self.early_stop and self.hessian_every == 0):

@@ -25,6 +25,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import datasets, transforms
 
+from .config import AUGMENTS
+
 __all__ = [
     "DATASETS",
     "DatasetError",
@@ -193,18 +195,32 @@ def _normalize(info: DatasetInfo) -> transforms.Normalize:
     return transforms.Normalize(info.mean, info.std)
 
 
-def _cifar_transforms(info: DatasetInfo, cutout: int) -> tuple[Callable, Callable]:
-    """DARTS's ``_data_transforms_cifar10``: crop with 4-pixel padding, flip, normalize; cutout after that."""
-    train = [
-        transforms.RandomCrop(32, padding=4),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        _normalize(info),
-    ]
+def _cifar_transforms(info: DatasetInfo, cutout: int, augment: str = "standard") -> tuple[Callable, Callable]:
+    """DARTS's ``_data_transforms_cifar10``: crop with 4-pixel padding, flip, normalize; cutout after that.
+
+    ``augment='autoaugment'`` is sharpDARTS's ``--autoaugment`` (``cnn/utils.py``): the padding is grey (fill 128)
+    and torchvision's AutoAugment with the CIFAR-10 policy runs after the flip, before normalization.
+    """
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}; got {augment!r}")
+    if augment == "autoaugment":
+        train = [
+            transforms.RandomCrop(32, padding=4, fill=128),
+            transforms.RandomHorizontalFlip(),
+            transforms.AutoAugment(transforms.AutoAugmentPolicy.CIFAR10),
+        ]
+    else:
+        train = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
+    train += [transforms.ToTensor(), _normalize(info)]
     if cutout > 0:
         train.append(Cutout(cutout))
     test = transforms.Compose([transforms.ToTensor(), _normalize(info)])
     return transforms.Compose(train), test
+
+
+def _with_cutout(transform: Callable, cutout: int) -> Callable:
+    """``transform``, then DARTS's cutout on its tensor output when ``cutout > 0``."""
+    return transforms.Compose([transform, Cutout(cutout)]) if cutout > 0 else transform
 
 
 def _imagenet_train_transform(info: DatasetInfo, size: int) -> Callable:
@@ -420,14 +436,14 @@ class SyntheticDataset(Dataset):
         return img, int(self.targets[index])
 
 
-def _synthetic(n: int, image_size: int, seed: int, train: bool) -> SyntheticDataset:
+def _synthetic(n: int, image_size: int, seed: int, train: bool, cutout: int = 0) -> SyntheticDataset:
     info = DATASETS["synthetic"]
     # Train and test images come from different streams of the same seed.
     images, labels = synthetic_images(n, image_size=image_size, seed=2 * seed + (0 if train else 1))
     mean = torch.tensor(info.mean).view(1, 3, 1, 1)
     std = torch.tensor(info.std).view(1, 3, 1, 1)
     images = (images - mean) / std
-    transform = transforms.RandomCrop(image_size, padding=2) if train else None
+    transform = _with_cutout(transforms.RandomCrop(image_size, padding=2), cutout) if train else None
     return SyntheticDataset(images, labels, transform)
 
 
@@ -465,6 +481,8 @@ def search_data(
     imagenet_fractions: tuple[float, float] = (0.1, 0.025),
     synthetic_samples: int | tuple[int, int] | None = None,
     verify: bool = True,
+    augment: str = "standard",
+    cutout: int = 0,
 ) -> SearchData:
     """The weight and arch sets of a search, both with training augmentation (as DARTS and PC-DARTS do).
 
@@ -473,13 +491,19 @@ def search_data(
     ``seed`` picks the data only (ImageNet subsets, synthetic images), not the search: pass a fixed one to hold
     the data constant across searches. ``synthetic_samples``: train size, or (train, test) sizes.
     ``verify=False`` skips torchvision's md5 checks of CIFAR files (only for small test files in the real format).
+    ``augment``: 'standard' or 'autoaugment' (CIFAR only: sharpDARTS's search data); ``cutout``: DARTS's cutout
+    length on both sets (0: none).
     """
     info = _info(name)
     check_dataset(name, root)
+    if cutout < 0:
+        raise ValueError(f"cutout must be >= 0, got {cutout}")
+    if augment != "standard" and name not in _CIFAR_CLASSES:
+        raise ValueError(f"augment {augment!r} is for CIFAR images; {name} uses 'standard'")
     if name in _CIFAR_CLASSES:
         assert root is not None
         _check_cifar_size(name, image_size)
-        train_transform, _ = _cifar_transforms(info, cutout=0)
+        train_transform, _ = _cifar_transforms(info, cutout, augment)
         full = _cifar(name, root, True, train_transform, verify)
         w_idx, a_idx = _split_indices(len(full), train_portion)
         return SearchData(Subset(full, w_idx), Subset(full, a_idx), len(full.classes), 32)
@@ -487,12 +511,12 @@ def search_data(
         assert root is not None
         size = image_size or info.image_size
         train_dir = os.path.join(os.path.expanduser(str(root)), "train")
-        full = _image_folder(info, train_dir, _imagenet_train_transform(info, size))
+        full = _image_folder(info, train_dir, _with_cutout(_imagenet_train_transform(info, size), cutout))
         w_idx, a_idx = per_class_subsets(full.targets, imagenet_fractions, seed)
         return SearchData(Subset(full, w_idx), Subset(full, a_idx), len(full.classes), size)
     size = image_size or info.image_size
     n_train, _ = _synthetic_sizes(synthetic_samples)
-    full = _synthetic(n_train, size, seed, train=True)
+    full = _synthetic(n_train, size, seed, train=True, cutout=cutout)
     w_idx, a_idx = _split_indices(len(full), train_portion)
     return SearchData(Subset(full, w_idx), Subset(full, a_idx), info.num_classes, size)
 

@@ -21,7 +21,8 @@ from torch import nn
 
 from . import data as data_lib
 from .config import SearchConfig
-from .genotypes import Genotype
+from .genotypes import Genotype, parse_genotype
+from .hessian import darts_es_stop_index, dominant_eigenvalue, eigen_record, evaluation_due, unobserved
 from .methods import get_method
 from .runtime import (accuracy, all_reduce_mean_, all_reduce_sum, autocast, check_finite_loss, distributed_world,
                       rng_state, resolve_device, seed_all, set_rng_state)
@@ -43,7 +44,8 @@ class Searcher:
         seed_all(config.seed)
         self.data = data or data_lib.search_data(
             config.dataset, config.data_dir, seed=config.data_seed, train_portion=config.train_portion,
-            image_size=config.image_size, synthetic_samples=config.synthetic_samples)
+            image_size=config.image_size, synthetic_samples=config.synthetic_samples, augment=config.augment,
+            cutout=config.cutout)
         self.num_classes = self.data.num_classes
         self.criterion = self.method.criterion(config).to(self.device)
         self.train_loader = self._loader(self.data.weight_set)
@@ -133,6 +135,7 @@ class Searcher:
         arch_on = self.arch_active
         loss_sum = correct = seen = 0.0
         arch_loss_sum, arch_steps, steps = 0.0, 0, 0
+        val: Batch | None = None
         val_iter = iter(self.val_loader)
         for step, train in enumerate(self.train_loader):
             if cfg.steps_per_epoch is not None and step >= cfg.steps_per_epoch:
@@ -179,8 +182,8 @@ class Searcher:
             "step_time_s": train_time / steps if steps else None,
             **self.method.epoch_metrics(self),
         }
-        if cfg.hessian_every and self.epoch % cfg.hessian_every == 0:
-            metrics.update(self._track_hessian(genotype))
+        if evaluation_due(epoch, cfg.hessian_every, cfg.epochs):
+            metrics.update(self._track_hessian(genotype, val))
         metrics["epoch_time_s"] = time.perf_counter() - start
         return metrics
 
@@ -213,26 +216,28 @@ class Searcher:
         loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], self.device)
         return loss_sum / max(seen, 1), correct / max(seen, 1)
 
-    def _track_hessian(self, genotype: Genotype) -> dict[str, Any]:
-        """RobustDARTS (Zela et al., ICLR 2020): the dominant eigenvalue of the arch Hessian of L_val; with
-        ``early_stop`` DARTS-ES's rule stops the search and keeps the genotype of 4 evaluations earlier."""
-        from .hessian import darts_es_should_stop, dominant_eigenvalue
-
-        val = next(iter(self.val_loader))
-        value = dominant_eigenvalue(self, self.to_device(val))
+    def _track_hessian(self, genotype: Genotype, val: Batch | None) -> dict[str, Any]:
+        """RobustDARTS (Zela et al., ICLR 2020): the largest arch-Hessian eigenvalue of L_val on the epoch's last arch
+        batch (the first validation batch in an epoch without arch steps); with ``early_stop`` DARTS-ES's rule may
+        stop the search (see ``hessian.py``). Neither changes the search."""
+        with unobserved(self):  # fetching a batch runs the augmentation, which draws from the global RNG
+            batch = val if val is not None else next(iter(self.val_loader))
+        value = dominant_eigenvalue(self, self.to_device(batch), weight_decay=self.config.arch_weight_decay)
         self.eigen_history.append({"epoch": self.epoch, "eigenvalue": value, "genotype": genotype.to_json()})
         out: dict[str, Any] = {"hessian_eigenvalue": value}
-        if self.config.early_stop and darts_es_should_stop([h["eigenvalue"] for h in self.eigen_history]):
+        if self.config.early_stop and self.epoch < self.config.epochs and self._darts_es_answer() is not None:
             self.stopped_early = True
             out["early_stopped"] = True
         return out
 
+    def _darts_es_answer(self) -> int | None:
+        return darts_es_stop_index(*eigen_record(self.eigen_history))
+
     def final_genotype(self) -> Genotype:
         """The search's answer: DARTS-ES's earlier genotype when it stopped the search, else the current one."""
-        if self.stopped_early and len(self.eigen_history) > 4:
-            from .genotypes import parse_genotype
-
-            return parse_genotype(self.eigen_history[-5]["genotype"])
+        answer = self._darts_es_answer() if self.stopped_early else None
+        if answer is not None:
+            return parse_genotype(self.eigen_history[answer]["genotype"])
         return self.method.genotype(self.net)
 
     # -- state -----------------------------------------------------------------------------------------------
