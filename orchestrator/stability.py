@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 #: Normal-cell skip-connects from which a searched cell counts as collapsed (P-DARTS and DARTS+ allow 2).
 COLLAPSE_SKIP_THRESHOLD = 3
 
-_OP_NAMES: tuple[str, ...] = tuple(op for op in OPS if op != "none")
+_OP_NAMES: tuple[str, ...] = tuple(OPS)  # `none` too: NAS-Bench-201 cells choose it on an edge
 _OP_INDEX: dict[str, int] = {op: i for i, op in enumerate(_OP_NAMES)}
 _SKIP = _OP_INDEX["skip_connect"]
 

@@ -23,6 +23,7 @@ from . import data as data_lib
 from .config import SearchConfig
 from .genotypes import Genotype
 from .methods import get_method
+from .spaces import get_space
 from .runtime import (accuracy, all_reduce_mean_, all_reduce_sum, autocast, distributed_world, rng_state,
                       resolve_device, seed_all, set_rng_state)
 from .supernet import SearchNetwork
@@ -170,6 +171,7 @@ class Searcher:
             "n_skip_normal": genotype.count_op("skip_connect", "normal"),
             "throughput": seen / train_time if train_time > 0 else 0.0,
             **self.method.epoch_metrics(self),
+            **get_space(cfg.search_space).epoch_metrics(cfg, genotype),
         }
         if cfg.hessian_every and self.epoch % cfg.hessian_every == 0:
             metrics.update(self._track_hessian(genotype))
@@ -261,7 +263,8 @@ def arch_summary(net: SearchNetwork) -> dict[str, Any]:
     """Alphas/betas as lists and the mean entropy of the op distributions (nats; log(8) ~ 2.08 is uniform)."""
     out: dict[str, Any] = {}
     entropies = []
-    for cell in ("normal", "reduce"):
+    # NAS-Bench-201's supernet has one cell type (``cell_types``); PC-DARTS's has normal and reduction cells.
+    for cell in getattr(net, "cell_types", ("normal", "reduce")):
         alphas = net.alphas(cell).detach().float().cpu()
         probs = torch.softmax(alphas, dim=-1)
         ent = float(-(probs * probs.clamp_min(1e-12).log()).sum(-1).mean())

@@ -113,7 +113,7 @@ class EnTranNas(SearchMethod):
         o: EnTranNasOptions = cfg.options  # type: ignore[assignment]
         engines = engine_cell_indices(o.engine_cells, cfg.layers)
         return SearchNetwork(cfg.init_channels, num_classes, cfg.layers, k=cfg.k, edge_norm=cfg.edge_norm,
-                             primitives=self.primitives(cfg), channel_sampling=cfg.channel_sampling,
+                             primitives=self.edge_primitives(cfg), channel_sampling=cfg.channel_sampling,
                              stem="imagenet" if cfg.dataset == "imagenet" else "cifar",
                              weighting=self.weighting(cfg), feature_sharing=o.feature_sharing,
                              transit_cells=[i for i in range(cfg.layers) if i not in engines], seed=cfg.seed)
