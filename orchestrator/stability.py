@@ -527,6 +527,8 @@ def stability_table(trials: pa.Table, epochs: pa.Table | None = None, evaluation
     status = _column(trials, "status")
     genos = _column(trials, "genotype")
     val = _float_column(trials, "val_acc")
+    # NAS-Bench-201 lookups (bench_acc_<dataset>, the tabulated test accuracy of each search's cell)
+    bench = {name: _float_column(trials, name) for name in trials.column_names if name.startswith("bench_acc_")}
     group_of = {tid: grp for tid, grp in zip(trial_ids, groups)}
 
     by_group: dict[str, list[int]] = {}
@@ -589,8 +591,19 @@ def stability_table(trials: pa.Table, epochs: pa.Table | None = None, evaluation
             "edge_frequencies": gstats.frequencies.to_json("edge"),
             "edge_op_frequencies": gstats.frequencies.to_json("edge_op"),
             "op_frequencies": gstats.frequencies.to_json("op"),
+            **_bench_columns(bench, done, opts),
         })
     return to_table("stability", rows)
+
+
+def _bench_columns(bench: dict[str, np.ndarray], done: list[int], opts: StabilityOptions) -> dict[str, Any]:
+    """``<bench_acc_dataset>_mean/_ci_low/_ci_high`` over a group's done seeds that have a looked-up value."""
+    out: dict[str, Any] = {}
+    for name, values in sorted(bench.items()):
+        summary = summarize(values[done], opts)
+        out.update({f"{name}_mean": summary.mean, f"{name}_ci_low": summary.ci_low,
+                    f"{name}_ci_high": summary.ci_high})
+    return out
 
 
 # -- terminal output -------------------------------------------------------------------------------------------
