@@ -58,6 +58,7 @@ from pcdarts_core.config import SearchConfig, search_config_from_dict
 from pcdarts_core.genotypes import Genotype
 from pcdarts_core.runtime import CheckpointError, all_reduce_sum, distributed_world, load_checkpoint
 from pcdarts_core.search import RESUMABLE_DIFFERENCES, Searcher
+from pcdarts_core.spaces import TRIAL_METRIC_PREFIXES
 
 from .metrics import record_epoch
 from .results import ResultStore, finite_or_none, group_key, trial_row
@@ -496,7 +497,8 @@ def write_trial_row(store: ResultStore, spec: Mapping[str, Any], status: str, me
                     val_acc=finite_or_none(m.get("val_acc")), train_acc=finite_or_none(m.get("train_acc")),
                     val_loss=finite_or_none(m.get("val_loss")), train_loss=finite_or_none(m.get("train_loss")),
                     genotype=genotype or m.get("genotype"), error=error, wall_time_s=wall_time_s,
-                    epochs_done=epochs_done, world_size=m.get("world_size"))
+                    epochs_done=epochs_done, world_size=m.get("world_size"),
+                    **{k: finite_or_none(v) for k, v in m.items() if k.startswith(TRIAL_METRIC_PREFIXES)})
     store.upsert("trials", [row])
 
 

@@ -32,6 +32,8 @@ from typing import Any, Iterable, Mapping, NoReturn, Sequence
 
 from ray.tune import Callback
 
+from pcdarts_core.spaces import TRIAL_METRIC_PREFIXES
+
 from .cli import fail, run_cli
 from .presets import Preset, check_data, check_resources, load_preset
 from .progress import TuneProgress, console, error_line, stop_all
@@ -301,6 +303,7 @@ def search_trial_fields(result: Mapping[str, Any]) -> dict[str, Any]:
         "genotype": result.get("final_genotype") or result.get("genotype"),
         "epochs_done": result.get("epoch"), "arch_entropy": _num(result.get("arch_entropy")),
         "n_skip_normal": result.get("n_skip_normal"),
+        **{k: _num(v) for k, v in result.items() if k.startswith(TRIAL_METRIC_PREFIXES)},  # the space's metrics
     }
 
 

@@ -21,13 +21,15 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 from torch import nn
 
 from .nb201_arch import NB201_OPS, NB201Arch
-from .ops import PRIMITIVES
+from .ops import PARAMETER_FREE_OPS, PRIMITIVES
 
 if TYPE_CHECKING:
     from .config import EvalConfig, SearchConfig
     from .methods.base import SearchMethod
 
 CELL_TYPES = ("normal", "reduce")
+#: per-epoch metrics the spaces add that trial rows carry and the stability table summarizes (mean, CI)
+TRIAL_METRIC_PREFIXES = ("bench_acc_", "param_free_share_")
 EdgeOps = dict[str, list[tuple[str, ...]]]
 
 
@@ -139,17 +141,30 @@ def check_nb201_eval(cfg: "EvalConfig") -> None:
         raise ValueError("nb201 cells are evaluated on cifar10, cifar100, imagenet16-120 or synthetic")
 
 
+def param_free_shares(genotype: Any, cell_types: Sequence[str]) -> dict[str, float]:
+    """``param_free_share_<cell>``: the share of a derived cell's edges whose op has no weights (`none`, skip,
+    pooling, noise): RobustDARTS's measure of a collapsed search (Zela et al., Sec. 3 and Fig. 1)."""
+    out = {}
+    for cell in cell_types:
+        ops = [op for node in genotype.nodes(cell) for op, _ in node]
+        out[f"param_free_share_{cell}"] = sum(op in PARAMETER_FREE_OPS for op in ops) / max(1, len(ops))
+    return out
+
+
+def darts_epoch_metrics(cfg: "SearchConfig", genotype: Any) -> dict[str, Any]:
+    return param_free_shares(genotype, CELL_TYPES)
+
+
 def nb201_epoch_metrics(cfg: "SearchConfig", arch: Any) -> dict[str, Any]:
-    """``bench_acc_<dataset>``: the benchmark's test accuracy of the derived cell, when a file is configured."""
-    if cfg.nb201_benchmark is None:
-        return {}
-    from .nb201_bench import load_benchmark
+    """The parameter-free share and, when a benchmark file is configured, ``bench_acc_<dataset>``: the
+    benchmark's test accuracy (fraction) of the derived cell on each of its datasets."""
+    out: dict[str, Any] = param_free_shares(arch, ("normal",))
+    if cfg.nb201_benchmark is not None:
+        from .nb201_bench import load_benchmark
 
-    return {f"bench_acc_{d}": acc for d, acc in load_benchmark(cfg.nb201_benchmark).accuracies(arch).items()}
-
-
-def no_metrics(cfg: "SearchConfig", genotype: Any) -> dict[str, Any]:
-    return {}
+        accs = load_benchmark(cfg.nb201_benchmark).accuracies(arch)
+        out.update({f"bench_acc_{d}": acc for d, acc in accs.items()})
+    return out
 
 
 # -- the registry -----------------------------------------------------------------------------------------------
@@ -171,7 +186,7 @@ class SearchSpace:
     #: config defaults this space sets on top of the dataset's: {dataset or '*': {key: value}}
     search_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     eval_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    epoch_metrics: Callable[["SearchConfig", Any], dict[str, Any]] = no_metrics
+    epoch_metrics: Callable[["SearchConfig", Any], dict[str, Any]] = darts_epoch_metrics
     ops: tuple[str, ...] = PRIMITIVES
 
     def edge_primitives(self, method_ops: Sequence[str]) -> Sequence[str] | EdgeOps:
