@@ -93,9 +93,12 @@ def load_benchmark(path: str) -> NB201Benchmark:
     try:
         data = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else "refused"
-        raise ValueError(f"{path}: refused to load: it holds objects other than tensors and plain containers, "
-                         f"which could run code ({first})") from None
+        # torch's weights_only refusal names the culprit after "WeightsUnpickler error: "
+        detail = str(err).partition("WeightsUnpickler error: ")[2].strip().splitlines()
+        if detail and "global" in detail[0].lower():
+            raise ValueError(f"{path}: refused to load: it holds objects other than tensors and plain "
+                             f"containers, which could run code ({detail[0][:160]})") from None
+        raise ValueError(f"{path}: not a readable torch file ({(detail or ['corrupted'])[0][:160]})") from None
     except Exception as err:  # torch raises many types here (RuntimeError, EOFError, OSError, ...)
         first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise ValueError(f"{path}: not a readable torch file ({first})") from None
