@@ -78,7 +78,7 @@ def build_eval_network(genotype: Genotype | NB201Arch, dataset: str, channels: i
         raise ValueError(f"--channels must be in 1..{MAX_CHANNELS}, got {channels}")
     if not min_layers <= layers <= MAX_LAYERS:
         raise ValueError(f"--layers must be in {min_layers}..{MAX_LAYERS}, got {layers}")
-    cfg = eval_config("synthetic", search_space=space, init_channels=channels, layers=layers, cutout=0)
+    cfg = eval_config(dataset, search_space=space, init_channels=channels, layers=layers)
     return get_space(space).eval_network(cfg, genotype, num_classes)
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from .nb201_arch import EDGES, N_NODES, NB201_OPS, NB201Arch
 from .ops import OPS, ReLUConvBN
-from .supernet import ArchWeighting, channel_shuffle
+from .supernet import ArchWeighting, SearchNetwork, channel_shuffle
 
 CELL_TYPES = ("normal",)
 
@@ -168,13 +168,9 @@ class NB201SearchNetwork(_Skeleton):
     def arch_parameters(self) -> list[nn.Parameter]:
         return [self.alphas_normal] + ([self.betas_normal] if self.betas_normal is not None else [])
 
-    def weight_parameters(self) -> list[nn.Parameter]:
-        arch = {id(p) for p in self.arch_parameters()}
-        return [p for p in self.parameters() if id(p) not in arch]
-
-    def named_arch_parameters(self) -> dict[str, torch.Tensor]:
-        arch = {id(p) for p in self.arch_parameters()}
-        return {n: p for n, p in self.named_parameters() if id(p) in arch}
+    # everything but the arch parameters, and the arch parameters by name: exactly PC-DARTS's supernet's
+    weight_parameters = SearchNetwork.weight_parameters
+    named_arch_parameters = SearchNetwork.named_arch_parameters
 
     def alphas(self, cell_type: str = "normal") -> torch.Tensor:
         return self.alphas_normal

@@ -23,16 +23,16 @@ from . import data as data_lib
 from .config import SearchConfig
 from .genotypes import Genotype
 from .methods import get_method
-from .spaces import get_space
 from .runtime import (accuracy, all_reduce_mean_, all_reduce_sum, autocast, distributed_world, rng_state,
                       resolve_device, seed_all, set_rng_state)
+from .spaces import get_space
 from .supernet import SearchNetwork
 
 Callback = Callable[[dict[str, Any], "Searcher"], None]
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 #: config fields that may differ between a run and its resumption (where it runs, not what it computes)
-RESUMABLE_DIFFERENCES = {"device", "num_workers", "data_dir", "epochs", "amp", "channels_last"}
+RESUMABLE_DIFFERENCES = {"device", "num_workers", "data_dir", "epochs", "amp", "channels_last", "nb201_benchmark"}
 
 
 class Searcher:

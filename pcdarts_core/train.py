@@ -18,9 +18,9 @@ from . import data as data_lib
 from .config import EvalConfig
 from .genotypes import Genotype, parse_genotype
 from .profile import count_parameters
-from .spaces import get_space
 from .runtime import (CheckpointError, accuracy, all_reduce_mean_, all_reduce_sum, autocast, distributed_world,
                       resolve_device, rng_state, seed_all, set_rng_state)
+from .spaces import get_space
 
 Callback = Callable[[dict[str, Any], "Trainer"], None]
 

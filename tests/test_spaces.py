@@ -17,6 +17,7 @@ from pcdarts_core.nb201 import NB201Network, NB201SearchNetwork
 from pcdarts_core.nb201_arch import EDGES, NB201_OPS, NB201Arch, consensus_arch, parse_arch, random_arch
 from pcdarts_core.ops import OPS, Noise
 from pcdarts_core.profile import count_parameters
+from pcdarts_core.runtime import load_checkpoint, save_checkpoint
 from pcdarts_core.search import Searcher
 from pcdarts_core.spaces import S1_EDGE_OPS, SPACE_NAMES, SPACES, get_space, param_free_shares
 from pcdarts_core.train import build_eval_network, train_eval
@@ -178,6 +179,19 @@ def test_nb201_search_is_reproducible():
             losses.append((m["train_loss"], m["val_loss"]))
         runs.append((losses, m["genotype"], m["alphas_normal"]))
     assert runs[0] == runs[1]
+
+
+def test_nb201_search_resumes_exactly_with_second_order_and_the_hessian(tmp_path):
+    cfg = tiny_search_config("darts", "nb201", order="second", hessian_every=1, epochs=3, warmup_epochs=0)
+    first = Searcher(cfg)
+    first.run_epoch()
+    save_checkpoint(first.state_dict(), tmp_path / "ckpt.pt")
+    straight = [first.run_epoch() for _ in range(2)]
+    resumed = Searcher(cfg)
+    resumed.load_state_dict(load_checkpoint(tmp_path / "ckpt.pt"))
+    again = [resumed.run_epoch() for _ in range(2)]
+    keys = ("train_loss", "val_loss", "genotype", "alphas_normal", "hessian_eigenvalue")
+    assert [[m[k] for k in keys] for m in straight] == [[m[k] for k in keys] for m in again]
 
 
 # -- RobustDARTS S1-S4 ------------------------------------------------------------------------------------------
