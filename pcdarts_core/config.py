@@ -1,8 +1,8 @@
 """Typed, frozen configurations with the papers' defaults, validated once when they are built.
 
 ``search_config(method, dataset, **overrides)`` layers: the PC-DARTS CIFAR-10 defaults (Xu et al., Sec. 4.1),
-then the dataset's (ImageNet search: K=2, batch 1024, lr 0.5, Sec. 4.3), then the method's (e.g. DARTS: K=1,
-batch 64, arch lr 3e-4), then the caller's overrides. Every unknown key or impossible value raises
+then the dataset's (ImageNet search: K=2, batch 1024, lr 0.5, Sec. 4.3), then the search space's (NAS-Bench-201:
+C=16, N=5), then the method's (e.g. DARTS: K=1, batch 64, arch lr 3e-4), then the caller's overrides. Every unknown key or impossible value raises
 ``ValueError`` with a one-line reason.
 """
 

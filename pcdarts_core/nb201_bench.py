@@ -9,18 +9,20 @@ the accuracy of a cell on a dataset is the mean over its seeds of the last epoch
 (``full``) on the test set: ``ori-test`` of 'cifar10' (trained on train+valid), ``x-test`` of 'cifar100' and
 'ImageNet16-120'. Values are returned as fractions (the benchmark's % / 100), like this project's accuracies.
 
-The file is read with ``torch.load(weights_only=True)``, which admits tensors and plain containers and executes
-no code; a file it refuses is reported in one line. Loaded tables are cached per path and process.
+The file is read with ``torch.load(weights_only=True)``, which admits tensors and plain containers (plus numpy's
+data-only scalar/array constructors) and executes no code; a file it refuses is reported in one line. Loaded tables are cached per path and process.
 """
 
 from __future__ import annotations
 
+import numbers
 import pickle
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 
 from .nb201_arch import NB201Arch, parse_arch
@@ -56,9 +58,9 @@ def _mean_test_accuracy(results: Any, dataset: str, test_set: str) -> float | No
         if not (isinstance(key, tuple) and len(key) == 2 and key[0] == dataset and isinstance(trial, Mapping)):
             continue
         evals, epochs = trial.get("eval_acc1es"), trial.get("epochs")
-        if isinstance(evals, Mapping) and isinstance(epochs, int):
-            value = evals.get(f"{test_set}@{epochs - 1}")
-            if isinstance(value, (int, float)):
+        if isinstance(evals, Mapping) and isinstance(epochs, numbers.Integral):
+            value = evals.get(f"{test_set}@{int(epochs) - 1}")
+            if isinstance(value, numbers.Real):
                 accs.append(float(value))
     return sum(accs) / len(accs) / 100.0 if accs else None
 
@@ -84,6 +86,14 @@ def benchmark_from_dict(data: Any, where: str = "NAS-Bench-201 file") -> NB201Be
     return NB201Benchmark(table)
 
 
+def numpy_data_globals() -> list[Any]:
+    """numpy's scalar/array/dtype constructors, which build data only: admitted besides torch's own safe set in
+    case the benchmark's numbers were saved as numpy values."""
+    core = getattr(np, "_core", None) or np.core
+    dtypes = [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "uint8", "bool")]
+    return [core.multiarray.scalar, core.multiarray._reconstruct, np.ndarray, np.dtype, *dtypes]
+
+
 @lru_cache(maxsize=2)
 def load_benchmark(path: str) -> NB201Benchmark:
     """Load (once per process) the benchmark file at ``path`` without executing code."""
@@ -91,7 +101,8 @@ def load_benchmark(path: str) -> NB201Benchmark:
     if not p.is_file():
         raise ValueError(f"NAS-Bench-201 file {path} not found (nb201_benchmark)")
     try:
-        data = torch.load(p, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(numpy_data_globals()):
+            data = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         # torch's weights_only refusal names the culprit after "WeightsUnpickler error: "
         detail = str(err).partition("WeightsUnpickler error: ")[2].strip().splitlines()

@@ -132,6 +132,14 @@ def test_benchmark_file_gives_mean_test_accuracy_per_dataset(tmp_path):
         got = bench.accuracies(arch)
         assert got.keys() == expected[arch].keys()
         assert all(got[d] == pytest.approx(expected[arch][d]) for d in got)
+    # numbers saved as numpy scalars load too (data only)
+    raw = torch.load(tmp_path / "bench.pth", weights_only=True)
+    for info in raw["arch2infos"].values():
+        for trial in info["full"]["all_results"].values():
+            trial["epochs"] = np.int64(trial["epochs"])
+            trial["eval_acc1es"] = {k: np.float64(v) for k, v in trial["eval_acc1es"].items()}
+    torch.save(raw, tmp_path / "numpy.pth")
+    assert load_benchmark(str(tmp_path / "numpy.pth")).accuracies(archs[0]) == pytest.approx(expected[archs[0]])
     with pytest.raises(ValueError, match="no results for"):
         bench.accuracies(str(random_arch(999)))
 
