@@ -5,7 +5,9 @@ pairs feeding it. Inputs 0 and 1 are the cell's two inputs, input ``i + 2`` is i
 DARTS-style searches keep exactly two inputs per node; EnTranNAS-DST may keep any number, so the number of inputs
 per node is stored explicitly (``normal_counts``) rather than assumed.
 
-Text is parsed with :mod:`ast` and :mod:`json` only: nothing a user supplies is ever evaluated.
+Text is parsed with :mod:`ast` and :mod:`json` only: nothing a user supplies is ever evaluated. A NAS-Bench-201
+string (``|op~0|+...``) or its stored JSON parses to a :class:`~pcdarts_core.nb201_arch.NB201Arch` instead, and
+the consensus of such cells is per-edge (``consensus_arch``).
 """
 
 from __future__ import annotations

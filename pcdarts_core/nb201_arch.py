@@ -125,12 +125,6 @@ def arch_from_dict(data: Any) -> NB201Arch:
     return parse_arch(data[JSON_KEY])
 
 
-def is_arch_text(text: str) -> bool:
-    """Whether ``text`` looks like a NAS-Bench-201 cell (its string, or its JSON) rather than a DARTS genotype."""
-    t = text.lstrip()
-    return t.startswith("|") or (t.startswith("{") and f'"{JSON_KEY}"' in t[:20])
-
-
 # -- comparing cells -------------------------------------------------------------------------------------------
 def arch_distance(a: NB201Arch, b: NB201Arch) -> float:
     """Fraction of the six edges whose op differs (0: the same cell, 1: nothing in common)."""
