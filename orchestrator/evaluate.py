@@ -29,9 +29,10 @@ import json
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from pcdarts_core.genotypes import CELL_TYPES, Genotype, PUBLISHED, consensus_genotype, load_genotype, parse_genotype
+from pcdarts_core.nb201_arch import random_arch
 
 from .cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Parser, check_name, run_cli, split_experiment
 from .cluster import check_storage, cluster_address, connect, local_resources
@@ -88,8 +89,15 @@ def protocol_id(eval_cfg: Mapping[str, Any]) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
-def evaluation_specs(store: ResultStore, request: EvaluateRequest, protocol: str) -> list[dict[str, Any]]:
-    """One spec per (source, seed): ``eval_id``, ``source``, ``genotype`` (JSON), ``seed``, ``group``, ``protocol``."""
+#: search space -> its random-cell baseline (the others: random DARTS-space cells)
+RANDOM_CELLS: dict[str, Callable[[int], Any]] = {"nb201": random_arch}
+
+
+def evaluation_specs(store: ResultStore, request: EvaluateRequest, protocol: str,
+                     space: str = "darts") -> list[dict[str, Any]]:
+    """One spec per (source, seed): ``eval_id``, ``source``, ``genotype`` (JSON), ``seed``, ``group``, ``protocol``.
+    Random cells come from ``space`` (NAS-Bench-201 cells for nb201, DARTS-space cells otherwise)."""
+    random_cell = RANDOM_CELLS.get(space, random_genotype)
     sources: list[tuple[str, Genotype, str | None]] = []
     if request.top_k is not None or request.consensus:
         trials = store.read("trials")
@@ -113,7 +121,7 @@ def evaluation_specs(store: ResultStore, request: EvaluateRequest, protocol: str
         label = name if name in PUBLISHED else name.replace("|", "_")
         sources.append((source_published(label), load_genotype(name), None))
     for i in range(request.random):
-        sources.append((source_random(i), random_genotype(i), None))
+        sources.append((source_random(i), random_cell(i), None))
     specs = []
     for source, genotype, group in sources:
         for seed in request.seeds:
@@ -143,7 +151,7 @@ def run_evaluations(preset: Preset, store: ResultStore, request: EvaluateRequest
     spec = preset.evaluation()
     eval_cfg = abs_data_dir(spec.config.to_dict())
     protocol = protocol_id(eval_cfg)
-    specs = evaluation_specs(store, request, protocol)
+    specs = evaluation_specs(store, request, protocol, spec.config.search_space)
     todo = pending(store, specs)
     console().print(f"[bold]evaluate[/] {store.name}: {len(specs)} evaluation(s) "
                     f"({len(specs) - len(todo)} already done) of {spec.config.epochs} epochs, protocol {protocol}")

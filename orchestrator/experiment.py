@@ -73,9 +73,11 @@ def read_claim(store: ResultStore) -> dict[str, Any] | None:
 
 # -- running on Tune -------------------------------------------------------------------------------------------
 def abs_data_dir(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Local paths (the dataset root, a NAS-Bench-201 file) made absolute: Ray workers run elsewhere."""
     out = dict(values)
-    if out.get("data_dir") is not None and "://" not in str(out["data_dir"]):
-        out["data_dir"] = os.path.abspath(os.path.expanduser(str(out["data_dir"])))
+    for key in ("data_dir", "nb201_benchmark"):
+        if out.get(key) is not None and "://" not in str(out[key]):
+            out[key] = os.path.abspath(os.path.expanduser(str(out[key])))
     return out
 
 

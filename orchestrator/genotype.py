@@ -1,8 +1,10 @@
 """``python -m orchestrator.genotype``: look at a genotype, size its evaluation network, derive one from alphas.
 
 - ``info NAME_OR_FILE --dataset cifar10|cifar100|imagenet``: parameters (auxiliary head excluded) and
-  multiply-adds of the evaluation network, as DARTS/PC-DARTS tables report them.
-- ``show NAME_OR_FILE``: both cells, node by node.
+  multiply-adds of the evaluation network, as DARTS/PC-DARTS tables report them. ``--space nb201`` takes a
+  NAS-Bench-201 string (``|nor_conv_3x3~0|+...``) and sizes the benchmark's network (C=16, N=5) on
+  cifar10|cifar100|imagenet16-120, as the benchmark's ``params`` column.
+- ``show NAME_OR_FILE [--space S]``: both cells node by node (nb201: the cell's six edges).
 - ``derive FILE``: the PC-DARTS derivation rule applied to saved arch parameters: JSON, or any checkpoint this
   project writes (a single run's ``checkpoint.pt``, a Ray Train ``search.pt``, a sweep trial's ``state.pt``, or
   the folder holding one), loaded with ``weights_only=True``: nothing is unpickled.
@@ -21,11 +23,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from pcdarts_core.config import eval_config
 from pcdarts_core.genotypes import CELL_TYPES, Genotype, derive_genotype, load_genotype
-from pcdarts_core.model import NetworkCIFAR, NetworkImageNet
+from pcdarts_core.nb201_arch import NB201Arch
 from pcdarts_core.ops import PRIMITIVES, check_op_name
 from pcdarts_core.profile import count_madds, count_parameters
 from pcdarts_core.runtime import load_checkpoint
+from pcdarts_core.spaces import SPACE_NAMES, get_space
 
 from .cli import Parser, run_cli
 from .distributed import RAY_CHECKPOINT_FILE
@@ -38,6 +42,15 @@ DATASETS: dict[str, tuple[int, int, int, int]] = {
     "cifar100": (100, 32, 36, 20),
     "imagenet": (1000, 224, 48, 14),
 }
+#: The same for NAS-Bench-201's network (Dong & Yang, Sec. 2): C=16, N=5 cells per stage, 16x16 ImageNet16-120.
+NB201_DATASETS: dict[str, tuple[int, int, int, int]] = {
+    "cifar10": (10, 32, 16, 5),
+    "cifar100": (100, 32, 16, 5),
+    "imagenet16-120": (120, 16, 16, 5),
+}
+#: search space -> its datasets table (s1-s4 derive DARTS genotypes: DARTS's networks)
+SPACE_DATASETS: dict[str, dict[str, tuple[int, int, int, int]]] = {
+    **{name: DATASETS for name in SPACE_NAMES if name != "nb201"}, "nb201": NB201_DATASETS}
 MAX_CHANNELS, MAX_LAYERS = 1024, 100
 MAX_JSON_BYTES = 64 * 1024 * 1024
 #: the checkpoint files of a single run, a Ray Train run and a sweep trial (orchestrator.distributed/trainable)
@@ -46,27 +59,49 @@ ARCH_KEYS = ("alphas_normal", "alphas_reduce", "betas_normal", "betas_reduce")
 
 
 # -- info --------------------------------------------------------------------------------------------------------
-def build_eval_network(genotype: Genotype, dataset: str, channels: int, layers: int) -> torch.nn.Module:
-    """The evaluation network of ``dataset`` (auxiliary head on, as trained; it is excluded from the counts)."""
-    num_classes = DATASETS[dataset][0]
+def dataset_info(space: str, dataset: str) -> tuple[int, int, int, int]:
+    """(classes, input size, default C, default layers) of ``dataset`` in ``space``'s evaluation network."""
+    table = SPACE_DATASETS[get_space(space).name]
+    if dataset not in table:
+        raise ValueError(f"--dataset {dataset} is not one of search space {space}'s: {', '.join(table)}")
+    return table[dataset]
+
+
+def build_eval_network(genotype: Genotype | NB201Arch, dataset: str, channels: int, layers: int,
+                       space: str = "darts") -> torch.nn.Module:
+    """The evaluation network of ``dataset`` in ``space`` (DARTS's with its auxiliary head on, as trained; the
+    head is excluded from the counts; NAS-Bench-201's ``TinyNetwork``)."""
+    num_classes = dataset_info(space, dataset)[0]
+    min_layers = 1 if space == "nb201" else 3
     if not 1 <= channels <= MAX_CHANNELS:
         raise ValueError(f"--channels must be in 1..{MAX_CHANNELS}, got {channels}")
-    if not 3 <= layers <= MAX_LAYERS:
-        raise ValueError(f"--layers must be in 3..{MAX_LAYERS} (two distinct reduction cells), got {layers}")
-    cls = NetworkImageNet if dataset == "imagenet" else NetworkCIFAR
-    return cls(channels, num_classes, layers, True, genotype)
+    if not min_layers <= layers <= MAX_LAYERS:
+        raise ValueError(f"--layers must be in {min_layers}..{MAX_LAYERS}, got {layers}")
+    cfg = eval_config(dataset, search_space=space, init_channels=channels, layers=layers)
+    return get_space(space).eval_network(cfg, genotype, num_classes)
 
 
-def network_info(genotype: Genotype, dataset: str, channels: int | None = None,
-                 layers: int | None = None) -> dict[str, Any]:
-    _, size, default_c, default_layers = DATASETS[dataset]
+def network_info(genotype: Genotype | NB201Arch, dataset: str, channels: int | None = None,
+                 layers: int | None = None, space: str = "darts") -> dict[str, Any]:
+    _, size, default_c, default_layers = dataset_info(space, dataset)
     channels = default_c if channels is None else channels
     layers = default_layers if layers is None else layers
     with torch.no_grad():
-        model = build_eval_network(genotype, dataset, channels, layers)
+        model = build_eval_network(genotype, dataset, channels, layers, space)
         params, madds = count_parameters(model), count_madds(model, size)
-    return {"params": params, "madds": madds, "dataset": dataset, "channels": channels, "layers": layers,
-            "input_size": size, "genotype": genotype.to_dict()}
+    return {"params": params, "madds": madds, "dataset": dataset, "space": space, "channels": channels,
+            "layers": layers, "input_size": size, "genotype": genotype.to_dict()}
+
+
+def load_for_space(text: str, space: str) -> Genotype | NB201Arch:
+    """A genotype (name, file or text) that must belong to ``space``: NAS-Bench-201 cells to nb201, DARTS
+    genotypes to the others."""
+    genotype = load_genotype(text)
+    if isinstance(genotype, NB201Arch) != (space == "nb201"):
+        kind = "a NAS-Bench-201 cell" if isinstance(genotype, NB201Arch) else "a DARTS genotype"
+        hint = "--space nb201" if isinstance(genotype, NB201Arch) else "--space darts (or s1-s4)"
+        raise ValueError(f"{text[:80]!r} is {kind}, not a cell of search space {space}; use {hint}")
+    return genotype
 
 
 def _human(n: int) -> str:
@@ -74,13 +109,15 @@ def _human(n: int) -> str:
 
 
 def cmd_info(args: argparse.Namespace, console: Console) -> None:
-    genotype = load_genotype(args.genotype)
-    info = network_info(genotype, args.dataset, args.channels, args.layers)
+    genotype = load_for_space(args.genotype, args.space)
+    info = network_info(genotype, args.dataset, args.channels, args.layers, args.space)
     table = Table(title=f"Evaluation network: {args.genotype}", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value", justify="right")
+    table.add_row("search space", args.space)
     table.add_row("dataset", f"{info['dataset']} ({info['input_size']}x{info['input_size']})")
-    table.add_row("channels C / cells", f"{info['channels']} / {info['layers']}")
+    table.add_row("channels C / " + ("cells per stage N" if args.space == "nb201" else "cells"),
+                  f"{info['channels']} / {info['layers']}")
     table.add_row("parameters (no aux head)", _human(info["params"]))
     table.add_row("multiply-adds", _human(info["madds"]))
     console.print(table)
@@ -108,9 +145,23 @@ def print_genotype(genotype: Genotype, console: Console) -> None:
         console.print(f"output = concat({concat})", markup=False, highlight=False)
 
 
+def print_nb201_arch(arch: NB201Arch, console: Console) -> None:
+    table = Table(title="NAS-Bench-201 cell")
+    table.add_column("node")
+    table.add_column("input")
+    table.add_column("op")
+    for src, dst, op in arch.edges():
+        table.add_row(f"node {dst}" if src == 0 else "", "input (node 0)" if src == 0 else f"node {src}", op)
+    console.print(table)
+    console.print(f"output = node 3; {arch}", markup=False, highlight=False, soft_wrap=True)
+
+
 def cmd_show(args: argparse.Namespace, console: Console) -> None:
-    genotype = load_genotype(args.genotype)
-    print_genotype(genotype, console)
+    genotype = load_for_space(args.genotype, args.space)
+    if isinstance(genotype, NB201Arch):
+        print_nb201_arch(genotype, console)
+    else:
+        print_genotype(genotype, console)
     if args.json:
         print(genotype.to_json())
 
@@ -282,12 +333,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     info = sub.add_parser("info", help="parameters and multiply-adds of the evaluation network")
     info.add_argument("genotype", metavar="NAME_OR_FILE")
-    info.add_argument("--dataset", required=True, choices=sorted(DATASETS))
-    info.add_argument("--channels", type=int, default=None, help="initial channels C (36 CIFAR, 48 ImageNet)")
-    info.add_argument("--layers", type=int, default=None, help="cells (20 CIFAR, 14 ImageNet)")
+    info.add_argument("--space", default="darts", choices=SPACE_NAMES,
+                      help="search space of the cell (nb201: a NAS-Bench-201 string |op~0|+...)")
+    info.add_argument("--dataset", required=True, choices=sorted({d for t in SPACE_DATASETS.values() for d in t}))
+    info.add_argument("--channels", type=int, default=None,
+                      help="initial channels C (36 CIFAR, 48 ImageNet; nb201: 16)")
+    info.add_argument("--layers", type=int, default=None,
+                      help="cells (20 CIFAR, 14 ImageNet; nb201: N=5 cells per stage)")
     info.add_argument("--json", action="store_true", help="last line of stdout: a JSON object")
     show = sub.add_parser("show", help="print both cells")
     show.add_argument("genotype", metavar="NAME_OR_FILE")
+    show.add_argument("--space", default="darts", choices=SPACE_NAMES, help="search space of the cell")
     show.add_argument("--json", action="store_true", help="last line of stdout: the genotype JSON")
     derive = sub.add_parser("derive", help="derive a genotype from saved arch parameters (.json, a checkpoint "
                                            "of this project, or its folder)")

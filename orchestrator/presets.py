@@ -165,6 +165,7 @@ def evaluate_spec(raw: Mapping[str, Any], search: Mapping[str, Any], resources: 
         protocol["data_dir"] = search["data_dir"]
     if "seed" in protocol:
         raise ValueError(f"{where}: set evaluation seeds with the 'seeds' list, not 'seed'")
+    protocol.setdefault("search_space", search.get("search_space", "darts"))  # its cells' evaluation network
     try:
         config = eval_config(dataset, **protocol)
     except ValueError as err:

@@ -16,7 +16,7 @@ read back as null there). Configuration values go into ``cfg_<key>`` columns (ne
 Writes are append-only and atomic (see :class:`ResultStore`); the row builders (:func:`epoch_row`,
 :func:`search_row`, :func:`eval_row`) are the one place a reported result becomes a row.
 
-This module imports neither Ray nor torch, so Ray Data workers and notebooks can use it cheaply.
+This module does not import Ray, so Ray Data workers and notebooks can use it cheaply.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from pcdarts_core.spaces import TRIAL_METRIC_PREFIXES
 
 KINDS: dict[str, str] = {
     "trials": "trials.parquet",
@@ -207,7 +209,9 @@ def search_row(trial_id: str, values: Mapping[str, Any], status: str, metrics: M
                     genotype=m.get("final_genotype") or m.get("genotype"), error=error,
                     wall_time_s=finite_or_none(m.get("wall_time_s", m.get("time_total_s"))),
                     epochs_done=m.get("epoch"), arch_entropy=finite_or_none(m.get("arch_entropy")),
-                    n_skip_normal=m.get("n_skip_normal"), **fields)
+                    n_skip_normal=m.get("n_skip_normal"),
+                    # what the search space adds (NAS-Bench-201 accuracies, parameter-free shares)
+                    **{k: finite_or_none(v) for k, v in m.items() if k.startswith(TRIAL_METRIC_PREFIXES)}, **fields)
     if group is not None:
         row["group"] = group
     return row

@@ -1,8 +1,8 @@
 """Typed, frozen configurations with the papers' defaults, validated once when they are built.
 
 ``search_config(method, dataset, **overrides)`` layers: the PC-DARTS CIFAR-10 defaults (Xu et al., Sec. 4.1),
-then the dataset's (ImageNet search: K=2, batch 1024, lr 0.5, Sec. 4.3), then the method's (e.g. DARTS: K=1,
-batch 64, arch lr 3e-4), then the caller's overrides. Every unknown key or impossible value raises
+then the dataset's (ImageNet search: K=2, batch 1024, lr 0.5, Sec. 4.3), then the search space's (NAS-Bench-201:
+C=16, N=5), then the method's (e.g. DARTS: K=1, batch 64, arch lr 3e-4), then the caller's overrides. Every unknown key or impossible value raises
 ``ValueError`` with a one-line reason.
 """
 
@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-DATASET_NAMES = ("cifar10", "cifar100", "imagenet", "synthetic")
+DATASET_NAMES = ("cifar10", "cifar100", "imagenet", "imagenet16-120", "synthetic")
 DEVICES = ("cpu", "cuda", "auto")
 AUGMENTS = ("standard", "autoaugment")  # search-data augmentation (see data.search_data)
 
@@ -44,6 +44,8 @@ class MethodOptions:
 class SearchConfig:
     method: str = "pcdarts"
     dataset: str = "cifar10"
+    search_space: str = "darts"  # darts | nb201 | s1 | s2 | s3 | s4 (pcdarts_core.spaces)
+    nb201_benchmark: str | None = None  # NAS-Bench-201 file: bench_acc_<dataset> of each epoch's derived cell
     data_dir: str | None = None
     epochs: int = 50
     batch_size: int = 256
@@ -85,10 +87,9 @@ class SearchConfig:
         if not isinstance(self.options, method.options_type):
             raise ValueError(f"options for method {self.method!r} must be {method.options_type.__name__}")
         _check_common(self)
-        from .supernet import validate_supernet_shape
+        from .spaces import get_space
 
-        validate_supernet_shape(self.init_channels, self.layers, self.k,
-                                stem="imagenet" if self.dataset == "imagenet" else "cifar")
+        get_space(self.search_space).validate(self, method)
         if not 0 <= self.warmup_epochs < self.epochs:
             raise ValueError(f"warmup_epochs={self.warmup_epochs} must be in [0, epochs={self.epochs}): "
                              f"the arch would never be trained")
@@ -122,6 +123,7 @@ class EvalConfig:
     """Training a derived cell from scratch (DARTS Sec. 4.2 / PC-DARTS Sec. 4.1 protocol)."""
 
     dataset: str = "cifar10"
+    search_space: str = "darts"  # which evaluation network: DARTS's (darts, s1-s4) or NAS-Bench-201's
     data_dir: str | None = None
     epochs: int = 600
     batch_size: int = 96
@@ -149,10 +151,9 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _check_common(self)
-        if self.init_channels < 2 or self.init_channels % 2:
-            raise ValueError(f"init_channels must be even and >= 2, got {self.init_channels}")
-        if self.layers < 3:
-            raise ValueError(f"layers must be at least 3, got {self.layers}")
+        from .spaces import get_space
+
+        get_space(self.search_space).check_eval(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -289,6 +290,7 @@ def _unknown(kind: str, key: str, known: list[str]) -> ValueError:
 
 
 _OPTIONAL_INT = {"image_size", "synthetic_samples", "steps_per_epoch", "eval_steps"}
+_OPTIONAL_STR = {"data_dir", "nb201_benchmark"}
 
 
 def _fields_from(cls: type, values: Mapping[str, Any], kind: str) -> dict[str, Any]:
@@ -303,7 +305,7 @@ def _fields_from(cls: type, values: Mapping[str, Any], kind: str) -> dict[str, A
             default = (0, 0)
         elif key in _OPTIONAL_INT and value is not None:
             default = 0
-        if key == "data_dir" and value is not None:
+        if key in _OPTIONAL_STR and value is not None:
             value = str(value)
         out[key] = _coerce(key, value, default)
     return out
@@ -317,6 +319,7 @@ def search_config(method: str = "pcdarts", dataset: str = "cifar10", **overrides
     default_options = method_defaults.pop("options", None) or {}  # the method's option values for this dataset
     values: dict[str, Any] = {"method": method, "dataset": dataset}
     values.update(DATASET_SEARCH_DEFAULTS.get(dataset, {}))
+    values.update(_space_defaults("search", overrides.get("search_space"), dataset))
     values.update(method_defaults)
     values.update(overrides)
     values = _fields_from(SearchConfig, values, "search config")
@@ -339,8 +342,17 @@ def search_config_from_dict(values: Mapping[str, Any]) -> SearchConfig:
 def eval_config(dataset: str = "cifar10", **overrides: Any) -> EvalConfig:
     values: dict[str, Any] = {"dataset": dataset}
     values.update(DATASET_EVAL_DEFAULTS.get(dataset, {}))
+    values.update(_space_defaults("eval", overrides.get("search_space"), dataset))
     values.update(overrides)
     return EvalConfig(**_fields_from(EvalConfig, values, "evaluation config"))
+
+
+def _space_defaults(which: str, space: Any, dataset: str) -> dict[str, Any]:
+    """The search space's defaults (NAS-Bench-201's C=16, N=5 skeleton and training recipe), between the
+    dataset's and the method's; an unknown space is reported when the config is validated."""
+    from .spaces import SPACES
+
+    return SPACES[space].defaults(which, dataset) if space in SPACES else {}
 
 
 #: PC-DARTS ImageNet search (Sec. 4.3): 8 GPUs, batch 1024, lr 0.5 with warm-up, arch lr 6e-3, K=2, 35 frozen epochs.

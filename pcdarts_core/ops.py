@@ -40,11 +40,12 @@ SHARPDARTS_PRIMITIVES: tuple[str, ...] = (
 
 
 class ReLUConvBN(nn.Module):
-    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int, affine: bool = True):
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int, affine: bool = True,
+                 bias: bool = False):
         super().__init__()
         self.op = nn.Sequential(
             nn.ReLU(inplace=False),
-            nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding, bias=False),
+            nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding, bias=bias),
             nn.BatchNorm2d(c_out, affine=affine),
         )
 
@@ -107,6 +108,21 @@ class Zero(nn.Module):
         return x[:, :, :: self.stride, :: self.stride].mul(0.0)
 
 
+class Noise(nn.Module):
+    """RobustDARTS's `noise` op (Zela et al., ICLR 2020, space S4; ``NoiseOp(stride, 0., 1.)`` in their
+    operations.py): standard normal noise of the output's shape, ignoring the input's values, in training and
+    evaluation alike. Drawn from torch's default generator, so a seeded run repeats it."""
+
+    def __init__(self, stride: int, mean: float = 0.0, std: float = 1.0):
+        super().__init__()
+        self.stride, self.mean, self.std = stride, mean, std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride != 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        return torch.empty_like(x).normal_(self.mean, self.std)
+
+
 class FactorizedReduce(nn.Module):
     """Stride-2 skip: two 1x1 stride-2 convs to c_out/2, the second on the input shifted by one pixel."""
 
@@ -143,7 +159,15 @@ OPS: dict[str, OpFactory] = {
     "sharp_avg_pool_3x3": lambda c, stride, affine: nn.AvgPool2d(3, stride=stride, padding=1),
     "sharp_dil_conv_3x3": lambda c, stride, affine: SepConv(c, c, 3, stride, 2, affine, dilation=2),
     "sharp_dil_conv_5x5": lambda c, stride, affine: SepConv(c, c, 5, stride, 4, affine, dilation=2),
+    "noise": lambda c, stride, affine: Noise(stride),
+    # NAS-Bench-201's convolutions (Dong & Yang, ICLR 2020; xautodl cell_operations.py): ReLU-Conv-BN whose conv
+    # carries a bias exactly when the BN has no affine parameters (the search network's).
+    "nor_conv_1x1": lambda c, stride, affine: ReLUConvBN(c, c, 1, stride, 0, affine, bias=not affine),
+    "nor_conv_3x3": lambda c, stride, affine: ReLUConvBN(c, c, 3, stride, 1, affine, bias=not affine),
 }
+
+#: Ops without weights: the ones a collapsed DARTS cell is made of (RobustDARTS, Sec. 3; `none` included).
+PARAMETER_FREE_OPS: frozenset[str] = frozenset({"none", "skip_connect", "max_pool_3x3", "avg_pool_3x3", "noise"})
 
 
 def check_op_name(name: str) -> str:

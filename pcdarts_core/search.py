@@ -26,13 +26,14 @@ from .hessian import darts_es_stop_index, dominant_eigenvalue, eigen_record, eva
 from .methods import get_method
 from .runtime import (accuracy, all_reduce_mean_, all_reduce_sum, autocast, check_finite_loss, distributed_world,
                       rng_state, resolve_device, seed_all, set_rng_state)
+from .spaces import get_space
 from .supernet import SearchNetwork
 
 Callback = Callable[[dict[str, Any], "Searcher"], None]
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 #: config fields that may differ between a run and its resumption (where it runs, not what it computes)
-RESUMABLE_DIFFERENCES = {"device", "num_workers", "data_dir", "epochs", "amp", "channels_last"}
+RESUMABLE_DIFFERENCES = {"device", "num_workers", "data_dir", "epochs", "amp", "channels_last", "nb201_benchmark"}
 
 
 class Searcher:
@@ -181,6 +182,7 @@ class Searcher:
             # one bilevel step (arch + weights on one global batch), validation excluded
             "step_time_s": train_time / steps if steps else None,
             **self.method.epoch_metrics(self),
+            **get_space(cfg.search_space).epoch_metrics(cfg, genotype),
         }
         if evaluation_due(epoch, cfg.hessian_every, cfg.epochs):
             metrics.update(self._track_hessian(genotype, val))
@@ -280,7 +282,8 @@ def arch_summary(net: SearchNetwork) -> dict[str, Any]:
     """Alphas/betas as lists and the mean entropy of the op distributions (nats; log(8) ~ 2.08 is uniform)."""
     out: dict[str, Any] = {}
     entropies = []
-    for cell in ("normal", "reduce"):
+    # NAS-Bench-201's supernet has one cell type (``cell_types``); PC-DARTS's has normal and reduction cells.
+    for cell in getattr(net, "cell_types", ("normal", "reduce")):
         alphas = net.alphas(cell).detach().float().cpu()
         probs = torch.softmax(alphas, dim=-1)
         ent = float(-(probs * probs.clamp_min(1e-12).log()).sum(-1).mean())

@@ -17,10 +17,10 @@ from torch import nn
 from . import data as data_lib
 from .config import EvalConfig
 from .genotypes import Genotype, parse_genotype
-from .model import NetworkCIFAR, NetworkImageNet
 from .profile import count_parameters
 from .runtime import (CheckpointError, accuracy, all_reduce_mean_, all_reduce_sum, autocast, check_finite_loss,
                       distributed_world, resolve_device, rng_state, seed_all, set_rng_state)
+from .spaces import get_space
 
 Callback = Callable[[dict[str, Any], "Trainer"], None]
 
@@ -28,8 +28,8 @@ RESUMABLE_DIFFERENCES = {"device", "num_workers", "data_dir", "epochs", "amp", "
 
 
 def build_eval_network(config: EvalConfig, genotype: Genotype, num_classes: int) -> nn.Module:
-    cls = NetworkImageNet if config.dataset == "imagenet" else NetworkCIFAR
-    return cls(config.init_channels, num_classes, config.layers, config.auxiliary, genotype)
+    """The search space's evaluation network: DARTS's (darts, s1-s4) or NAS-Bench-201's ``TinyNetwork``."""
+    return get_space(config.search_space).eval_network(config, genotype, num_classes)
 
 
 class Trainer:

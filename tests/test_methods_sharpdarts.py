@@ -72,7 +72,7 @@ def test_sharpdarts_defaults_are_the_official_search_command():
     assert (cfg.batch_size, cfg.init_channels, cfg.layers, cfg.epochs, cfg.lr, cfg.lr_min, cfg.lr_warmup_epochs,
             cfg.arch_lr, cfg.warmup_epochs, cfg.k, cfg.edge_norm) == (48, 16, 8, 120, 0.025, 1e-4, 5, 3e-4, 0, 1, False)
     assert (cfg.augment, cfg.cutout) == ("autoaugment", 16)
-    assert (cfg.options.power, cfg.options.weighting, cfg.options.op_table) == (2.0, "max_w", "sharpdarts")
+    assert (cfg.options.power, cfg.options.weighting, cfg.options.op_table) == (2.0, "max_w", "auto")
     assert search_config("sharpdarts", "synthetic").augment == "standard"  # AutoAugment's policy is for CIFAR
     with pytest.raises(ValueError, match="power"):
         search_config("sharpdarts", "cifar10", options={"power": 0.5})

@@ -8,7 +8,7 @@ the lr schedule, or the final derivation.
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -18,6 +18,7 @@ from ..architect import StepContext
 from ..config import MethodOptions, SearchConfig
 from ..genotypes import Genotype
 from ..ops import PRIMITIVES
+from ..spaces import get_space
 from ..supernet import ArchWeighting, SearchNetwork
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -55,11 +56,13 @@ class SearchMethod:
     def weighting(self, cfg: SearchConfig) -> ArchWeighting:
         return ArchWeighting()
 
+    def edge_primitives(self, cfg: SearchConfig) -> Sequence[str] | dict[str, list[tuple[str, ...]]]:
+        """The supernet's candidate ops: this method's set, restricted per edge by the search space (S1-S4)."""
+        return get_space(cfg.search_space).edge_primitives(self.primitives(cfg))
+
     def build_network(self, cfg: SearchConfig, num_classes: int) -> SearchNetwork:
-        return SearchNetwork(cfg.init_channels, num_classes, cfg.layers, k=cfg.k, edge_norm=cfg.edge_norm,
-                             primitives=self.primitives(cfg), channel_sampling=cfg.channel_sampling,
-                             stem="imagenet" if cfg.dataset == "imagenet" else "cifar",
-                             weighting=self.weighting(cfg), seed=cfg.seed)
+        """The search space's supernet (PC-DARTS's cells, or NAS-Bench-201's) with this method's weighting."""
+        return get_space(cfg.search_space).supernet(self, cfg, num_classes)
 
     # -- schedules -------------------------------------------------------------------------------------------
     def lr_factor(self, cfg: SearchConfig, epoch: int) -> float:

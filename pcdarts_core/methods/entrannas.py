@@ -31,7 +31,6 @@ initialization (``threshold_init=0``, t_j = 0.5); both are options.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -123,7 +122,7 @@ class EnTranNas(SearchMethod):
         o: EnTranNasOptions = cfg.options  # type: ignore[assignment]
         engines = engine_cell_indices(o.engine_cells, cfg.layers)
         return SearchNetwork(cfg.init_channels, num_classes, cfg.layers, k=cfg.k, edge_norm=cfg.edge_norm,
-                             primitives=self.primitives(cfg), channel_sampling=cfg.channel_sampling,
+                             primitives=self.edge_primitives(cfg), channel_sampling=cfg.channel_sampling,
                              stem="imagenet" if cfg.dataset == "imagenet" else "cifar",
                              weighting=self.weighting(cfg), feature_sharing=o.feature_sharing,
                              transit_cells=[i for i in range(cfg.layers) if i not in engines], seed=cfg.seed)

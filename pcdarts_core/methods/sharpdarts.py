@@ -49,7 +49,9 @@ OP_TABLES: dict[str, tuple[str, ...]] = {"sharpdarts": SHARPDARTS_PRIMITIVES, "d
 class SharpDartsOptions(MethodOptions):
     power: float = 2.0  # p of Cosine Power Annealing (1 = cosine)
     weighting: str = "max_w"  # 'max_w' (Max-W) or 'softmax' (DARTS's scalar weighting)
-    op_table: str = "sharpdarts"  # 'sharpdarts' (the official OPS table) or 'darts' (DARTS's ops)
+    # 'sharpdarts' (the official OPS table), 'darts' (DARTS's ops) or 'auto': the official table in the DARTS
+    # space, DARTS's ops in the reduced spaces (S1-S4, NB201), whose per-edge op sets are named in DARTS's ops
+    op_table: str = "auto"
 
 
 def _power_curve(c: float, power: float) -> float:
@@ -108,14 +110,17 @@ class SharpDarts(SearchMethod):
             raise ValueError(f"sharpDARTS power must be >= 1 (1 is cosine annealing), got {o.power}")
         if o.weighting not in ("max_w", "softmax"):
             raise ValueError(f"sharpDARTS weighting must be 'max_w' or 'softmax', got {o.weighting!r}")
-        if o.op_table not in OP_TABLES:
-            raise ValueError(f"sharpDARTS op_table must be one of {', '.join(OP_TABLES)}, got {o.op_table!r}")
+        if o.op_table not in (*OP_TABLES, "auto"):
+            raise ValueError(f"sharpDARTS op_table must be one of auto, {', '.join(OP_TABLES)}, got {o.op_table!r}")
         if cfg.lr_warmup_epochs >= cfg.epochs:
             raise ValueError(f"lr_warmup_epochs={cfg.lr_warmup_epochs} leaves no epoch for the annealing "
                              f"(epochs={cfg.epochs})")
 
     def primitives(self, cfg: SearchConfig) -> tuple[str, ...]:
-        return OP_TABLES[cfg.options.op_table]  # type: ignore[attr-defined]
+        table = cfg.options.op_table  # type: ignore[attr-defined]
+        if table == "auto":
+            table = "sharpdarts" if cfg.search_space == "darts" else "darts"
+        return OP_TABLES[table]
 
     def weighting(self, cfg: SearchConfig) -> ArchWeighting:
         return MaxWWeighting() if cfg.options.weighting == "max_w" else ArchWeighting()  # type: ignore[attr-defined]
