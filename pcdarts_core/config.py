@@ -44,6 +44,7 @@ class SearchConfig:
     k: int = 4
     edge_norm: bool = True
     channel_sampling: str = "fixed"  # 'fixed' (official slice) or 'random' (a fresh sample each step)
+    execution: str = "fused"  # 'fused' (ops batched over edges) or 'reference' (one mixed op per edge, official)
     order: str = "first"  # 'first' or 'second' (DARTS unrolled)
     train_portion: float = 0.5
     seed: int = 0  # the search's seed: weights, arch init, data order, channel sampling
@@ -79,6 +80,7 @@ class SearchConfig:
         if self.k > 1 and self.order == "second" and self.channel_sampling == "random":
             raise ValueError("second-order updates need a fixed channel slice (channel_sampling='fixed')")
         _choice("channel_sampling", self.channel_sampling, ("fixed", "random"))
+        _choice("execution", self.execution, ("fused", "reference"))
         _choice("order", self.order, ("first", "second"))
         if self.arch_lr <= 0 or self.arch_weight_decay < 0:
             raise ValueError(f"arch_lr must be > 0 and arch_weight_decay >= 0, got {self.arch_lr}, "

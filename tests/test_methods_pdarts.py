@@ -99,7 +99,7 @@ def test_stage_changes_deepen_the_network_and_prune_the_ops():
 
 
 def test_skip_dropout_only_after_identity_skips():
-    searcher = Searcher(tiny_config("pdarts", epochs=6, options=STAGES))
+    searcher = Searcher(tiny_config("pdarts", epochs=6, options=STAGES, execution="reference"))
     METHOD.on_epoch_start(searcher, 0)
     rates = {(type(m.ops[m.skip_index]).__name__, round(m.skip_dropout, 6)) for m in searcher.net.mixed_ops()}
     assert rates == {("Identity", 0.05), ("FactorizedReduce", 0.0)}  # 0.1 (E - e - 1) / E with E = 2, e = 0

@@ -74,7 +74,7 @@ def test_sharp_primitives_option_builds_sharpsepconv():
     cfg = tiny_config("sharpdarts", options={"primitives": "sharp"})
     net = Searcher(cfg).net
     assert net.edge_primitives["normal"][0] == SHARP_PRIMITIVES
-    names = {type(op).__name__ for m in net.mixed_ops() for op in m.ops}
+    names = {type(m).__name__ for m in net.modules()}
     assert "SharpSepConv" in names and "SepConv" not in names
     assert net(torch.randn(2, 3, 8, 8)).shape == (2, 10)
 

@@ -49,7 +49,7 @@ class SearchMethod:
         return SearchNetwork(cfg.init_channels, num_classes, cfg.layers, k=cfg.k, edge_norm=cfg.edge_norm,
                              primitives=self.primitives(cfg), channel_sampling=cfg.channel_sampling,
                              stem="imagenet" if cfg.dataset == "imagenet" else "cifar",
-                             weighting=self.weighting(cfg), seed=cfg.seed)
+                             weighting=self.weighting(cfg), seed=cfg.seed, execution=cfg.execution)
 
     # -- schedules -------------------------------------------------------------------------------------------
     def lr_factor(self, cfg: SearchConfig, epoch: int) -> float:

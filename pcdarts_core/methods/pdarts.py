@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..config import MethodOptions, SearchConfig
 from ..genotypes import Genotype, derive_cell, edge_op_weights
-from ..ops import PRIMITIVES, Identity
+from ..ops import PRIMITIVES
 from ..supernet import CELL_TYPES, SearchNetwork, validate_supernet_shape
 from .base import SearchMethod
 
@@ -147,7 +147,8 @@ class Pdarts(SearchMethod):
         return StageNetwork(cfg.init_channels, num_classes, o.stage_layers[stage], k=cfg.k, edge_norm=cfg.edge_norm,
                             primitives=primitives if primitives is not None else PRIMITIVES,
                             stem="imagenet" if cfg.dataset == "imagenet" else "cifar",
-                            weighting=self.weighting(cfg), seed=cfg.seed, stage=stage, max_skip=o.max_skip)
+                            weighting=self.weighting(cfg), seed=cfg.seed, stage=stage, max_skip=o.max_skip,
+                            execution=cfg.execution)
 
     def arch_active(self, searcher: "Searcher") -> bool:
         """The arch trains after the first ``warmup_epochs`` epochs of *each* stage."""
@@ -222,9 +223,7 @@ def prune_ops(net: SearchNetwork, keep: int, drop_none: bool) -> dict[str, list[
 
 def set_skip_dropout(net: SearchNetwork, p: float) -> None:
     """Dropout after stride-1 skip-connects only (the identities; the official code leaves FactorizedReduce be)."""
-    for m in net.mixed_ops():
-        identity = m.skip_index is not None and isinstance(m.ops[m.skip_index], Identity)
-        m.skip_dropout = p if identity else 0.0
+    net.set_skip_dropout(p)
 
 
 METHOD = Pdarts()
