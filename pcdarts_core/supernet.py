@@ -249,16 +249,16 @@ class _SourcePlan:
                 slots += [(u, name) for u in op.units[a:a + n]]
         self.n_slots = len(slots)
         sentinel = len(cell.edge_sources) * cell.n_ops
-        self._index = torch.tensor(
+        self._index = torch.tensor(  # (edges, slots)
             [[e * cell.n_ops + cell.edge_op_names[e].index(name)
-              if cell.module_of_edge[e] == u and allowed(e, name) else sentinel for e in self.edges]
-             for u, name in slots], dtype=torch.long).reshape(len(slots), len(self.edges))
+              if cell.module_of_edge[e] == u and allowed(e, name) else sentinel for u, name in slots]
+             for e in self.edges], dtype=torch.long).reshape(len(self.edges), len(slots))
         self._edges = torch.tensor(self.edges, dtype=torch.long)
         self._unit_pos = torch.tensor(self.edge_unit_pos, dtype=torch.long)
         self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(coefficient positions, edge indices, unit position of each edge) on ``device``."""
+        """((edges x slots) coefficient positions, edge indices, unit position of each edge) on ``device``."""
         if device not in self._on:
             self._on[device] = (self._index.to(device), self._edges.to(device), self._unit_pos.to(device))
         return self._on[device]
@@ -405,7 +405,7 @@ class FusedCell(nn.Module):
         if outputs:
             stacked = outputs[0] if len(outputs) == 1 else torch.cat(outputs, 1)
             h, w = stacked.shape[-2:]
-            mixed = torch.matmul(coefficients[index].t(), stacked.reshape(batch, sp.n_slots, -1))
+            mixed = torch.bmm(coefficients[index].expand(batch, -1, -1), stacked.reshape(batch, sp.n_slots, -1))
             parts = mixed.view(batch, n_edges * c, h, w).split(c, 1)
         else:  # every active edge chose `none`
             h, w = (x.shape[-2] + 1) // 2 if stride2 else x.shape[-2], (x.shape[-1] + 1) // 2 if stride2 else x.shape[-1]
@@ -462,7 +462,11 @@ class FusedCell(nn.Module):
 
 
 def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return tensors[0] if len(tensors) == 1 else torch.stack(tensors).sum(0)
+    """Left-to-right sum (a chain of adds costs no operator call in backward, unlike stack + sum)."""
+    total = tensors[0]
+    for t in tensors[1:]:
+        total = total + t
+    return total
 
 
 def _save_per_edge_layout(cell: FusedCell, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
@@ -597,6 +601,15 @@ class SearchNetwork(nn.Module):
     def mixed_ops(self) -> list[MixedOp]:
         """The per-edge mixed ops (reference execution; the fused cells have none)."""
         return [m for m in self.modules() if isinstance(m, MixedOp)]
+
+    def per_edge_layout(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Tensors named as in ``named_parameters()`` / ``named_buffers()`` (e.g. gradients) under the per-edge
+        names of the reference execution, the names ``state_dict()`` uses for both executions."""
+        out = dict(tensors)
+        for i, cell in enumerate(self.cells):
+            if isinstance(cell, FusedCell):
+                _save_per_edge_layout(cell, out, f"cells.{i}.", None)
+        return out
 
     def set_skip_dropout(self, p: float) -> None:
         """P-DARTS's dropout after every stride-1 skip-connect (identity) of every cell."""
