@@ -6,7 +6,8 @@ Each configuration runs in its own fresh process, so one's allocations cannot hi
 - CPU: step memory = peak RSS during the first step minus the RSS just before it (model and data resident; the
   optimizers' few state buffers are included, activations dominate);
 - GPU: ``torch.cuda.max_memory_allocated`` over the first step minus the allocation before it.
-Speed is timed over the ``--steps`` steps that follow the first (warm-up excluded). ATen calls: the operator
+Speed is timed over the ``--steps`` steps that follow the first (warm-up excluded), in wall time and in the
+process's CPU time (steadier on a shared machine). ATen calls: the operator
 calls of one forward + backward of the training loss, counted with a ``TorchDispatchMode`` (exact and
 noise-free; on a GPU each is at least one kernel launch).
 
@@ -92,15 +93,16 @@ def measure(execution: str, k: int, batch: int, threads: int, channels: int, lay
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     # Speed: the following steps.
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     calls = count_aten_calls(net, x, y)
     return {"execution": execution, "k": k, "batch": batch, "threads": threads,
             "images_per_s": 2 * batch * steps / elapsed, "step_ms": 1000 * elapsed / steps,
+            "cpu_step_ms": 1000 * cpu / steps,
             "peak_mib": max(peak, 0) / 2**20, "aten_calls": calls}
 
 
@@ -139,14 +141,14 @@ def main() -> None:
                     r = json.loads(done.stdout.strip().splitlines()[-1])
                     rows.append(r)
                     print(f"{execution} K={k} batch={batch} threads={threads}: {r['images_per_s']:.1f} img/s, "
-                          f"{r['step_ms']:.0f} ms/step, {r['peak_mib']:.0f} MiB, {r['aten_calls']} ATen calls",
+                          f"{r['step_ms']:.0f} ms/step ({r['cpu_step_ms']:.0f} CPU ms), {r['peak_mib']:.0f} MiB, {r['aten_calls']} ATen calls",
                           flush=True)
     print(f"\nC={args.channels}, {args.layers} layers, {args.size}x{args.size}, device={args.device}, "
           f"{args.steps} measured step(s) after one warm-up; ratios against the reference execution of the same "
           f"threads/batch/K")
-    print("| threads | batch | K | execution | images/s | ms/step | step memory (MiB) | ATen calls (fwd+bwd) "
-          "| speed / ref | memory / ref | calls / ref |")
-    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| threads | batch | K | execution | images/s | ms/step | CPU ms/step | step memory (MiB) "
+          "| ATen calls (fwd+bwd) | speed / ref | CPU time / ref | memory / ref | calls / ref |")
+    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         ref = next((q for q in rows if q["execution"] == "reference" and
                     (q["threads"], q["batch"], q["k"]) == (r["threads"], r["batch"], r["k"])), None)
@@ -155,8 +157,8 @@ def main() -> None:
             return f"{r[key] / ref[key]:.2f}" if ref and ref[key] else "-"
 
         print(f"| {r['threads']} | {r['batch']} | {r['k']} | {r['execution']} | {r['images_per_s']:.1f} "
-              f"| {r['step_ms']:.0f} | {r['peak_mib']:.0f} | {r['aten_calls']} | {ratio('images_per_s')} "
-              f"| {ratio('peak_mib')} | {ratio('aten_calls')} |")
+              f"| {r['step_ms']:.0f} | {r['cpu_step_ms']:.0f} | {r['peak_mib']:.0f} | {r['aten_calls']} "
+              f"| {ratio('images_per_s')} | {ratio('cpu_step_ms')} | {ratio('peak_mib')} | {ratio('aten_calls')} |")
 
 
 if __name__ == "__main__":

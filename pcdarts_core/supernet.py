@@ -391,7 +391,10 @@ class FusedCell(nn.Module):
         for name, a, n, units in sp.runs:
             op: BatchedOp = self.fused[j][name]  # type: ignore[assignment]
             if units not in inputs:
-                inputs[units] = [self._gather(x, units, perms), None]
+                g = self._gather(x, units, perms)
+                if g.device.type == "cpu":  # oneDNN's grouped and depthwise convolutions: 2-3x faster in NHWC
+                    g = g.contiguous(memory_format=torch.channels_last)
+                inputs[units] = [g, None]
             given = inputs[units]
             if op.starts_with_relu:
                 if given[1] is None:
