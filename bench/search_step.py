@@ -141,7 +141,8 @@ def main() -> None:
                     r = json.loads(done.stdout.strip().splitlines()[-1])
                     rows.append(r)
                     print(f"{execution} K={k} batch={batch} threads={threads}: {r['images_per_s']:.1f} img/s, "
-                          f"{r['step_ms']:.0f} ms/step ({r['cpu_step_ms']:.0f} CPU ms), {r['peak_mib']:.0f} MiB, {r['aten_calls']} ATen calls",
+                          f"{r['step_ms']:.0f} ms/step ({r['cpu_step_ms']:.0f} CPU ms), {r['peak_mib']:.0f} MiB, "
+                          f"{r['aten_calls']} ATen calls",
                           flush=True)
     print(f"\nC={args.channels}, {args.layers} layers, {args.size}x{args.size}, device={args.device}, "
           f"{args.steps} measured step(s) after one warm-up; ratios against the reference execution of the same "

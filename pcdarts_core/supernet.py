@@ -235,7 +235,8 @@ class _SourcePlan:
             names = cell.edge_op_names[e]
             return name in names and (active_ops is None or names[active_ops[e]] == name)
 
-        self.edges = [e for e, s in enumerate(cell.edge_sources) if s == j and (active_edges is None or active_edges[e])]
+        self.edges = [e for e, s in enumerate(cell.edge_sources)
+                      if s == j and (active_edges is None or active_edges[e])]
         self.nodes = [cell.edge_nodes[e] for e in self.edges]
         self.units = sorted({cell.module_of_edge[e] for e in self.edges})
         self.edge_unit_pos = [self.units.index(cell.module_of_edge[e]) for e in self.edges]
@@ -297,7 +298,8 @@ class FusedCell(nn.Module):
         self.feature_sharing = ref.feature_sharing
         self.edge_sources, self.edge_op_names = ref.edge_sources, ref.edge_op_names
         self.module_of_edge = ref.module_of_edge
-        self.edge_nodes = [i for i, rows in enumerate(node_edge_slices(ref.steps)) for _ in range(rows.start, rows.stop)]
+        self.edge_nodes = [i for i, rows in enumerate(node_edge_slices(ref.steps))
+                           for _ in range(rows.start, rows.stop)]
         self.preprocess0, self.preprocess1 = ref.preprocess0, ref.preprocess1
         self.channels = ref.preprocess1.op[1].out_channels
         self.part = self.channels // self.k
@@ -381,7 +383,8 @@ class FusedCell(nn.Module):
 
     def _source(self, j: int, x: torch.Tensor, sp: _SourcePlan, coefficients: torch.Tensor,
                 edge_weights: torch.Tensor | None, perms: list[torch.Tensor | None] | None,
-                noise: dict[int, torch.Tensor], pieces: list[list[tuple[torch.Tensor, torch.Tensor | None, int]]]) -> None:
+                noise: dict[int, torch.Tensor],
+                pieces: list[list[tuple[torch.Tensor, torch.Tensor | None, int]]]) -> None:
         """Run every op of state ``j`` once for all its active edges; add each edge's output to its node's pieces."""
         index, edges, unit_pos = sp.tensors(x.device)
         c, n_edges, batch = self.part, len(sp.edges), x.shape[0]
@@ -411,7 +414,7 @@ class FusedCell(nn.Module):
             mixed = torch.bmm(coefficients[index].expand(batch, -1, -1), stacked.reshape(batch, sp.n_slots, -1))
             parts = mixed.view(batch, n_edges * c, h, w).split(c, 1)
         else:  # every active edge chose `none`
-            h, w = (x.shape[-2] + 1) // 2 if stride2 else x.shape[-2], (x.shape[-1] + 1) // 2 if stride2 else x.shape[-1]
+            h, w = ((x.shape[-2] + 1) // 2, (x.shape[-1] + 1) // 2) if stride2 else x.shape[-2:]
             parts = (x.new_zeros(batch, c, h, w),) * n_edges
         rests: Sequence[torch.Tensor | None] = (None,) * n_edges
         if self.k > 1:
