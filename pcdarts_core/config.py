@@ -64,6 +64,7 @@ class SearchConfig:
     k: int = 4
     edge_norm: bool = True
     channel_sampling: str = "fixed"  # 'fixed' (official slice) or 'random' (a fresh sample each step)
+    execution: str = "fused"  # 'fused' (ops batched over edges) or 'reference' (one mixed op per edge, official)
     order: str = "first"  # 'first' or 'second' (DARTS unrolled)
     train_portion: float = 0.5
     seed: int = 0  # the search's seed: weights, arch init, data order, channel sampling
@@ -98,6 +99,7 @@ class SearchConfig:
         if self.k > 1 and self.order == "second" and self.channel_sampling == "random":
             raise ValueError("second-order updates need a fixed channel slice (channel_sampling='fixed')")
         _choice("channel_sampling", self.channel_sampling, ("fixed", "random"))
+        _choice("execution", self.execution, ("fused", "reference"))
         _choice("order", self.order, ("first", "second"))
         _choice("augment", self.augment, AUGMENTS)
         if self.augment == "autoaugment" and self.dataset not in ("cifar10", "cifar100"):

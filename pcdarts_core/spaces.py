@@ -79,7 +79,7 @@ def darts_supernet(method: "SearchMethod", cfg: "SearchConfig", num_classes: int
     return SearchNetwork(cfg.init_channels, num_classes, cfg.layers, k=cfg.k, edge_norm=cfg.edge_norm,
                          primitives=method.edge_primitives(cfg), channel_sampling=cfg.channel_sampling,
                          stem="imagenet" if cfg.dataset == "imagenet" else "cifar",
-                         weighting=method.weighting(cfg), seed=cfg.seed)
+                         weighting=method.weighting(cfg), seed=cfg.seed, execution=cfg.execution)
 
 
 def darts_eval_network(cfg: "EvalConfig", genotype: Any, num_classes: int) -> nn.Module:

@@ -21,7 +21,9 @@ def test_darts_supernet_uses_all_channels_and_no_betas():
     net = Searcher(cfg).net
     assert net.betas_normal is None and net.betas_reduce is None
     assert net.arch_parameters() == [net.alphas_normal, net.alphas_reduce]
-    assert all(m.k == 1 and m.bypass_pool is None for m in net.mixed_ops())
+    assert all(cell.k == 1 for cell in net.cells)
+    reference = Searcher(tiny_config("darts", execution="reference")).net
+    assert reference.mixed_ops() and all(m.k == 1 and m.bypass_pool is None for m in reference.mixed_ops())
     assert net.cell_weights()["normal"].edges is None
     assert tiny_config("darts", warmup_epochs=0).warmup_epochs == 0
     with pytest.raises(ValueError, match="k=1"):

@@ -169,7 +169,7 @@ def test_arch_gradients_are_clipped_before_the_adam_step():
 
 
 def test_skip_dropout_only_after_identity_skips():
-    searcher = Searcher(tiny_config("pdarts", epochs=6, options=STAGES))
+    searcher = Searcher(tiny_config("pdarts", epochs=6, options=STAGES, execution="reference"))
     METHOD.on_epoch_start(searcher, 0)
     rates = {(type(m.ops[m.skip_index]).__name__, round(m.skip_dropout, 6)) for m in searcher.net.mixed_ops()}
     assert rates == {("Identity", 0.05), ("FactorizedReduce", 0.0)}  # 0.1 (E - e - 1) / E with E = 2, e = 0

@@ -125,7 +125,8 @@ class EnTranNas(SearchMethod):
                              primitives=self.edge_primitives(cfg), channel_sampling=cfg.channel_sampling,
                              stem="imagenet" if cfg.dataset == "imagenet" else "cifar",
                              weighting=self.weighting(cfg), feature_sharing=o.feature_sharing,
-                             transit_cells=[i for i in range(cfg.layers) if i not in engines], seed=cfg.seed)
+                             transit_cells=[i for i in range(cfg.layers) if i not in engines], seed=cfg.seed,
+                             execution=cfg.execution)
 
     def genotype(self, net: SearchNetwork) -> Genotype:
         if isinstance(net.weighting, SparsifyWeighting):

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from ..architect import StepContext, first_order_step
 from ..config import MethodOptions, SearchConfig
 from ..genotypes import Genotype, derive_cell, edge_op_weights
-from ..ops import PRIMITIVES, Identity
+from ..ops import PRIMITIVES
 from ..supernet import CELL_TYPES, SearchNetwork, validate_supernet_shape
 from .base import Batch, SearchContext, SearchMethod
 
@@ -199,7 +199,8 @@ class Pdarts(SearchMethod):
         return StageNetwork(cfg.init_channels, num_classes, o.stage_layers[stage], k=cfg.k, edge_norm=cfg.edge_norm,
                             primitives=primitives if primitives is not None else PRIMITIVES,
                             stem="imagenet" if cfg.dataset == "imagenet" else "cifar",
-                            weighting=self.weighting(cfg), seed=cfg.seed, stage=stage, max_skip=o.max_skip)
+                            weighting=self.weighting(cfg), seed=cfg.seed, stage=stage, max_skip=o.max_skip,
+                            execution=cfg.execution)
 
     def arch_active(self, ctx: SearchContext) -> bool:
         """The arch trains after the first weights-only epochs of *each* stage."""
@@ -285,9 +286,7 @@ def prune_ops(net: SearchNetwork, keep: int) -> dict[str, list[tuple[str, ...]]]
 
 def set_skip_dropout(net: SearchNetwork, p: float) -> None:
     """Dropout after stride-1 skip-connects only (the identities; the official code leaves FactorizedReduce be)."""
-    for m in net.mixed_ops():
-        identity = m.skip_index is not None and isinstance(m.ops[m.skip_index], Identity)
-        m.skip_dropout = p if identity else 0.0
+    net.set_skip_dropout(p)
 
 
 METHOD = Pdarts()
