@@ -56,8 +56,8 @@ S1_EDGE_OPS: EdgeOps = {
 def restrict(space_ops: EdgeOps, method_ops: Sequence[str], space: str) -> EdgeOps:
     """The space's per-edge ops without the DARTS ops a method leaves out on purpose (ROME drops `none`).
 
-    Only `none` may go: a method whose op set lacks any other op of the space (sharpDARTS's 'sharp' set has no
-    sep_conv_3x3) is refused, as the space would no longer be the published one.
+    Only `none` may go: a method whose op set lacks any other op of the space (sharpDARTS's official table has no
+    dil_conv_3x3 or avg_pool_3x3, which S1 needs) is refused, as the space would no longer be the published one.
     """
     dropped = set(PRIMITIVES) - set(method_ops)
     out: EdgeOps = {}

@@ -30,7 +30,7 @@ CASES = {
     "pcdarts-k2-no-edge-norm": ("pcdarts", {"k": 2, "edge_norm": False}),
     "darts": ("darts", {}),
     "sharpdarts-maxw": ("sharpdarts", {}),
-    "sharpdarts-sharp-ops": ("sharpdarts", {"options": {"primitives": "sharp"}}),
+    "sharpdarts-darts-ops": ("sharpdarts", {"options": {"op_table": "darts"}}),
     "rome": ("rome", {}),
     "entrannas": ("entrannas", {"layers": 5}),
     "entrannas-random-channels": ("entrannas", {"layers": 5, "k": 2, "channel_sampling": "random"}),
@@ -147,14 +147,14 @@ def test_checkpoints_load_both_ways(case):
 
 
 def test_pdarts_pruned_per_edge_op_lists_and_skip_dropout():
-    """Stages 2 and 3 of P-DARTS: different op lists per edge, `none` dropped; dropout after identity skips
+    """Stages 2 and 3 of P-DARTS: different op lists per edge (`none` ranked like any op); dropout after identity skips
     draws the same masks as the reference's F.dropout."""
     method = get_method("pdarts")
     overrides = CASES["pdarts-stage0"][1]
     ref0, fused0 = pair("pdarts", **overrides)
     randomize_arch(ref0, fused0, seed=3)
-    for stage, keep, drop_none in ((1, 5, False), (2, 3, True)):
-        primitives = prune_ops(ref0, keep, drop_none)
+    for stage, keep in ((1, 5), (2, 3)):
+        primitives = prune_ops(ref0, keep)
         assert len({tuple(p) for p in primitives["normal"]}) > 1  # really per-edge lists
         nets = []
         for execution in ("reference", "fused"):

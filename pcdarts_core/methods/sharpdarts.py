@@ -110,8 +110,6 @@ class SharpDarts(SearchMethod):
             raise ValueError(f"sharpDARTS power must be >= 1 (1 is cosine annealing), got {o.power}")
         if o.weighting not in ("max_w", "softmax"):
             raise ValueError(f"sharpDARTS weighting must be 'max_w' or 'softmax', got {o.weighting!r}")
-        if o.op_table not in (*OP_TABLES, "auto"):
-            raise ValueError(f"sharpDARTS op_table must be one of auto, {', '.join(OP_TABLES)}, got {o.op_table!r}")
         if cfg.lr_warmup_epochs >= cfg.epochs:
             raise ValueError(f"lr_warmup_epochs={cfg.lr_warmup_epochs} leaves no epoch for the annealing "
                              f"(epochs={cfg.epochs})")
@@ -120,6 +118,8 @@ class SharpDarts(SearchMethod):
         table = cfg.options.op_table  # type: ignore[attr-defined]
         if table == "auto":
             table = "sharpdarts" if cfg.search_space == "darts" else "darts"
+        if table not in OP_TABLES:  # checked here: the search space asks for the ops before validate() runs
+            raise ValueError(f"sharpDARTS op_table must be one of auto, {', '.join(OP_TABLES)}, got {table!r}")
         return OP_TABLES[table]
 
     def weighting(self, cfg: SearchConfig) -> ArchWeighting:
