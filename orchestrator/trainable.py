@@ -28,7 +28,7 @@ import torch
 
 from pcdarts_core.config import eval_config, search_config_from_dict
 from pcdarts_core.genotypes import parse_genotype
-from pcdarts_core.runtime import CheckpointError, load_checkpoint, save_checkpoint
+from pcdarts_core.runtime import CheckpointError, claim_device_share, load_checkpoint, save_checkpoint
 from pcdarts_core.search import Searcher, search
 from pcdarts_core.train import Trainer, train_eval
 
@@ -51,16 +51,18 @@ class InjectedFailure(RuntimeError):
 
 # -- helpers shared by the trainables ----------------------------------------------------------------------------
 def set_threads_from_trial() -> int:
-    """torch threads = the trial's CPU share (at least 1); returns the count."""
+    """torch threads = the trial's CPU share (at least 1), CUDA memory = its GPU share; returns the thread count."""
     from ray import tune
 
-    cpus = 1.0
+    cpus, gpus = 1.0, 0.0
     try:
-        cpus = float(tune.get_context().get_trial_resources().required_resources.get("CPU", 1.0))
+        required = tune.get_context().get_trial_resources().required_resources
+        cpus, gpus = float(required.get("CPU", 1.0)), float(required.get("GPU", 0.0))
     except Exception:  # noqa: BLE001 - outside a trial (tests calling the helpers directly)
         pass
     threads = max(1, int(cpus))
     torch.set_num_threads(threads)
+    claim_device_share(gpus)  # fractional GPUs: this trial's share of the GPU's memory
     return threads
 
 

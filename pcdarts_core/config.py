@@ -13,6 +13,9 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from .compilation import COMPILE_MODES
+from .device_data import PIPELINES
+
 DATASET_NAMES = ("cifar10", "cifar100", "imagenet", "synthetic")
 DEVICES = ("cpu", "cuda", "auto")
 
@@ -52,6 +55,8 @@ class SearchConfig:
     amp: bool = False
     channels_last: bool = False
     num_workers: int = 0
+    data_pipeline: str = "auto"  # 'loader', 'device' (batches made on the device) or 'auto' (device on CUDA)
+    compile: str = "none"  # torch.compile mode: 'none', 'default', 'reduce-overhead', 'max-autotune'
     image_size: int | None = None  # None: the dataset's own size
     synthetic_samples: int | tuple[int, int] | None = None  # train size, or (train, test) sizes
     steps_per_epoch: int | None = None  # cap the steps of an epoch (quick runs, tests)
@@ -121,6 +126,8 @@ class EvalConfig:
     amp: bool = False
     channels_last: bool = False
     num_workers: int = 0
+    data_pipeline: str = "auto"
+    compile: str = "none"
     image_size: int | None = None
     synthetic_samples: int | tuple[int, int] | None = None
     steps_per_epoch: int | None = None
@@ -167,6 +174,13 @@ def _check_common(cfg: SearchConfig | EvalConfig) -> None:
         raise ValueError("momentum must be in [0, 1), weight_decay >= 0 and grad_clip > 0")
     if cfg.num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {cfg.num_workers}")
+    _choice("data_pipeline", cfg.data_pipeline, PIPELINES)
+    _choice("compile", cfg.compile, COMPILE_MODES)
+    if cfg.data_pipeline == "device" and cfg.dataset == "imagenet":
+        raise ValueError("data_pipeline: device serves CIFAR-kind datasets (cifar10, cifar100, synthetic); "
+                         "imagenet uses the loader")
+    if cfg.data_pipeline == "device" and cfg.num_workers:
+        raise ValueError("data_pipeline: device makes batches without DataLoader workers: set num_workers: 0")
 
 
 # -- building configs from plain dicts (YAML, CLI --set, Tune) --------------------------------------------------

@@ -45,6 +45,12 @@ class SearchMethod:
     def weighting(self, cfg: SearchConfig) -> ArchWeighting:
         return ArchWeighting()
 
+    def static_graph(self, cfg: SearchConfig) -> bool:
+        """Whether the supernet's forward is the same computation every step (no sampling, no Python-level
+        value that changes during a stage), so ``compile`` may capture it as one graph; otherwise only its
+        fixed regions are compiled (see compilation.py)."""
+        return cfg.k == 1 or cfg.channel_sampling == "fixed"
+
     def build_network(self, cfg: SearchConfig, num_classes: int) -> SearchNetwork:
         return SearchNetwork(cfg.init_channels, num_classes, cfg.layers, k=cfg.k, edge_norm=cfg.edge_norm,
                              primitives=self.primitives(cfg), channel_sampling=cfg.channel_sampling,

@@ -141,6 +141,9 @@ class Pdarts(SearchMethod):
             start += n
         return len(o.stage_epochs) - 1, epoch - (start - o.stage_epochs[-1])
 
+    def static_graph(self, cfg: SearchConfig) -> bool:
+        return False  # the skip-connect dropout rate changes every epoch
+
     def build_network(self, cfg: SearchConfig, num_classes: int, stage: int = 0,
                       primitives: dict[str, Sequence[Sequence[str]]] | None = None) -> SearchNetwork:
         o: PdartsOptions = cfg.options  # type: ignore[assignment]
