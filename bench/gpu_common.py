@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -83,17 +83,18 @@ def bilevel_step(searcher: Any, pairs: Iterator[tuple[Any, Any]]) -> None:
     searcher.method.weight_step(searcher, train)
 
 
-def log_rows(out: Path, name: str, rows: Iterable[dict]) -> list[dict]:
-    """Write each row to ``out/name.jsonl`` (and stdout) as it comes, so a time limit keeps what was measured."""
+def log_rows(out: Path, name: str, rows: Iterable[dict], render: Callable[[list[dict]], None]) -> None:
+    """Write each row to ``out/name.jsonl`` (and stdout) as it comes and re-render the table after each, so a
+    time limit keeps what was measured."""
     out.mkdir(parents=True, exist_ok=True)
-    kept = []
+    kept: list[dict] = []
     with open(out / f"{name}.jsonl", "w") as log:
         for row in rows:
             kept.append(row)
             log.write(json.dumps(row) + "\n")
             log.flush()
             print(json.dumps(row), flush=True)
-    return kept
+            render(kept)
 
 
 def last_json(stdout: str) -> dict | None:
@@ -109,4 +110,3 @@ def write_table(out: Path, name: str, title: str, smoke: bool, lines: list[str])
     note = " (smoke run: tiny net, not a measurement)" if smoke else ""
     table = f"Device: {device_name()}{note}; {title}\n\n" + "\n".join(lines) + "\n"
     (out / f"{name}.md").write_text(table)
-    print(table)

@@ -103,9 +103,10 @@ def main() -> int:
         return 0
     if not cuda_or_skip("gpu_pack", args):
         return 0
-    rows = log_rows(args.out, "gpu_pack", (pack(n, args) for n in args.counts))
-    write_table(args.out, "gpu_pack", f"batch {args.batch}, {args.seconds:g} s timed per search", args.smoke,
-                table(rows))
+    title = f"batch {args.batch}, {args.seconds:g} s timed per search"
+    log_rows(args.out, "gpu_pack", (pack(n, args) for n in args.counts),
+             lambda rows: write_table(args.out, "gpu_pack", title, args.smoke, table(rows)))
+    print((args.out / "gpu_pack.md").read_text())
     return 0
 
 

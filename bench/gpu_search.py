@@ -133,9 +133,10 @@ def main() -> int:
     if not cuda_or_skip("gpu_search", args):
         return 0
     jobs = [(v, b) for v in args.variants for b in (args.compiled_batches if "+" in v else args.batches)]
-    rows = log_rows(args.out, "gpu_search", (run(v, b, args) for v, b in jobs))
-    write_table(args.out, "gpu_search", f"{args.images} + {args.images} images, {args.steps} timed steps",
-                args.smoke, table(rows))
+    title = f"{args.images} + {args.images} images, {args.steps} timed steps"
+    log_rows(args.out, "gpu_search", (run(v, b, args) for v, b in jobs),
+             lambda rows: write_table(args.out, "gpu_search", title, args.smoke, table(rows)))
+    print((args.out / "gpu_search.md").read_text())
     return 0
 
 

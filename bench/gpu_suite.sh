@@ -43,8 +43,8 @@ if [ -n "$CUDA" ]; then
   stage pack 95 "$PY" bench/gpu_pack.py --out "$OUT" --seconds 8 --timeout 60
 else
   echo "no CUDA device: the GPU benchmarks are skipped; CPU smoke runs of their scripts follow (not GPU figures)"
-  stage search 120 "$PY" bench/gpu_search.py --out "$OUT" --smoke --allow-cpu --timeout 100
-  stage pack 60 "$PY" bench/gpu_pack.py --out "$OUT" --smoke --allow-cpu --timeout 50
+  stage search 200 "$PY" bench/gpu_search.py --out "$OUT" --smoke --allow-cpu --timeout 120
+  stage pack 150 "$PY" bench/gpu_pack.py --out "$OUT" --smoke --allow-cpu --timeout 70
 fi
 
 {

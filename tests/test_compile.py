@@ -31,7 +31,7 @@ def test_whole_compile_gives_the_eager_losses_and_compiles_once():
     eager = _tiny_net()
     net = copy.deepcopy(eager)
     compiled = compile_model(net, "default", whole=True)
-    assert compiled is not net and compiled(torch.zeros(1, 3, 8, 8)).shape == (1, 10)  # a wrapper sharing net
+    assert compiled is not net and compiled.state_dict().keys() == {f"_orig_mod.{k}" for k in net.state_dict()}
     x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
     runs = {}
     for name, model, module in (("eager", eager, eager), ("compiled", compiled, net)):
@@ -43,13 +43,13 @@ def test_whole_compile_gives_the_eager_losses_and_compiles_once():
                 loss = nn.functional.cross_entropy(model(x), y)
                 loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             graphs.append(counters["stats"]["unique_graphs"])
         runs[name] = losses, graphs
     assert runs["compiled"][0] == pytest.approx(runs["eager"][0], rel=1e-4)
     assert runs["compiled"][0][0] != runs["compiled"][0][2]  # the steps changed the weights
     graphs = runs["compiled"][1]
-    assert graphs[0] >= 1 and graphs[1] == graphs[2] == graphs[0]  # no step after the first compiled anything
+    assert graphs[0] >= 1 and graphs[2] == graphs[1] == graphs[0], graphs  # only the first step compiled
     for a, b in zip(eager.parameters(), net.parameters()):
         assert torch.allclose(a, b, atol=1e-5)
 
