@@ -34,15 +34,18 @@ COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 _REGION_MODES = {"default": "default", "reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
 
-def compile_model(net: nn.Module, mode: str, whole: bool) -> nn.Module:
+def compile_model(net: nn.Module, mode: str, whole: bool, backend: str = "inductor") -> nn.Module:
     """The module the loops call forward on: ``net`` itself (``none``, or ``net`` with compiled regions) or a
-    compiled wrapper of the whole of ``net`` that shares its parameters and buffers."""
+    compiled wrapper of the whole of ``net`` that shares its parameters and buffers. ``backend``: torch.compile's
+    (``mode`` applies to ``inductor``; ``aot_eager`` captures the same graphs without generating code, which the
+    CPU tests use because inductor's C++ build takes minutes there)."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}; got {mode!r}")
     if mode == "none":
         return net
+    options = {"mode": mode} if backend == "inductor" else {}
     if whole:
-        return torch.compile(net, mode=mode)  # type: ignore[return-value]
+        return torch.compile(net, backend=backend, **options)  # type: ignore[return-value]
     regions = compile_regions(net)
     # All regions share one code object (Module._call_impl), whose compiled graphs dynamo caches together and by
     # default stops at 8, leaving the rest eager: allow each distinct region its graphs (arch step, weight step,
@@ -52,7 +55,7 @@ def compile_model(net: nn.Module, mode: str, whole: bool) -> nn.Module:
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, needed)
     dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, needed)
     for region in regions:
-        region.compile(mode=_REGION_MODES[mode])
+        region.compile(backend=backend, **({"mode": _REGION_MODES[mode]} if backend == "inductor" else {}))
     return net
 
 
