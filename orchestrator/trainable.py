@@ -19,7 +19,7 @@ import torch
 
 from pcdarts_core.config import eval_config
 from pcdarts_core.genotypes import parse_genotype
-from pcdarts_core.runtime import CheckpointError, load_checkpoint, save_checkpoint
+from pcdarts_core.runtime import CheckpointError, claim_device_share, load_checkpoint, save_checkpoint
 from pcdarts_core.train import Trainer, train_eval
 
 from .stability import pairwise_distance_mean
@@ -36,12 +36,14 @@ HPO_FORMAT = "pcdarts-hpo/1"
 
 
 def set_threads_from_trial() -> int:
-    """torch threads = the trial's CPU share (at least 1); returns the count."""
+    """torch threads = the trial's CPU share (at least 1), CUDA memory = its GPU share; returns the thread count."""
     from ray import tune
 
-    cpus = float(tune.get_context().get_trial_resources().required_resources.get("CPU", 1.0))
+    required = tune.get_context().get_trial_resources().required_resources
+    cpus, gpus = float(required.get("CPU", 1.0)), float(required.get("GPU", 0.0))
     threads = max(1, int(cpus))
     torch.set_num_threads(threads)
+    claim_device_share(gpus)  # fractional GPUs: this trial's share of the GPU's memory
     return threads
 
 

@@ -14,9 +14,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from .compilation import COMPILE_MODES
+from .data import AUGMENTS
+from .device_data import PIPELINES
+
 DATASET_NAMES = ("cifar10", "cifar100", "imagenet", "imagenet16-120", "synthetic")
 DEVICES = ("cpu", "cuda", "auto")
-AUGMENTS = ("standard", "autoaugment")  # search-data augmentation (see data.search_data)
 
 
 #: method name -> its ``SearchMethod``: filled by ``pcdarts_core.methods`` (which the package imports), so this
@@ -73,6 +76,8 @@ class SearchConfig:
     amp: bool = False
     channels_last: bool = False
     num_workers: int = 0
+    data_pipeline: str = "auto"  # 'loader', 'device' (batches made on the device) or 'auto' (device on CUDA)
+    compile: str = "none"  # torch.compile mode: 'none', 'default', 'reduce-overhead', 'max-autotune'
     image_size: int | None = None  # None: the dataset's own size
     synthetic_samples: int | tuple[int, int] | None = None  # train size, or (train, test) sizes
     augment: str = "standard"  # search data: 'standard' (crop + flip) or 'autoaugment' (+ AutoAugment CIFAR-10 policy)
@@ -146,6 +151,8 @@ class EvalConfig:
     amp: bool = False
     channels_last: bool = False
     num_workers: int = 0
+    data_pipeline: str = "auto"
+    compile: str = "none"
     image_size: int | None = None
     synthetic_samples: int | tuple[int, int] | None = None
     steps_per_epoch: int | None = None
@@ -245,6 +252,13 @@ def _check_common(cfg: SearchConfig | EvalConfig) -> None:
     _check_ranges(cfg)
     if cfg.lr_min > cfg.lr:
         raise ValueError(f"need lr_min <= lr, got lr={cfg.lr}, lr_min={cfg.lr_min}")
+    _choice("data_pipeline", cfg.data_pipeline, PIPELINES)
+    _choice("compile", cfg.compile, COMPILE_MODES)
+    if cfg.data_pipeline == "device" and cfg.dataset == "imagenet":
+        raise ValueError("data_pipeline: device serves CIFAR-kind datasets (cifar10, cifar100, synthetic); "
+                         "imagenet uses the loader")
+    if cfg.data_pipeline == "device" and cfg.num_workers:
+        raise ValueError("data_pipeline: device makes batches without DataLoader workers: set num_workers: 0")
 
 
 # -- building configs from plain dicts (YAML, CLI --set, Tune) --------------------------------------------------

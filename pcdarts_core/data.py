@@ -28,8 +28,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import datasets, transforms
 
-from .config import AUGMENTS
 from . import imagenet16
+
+AUGMENTS = ("standard", "autoaugment")  # search-data augmentation (see data.search_data)
+
 
 __all__ = [
     "DATASETS",
@@ -46,6 +48,7 @@ __all__ = [
     "search_data",
     "set_epoch",
     "synthetic_images",
+    "worker_seed",
 ]
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
@@ -610,8 +613,9 @@ def eval_data(
 # Loaders
 
 
-def _worker_seed(seed: int, epoch: int, rank: int) -> int:
-    return ((seed * 1_000_003 + epoch) * 1_009 + rank) % (2**63)
+def worker_seed(seed: int, epoch: int, rank: int, stream: int = 0) -> int:
+    """The seed of a rank's augmentation draws in an epoch; ``stream`` tells apart loaders that share a seed."""
+    return ((seed * 1_000_003 + epoch) * 1_009 + rank + stream * 1_000_033) % (2**63)
 
 
 def make_loader(
@@ -641,7 +645,7 @@ def make_loader(
         dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
     )
     sampler.set_epoch(epoch)
-    generator = torch.Generator().manual_seed(_worker_seed(seed, epoch, rank))
+    generator = torch.Generator().manual_seed(worker_seed(seed, epoch, rank))
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -656,9 +660,13 @@ def make_loader(
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:
     """Reshuffle ``loader`` deterministically for ``epoch`` (and reseed its workers); call before each epoch."""
+    own = getattr(loader, "set_epoch", None)
+    if callable(own):  # a loader that reshuffles itself (device_data.DeviceLoader)
+        own(epoch)
+        return
     sampler = loader.sampler
     if not isinstance(sampler, DistributedSampler):
         raise TypeError("set_epoch needs a loader built by make_loader (a DistributedSampler)")
     sampler.set_epoch(epoch)
     if loader.generator is not None:
-        loader.generator.manual_seed(_worker_seed(sampler.seed, epoch, sampler.rank))
+        loader.generator.manual_seed(worker_seed(sampler.seed, epoch, sampler.rank))

@@ -147,3 +147,19 @@ def all_reduce_sum(values: Sequence[float], device: torch.device) -> list[float]
     t = torch.tensor(list(values), dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
+
+
+def claim_device_share(gpu: float, device: torch.device | None = None) -> float | None:
+    """Keep a process that holds ``gpu`` of one GPU (a trial with ``resources: {gpu: 0.25}``) inside its share of
+    that GPU's memory: the caching allocator may take at most that fraction, so a search too big for its share
+    fails with CUDA's out-of-memory error instead of starving the searches packed beside it. Returns the fraction
+    set, or None where there is nothing to share (no CUDA, or whole GPUs). Threads are the trial's CPU share
+    (``torch.set_num_threads``); each process has its own CUDA context and streams, and the GPU time-slices
+    between processes (NVIDIA MPS, where the cluster runs it, lets their kernels overlap)."""
+    if not gpu >= 0:  # also NaN
+        raise ValueError(f"a GPU share must be a number >= 0, got {gpu}")
+    if not 0 < gpu < 1 or not torch.cuda.is_available():
+        return None
+    device = device or torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.set_per_process_memory_fraction(gpu, device)
+    return gpu

@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 from . import data as data_lib
+from .compilation import compile_model, eager
 from .config import SearchConfig
+from .device_data import make_batches
 from .genotypes import Genotype, parse_genotype
 from .hessian import darts_es_stop_index, dominant_eigenvalue, eigen_record, evaluation_due, unobserved
 from .methods import get_method
@@ -33,7 +35,8 @@ Callback = Callable[[dict[str, Any], "Searcher"], None]
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 #: config fields that may differ between a run and its resumption (where it runs, not what it computes)
-RESUMABLE_DIFFERENCES = {"device", "num_workers", "data_dir", "epochs", "amp", "channels_last", "nb201_benchmark"}
+RESUMABLE_DIFFERENCES = {"device", "num_workers", "data_dir", "epochs", "amp", "channels_last", "nb201_benchmark",
+                         "compile"}
 
 
 class Searcher:
@@ -49,20 +52,20 @@ class Searcher:
             cutout=config.cutout)
         self.num_classes = self.data.num_classes
         self.criterion = self.method.criterion(config).to(self.device)
-        self.train_loader = self._loader(self.data.weight_set)
-        self.val_loader = self._loader(self.data.arch_set)
+        self.train_loader = self._loader(self.data.weight_set, stream=0)
+        self.val_loader = self._loader(self.data.arch_set, stream=1)
         self.epoch = 0
         self.stopped_early = False
         self.eigen_history: list[dict[str, Any]] = []
         self.net: SearchNetwork = self.build_network()
 
     # -- construction ----------------------------------------------------------------------------------------
-    def _loader(self, dataset: Any) -> torch.utils.data.DataLoader:
+    def _loader(self, dataset: Any, stream: int) -> Any:
         cfg = self.config
         drop_last = len(dataset) >= 2 * cfg.batch_size * self.world_size
-        return data_lib.make_loader(dataset, cfg.batch_size, seed=cfg.seed, rank=self.rank,
-                                    world_size=self.world_size, num_workers=cfg.num_workers, drop_last=drop_last,
-                                    pin_memory=self.device.type == "cuda")
+        return make_batches(dataset, cfg.batch_size, pipeline=cfg.data_pipeline, device=self.device, seed=cfg.seed,
+                            rank=self.rank, world_size=self.world_size, num_workers=cfg.num_workers,
+                            drop_last=drop_last, stream=stream)
 
     def build_network(self, net: SearchNetwork | None = None) -> SearchNetwork:
         """(Re)build the supernet and both optimizers; methods that change the network (P-DARTS's stages) pass
@@ -78,6 +81,8 @@ class Searcher:
     def set_network(self, net: SearchNetwork) -> None:
         cfg = self.config
         self.net = net
+        #: what the training and validation forwards run (``net`` itself unless ``compile`` wraps it whole)
+        self.model = compile_model(net, cfg.compile, whole=self.method.static_graph(cfg))
         self.weight_optimizer = torch.optim.SGD(net.weight_parameters(), cfg.lr, momentum=cfg.momentum,
                                                 weight_decay=cfg.weight_decay)
         self.arch_optimizer = torch.optim.Adam(net.arch_parameters(), cfg.arch_lr, betas=cfg.arch_betas,
@@ -94,7 +99,7 @@ class Searcher:
     def loss(self, batch: Batch, return_logits: bool = False) -> Any:
         x, y = self.to_device(batch)
         with autocast(self.device, self.config.amp):
-            logits = self.net(x)
+            logits = self.model(x)
             loss = self.criterion(logits.float(), y)
         return (loss, logits) if return_logits else loss
 
@@ -210,7 +215,7 @@ class Searcher:
                 break
             x, y = self.to_device(batch)
             with autocast(self.device, self.config.amp):
-                logits = self.net(x)
+                logits = self.model(x)
             loss_sum += float(self.criterion(logits.float(), y)) * y.shape[0]
             correct += accuracy(logits, y)
             seen += y.shape[0]
@@ -224,7 +229,8 @@ class Searcher:
         stop the search (see ``hessian.py``). Neither changes the search."""
         with unobserved(self):  # fetching a batch runs the augmentation, which draws from the global RNG
             batch = val if val is not None else next(iter(self.val_loader))
-        value = dominant_eigenvalue(self, self.to_device(batch), weight_decay=self.config.arch_weight_decay)
+        with eager():  # double backward: never through compiled regions
+            value = dominant_eigenvalue(self, self.to_device(batch), weight_decay=self.config.arch_weight_decay)
         self.eigen_history.append({"epoch": self.epoch, "eigenvalue": value, "genotype": genotype.to_json()})
         out: dict[str, Any] = {"hessian_eigenvalue": value}
         if self.config.early_stop and self.epoch < self.config.epochs and self._darts_es_answer() is not None:

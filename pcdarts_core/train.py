@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from . import data as data_lib
+from .compilation import compile_model
 from .config import EvalConfig
+from .device_data import make_batches
 from .genotypes import Genotype, parse_genotype
 from .profile import count_parameters
 from .runtime import (CheckpointError, accuracy, all_reduce_mean_, all_reduce_sum, autocast, check_finite_loss,
@@ -24,7 +26,7 @@ from .spaces import get_space
 
 Callback = Callable[[dict[str, Any], "Trainer"], None]
 
-RESUMABLE_DIFFERENCES = {"device", "num_workers", "data_dir", "epochs", "amp", "channels_last"}
+RESUMABLE_DIFFERENCES = {"device", "num_workers", "data_dir", "epochs", "amp", "channels_last", "compile"}
 
 
 def build_eval_network(config: EvalConfig, genotype: Genotype, num_classes: int) -> nn.Module:
@@ -45,17 +47,16 @@ class Trainer:
         if config.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.params = count_parameters(self.net)
+        # Regions only: the drop-path rate, a Python float read every forward, changes every epoch.
+        self.model = compile_model(self.net, config.compile, whole=False)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         self.optimizer = torch.optim.SGD(self.net.parameters(), config.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay)
-        pin = self.device.type == "cuda"
-        self.train_loader = data_lib.make_loader(self.data.train_set, config.batch_size, seed=config.seed,
-                                                 rank=self.rank, world_size=self.world_size,
-                                                 num_workers=config.num_workers, pin_memory=pin,
-                                                 drop_last=len(self.data.train_set) >= 2 * config.batch_size)
-        self.test_loader = data_lib.make_loader(self.data.test_set, config.batch_size, seed=config.seed,
-                                                shuffle=False, rank=self.rank, world_size=self.world_size,
-                                                num_workers=config.num_workers, pin_memory=pin)
+        where = dict(pipeline=config.data_pipeline, device=self.device, seed=config.seed, rank=self.rank,
+                     world_size=self.world_size, num_workers=config.num_workers)
+        self.train_loader = make_batches(self.data.train_set, config.batch_size, **where,
+                                         drop_last=len(self.data.train_set) >= 2 * config.batch_size)
+        self.test_loader = make_batches(self.data.test_set, config.batch_size, shuffle=False, **where)
         self.epoch = 0
 
     @property
@@ -91,7 +92,7 @@ class Trainer:
             x, y = self._batch(batch)
             self.optimizer.zero_grad(set_to_none=True)
             with autocast(self.device, cfg.amp):
-                logits, aux = self.net(x)
+                logits, aux = self.model(x)
                 loss = self.criterion(logits.float(), y)
                 if aux is not None:
                     loss = loss + cfg.auxiliary_weight * self.criterion(aux.float(), y)
@@ -128,7 +129,7 @@ class Trainer:
                 break
             x, y = self._batch(batch)
             with autocast(self.device, self.config.amp):
-                logits, _ = self.net(x)
+                logits, _ = self.model(x)
             loss_sum += float(nn.functional.cross_entropy(logits.float(), y)) * y.shape[0]
             correct += accuracy(logits, y)
             seen += y.shape[0]

@@ -60,6 +60,12 @@ class SearchMethod:
         """The supernet's candidate ops: this method's set, restricted per edge by the search space (S1-S4)."""
         return get_space(cfg.search_space).edge_primitives(self.primitives(cfg))
 
+    def static_graph(self, cfg: SearchConfig) -> bool:
+        """Whether the supernet's forward is the same computation every step (no sampling, no Python-level
+        value that changes during a stage), so ``compile`` may capture it as one graph; otherwise only its
+        fixed regions are compiled (see compilation.py)."""
+        return cfg.k == 1 or cfg.channel_sampling == "fixed"
+
     def build_network(self, cfg: SearchConfig, num_classes: int) -> SearchNetwork:
         """The search space's supernet (PC-DARTS's cells, or NAS-Bench-201's) with this method's weighting."""
         return get_space(cfg.search_space).supernet(self, cfg, num_classes)

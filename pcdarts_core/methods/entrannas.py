@@ -118,6 +118,9 @@ class EnTranNas(SearchMethod):
         o: EnTranNasOptions = cfg.options  # type: ignore[assignment]
         return SparsifyWeighting(o.threshold_init) if o.dst else ArchWeighting()
 
+    def static_graph(self, cfg: SearchConfig) -> bool:
+        return False  # transit cells re-derive their sub-graph every forward
+
     def build_network(self, cfg: SearchConfig, num_classes: int) -> SearchNetwork:
         o: EnTranNasOptions = cfg.options  # type: ignore[assignment]
         engines = engine_cell_indices(o.engine_cells, cfg.layers)

@@ -193,6 +193,9 @@ class Pdarts(SearchMethod):
         stage = next((s for s in plan if epoch < s.start + s.epochs), plan[-1])
         return stage, epoch - stage.start
 
+    def static_graph(self, cfg: SearchConfig) -> bool:
+        return False  # the skip-connect dropout rate changes every epoch
+
     def build_network(self, cfg: SearchConfig, num_classes: int, stage: int = 0,
                       primitives: dict[str, Sequence[Sequence[str]]] | None = None) -> SearchNetwork:
         o: PdartsOptions = cfg.options  # type: ignore[assignment]

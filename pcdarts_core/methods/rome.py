@@ -121,6 +121,9 @@ class Rome(SearchMethod):
     def primitives(self, cfg: SearchConfig) -> tuple[str, ...]:
         return ROME_PRIMITIVES
 
+    def static_graph(self, cfg: SearchConfig) -> bool:
+        return False  # a Gumbel-sampled sub-network every forward, at a temperature that changes every epoch
+
     def weighting(self, cfg: SearchConfig) -> ArchWeighting:
         return GumbelTop2Weighting()
 
