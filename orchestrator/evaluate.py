@@ -194,6 +194,8 @@ def run_evaluations(preset: Preset, store: ResultStore, request: EvaluateRequest
             code = 130
     if show:
         write_stability(store)
+        from .report import publish
+        publish(store)
     return code
 
 

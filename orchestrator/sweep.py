@@ -647,6 +647,8 @@ def run_stability(preset: Preset, storage: str, name: str, address: str | None, 
 
         run_evaluations(preset, store, EvaluateRequest.from_spec(evaluation), address, show=False)
     write_stability(store)
+    from .report import publish
+    publish(store)
     if counts.get("failed"):
         console().print(f"[yellow]{counts['failed']} search(es) failed; their errors are in "
                         f"{store.uri('trials')} (column error)[/]")
@@ -750,6 +752,8 @@ def run_hpo(preset: Preset, storage: str, name: str, address: str | None, verbos
     console().print(f"hpo: {len(results)} configurations in {time.perf_counter() - start:.0f} s")
     write_stability(store)
     render_pareto(url, name)
+    from .report import publish
+    publish(store)
     if unfinished:
         console().print("[yellow]interrupted: run the same command again to resume[/]")
         return 130
