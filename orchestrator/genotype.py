@@ -2,7 +2,7 @@
 
 - ``info NAME_OR_FILE --dataset cifar10|cifar100|imagenet``: parameters (auxiliary head excluded) and
   multiply-adds of the evaluation network, as DARTS/PC-DARTS tables report them.
-- ``show NAME_OR_FILE``: both cells, node by node.
+- ``show NAME_OR_FILE [--svg FILE]``: both cells, node by node (and drawn as an SVG file).
 - ``derive FILE``: the PC-DARTS derivation rule applied to saved arch parameters (JSON or a ``.pt`` checkpoint,
   loaded with ``weights_only=True``: nothing is unpickled).
 
@@ -112,6 +112,10 @@ def print_genotype(genotype: Genotype, console: Console) -> None:
 def cmd_show(args: argparse.Namespace, console: Console) -> None:
     genotype = load_genotype(args.genotype)
     print_genotype(genotype, console)
+    if args.svg:
+        from .drawing import write_genotype_svg
+
+        console.print(f"cell diagrams: {write_genotype_svg(genotype, args.svg, args.genotype)}", markup=False)
     if args.json:
         print(genotype.to_json())
 
@@ -259,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="print both cells")
     show.add_argument("genotype", metavar="NAME_OR_FILE")
     show.add_argument("--json", action="store_true", help="last line of stdout: the genotype JSON")
+    show.add_argument("--svg", metavar="FILE", help="also draw the cells into an SVG file")
     derive = sub.add_parser("derive", help="derive a genotype from saved arch parameters (.json or .pt)")
     derive.add_argument("file", metavar="FILE")
     derive.add_argument("--json", action="store_true", help="last line of stdout: the genotype JSON")
