@@ -10,8 +10,9 @@ matplotlib as inline SVG, no graphviz needed.
 - :func:`cell_graphs`: every cell of a stored genotype text, whatever its space (DARTS JSON / ``Genotype(...)``
   text, or an NB201 architecture string ``|op~0|+|op~0|op~1|+|...|``).
 
-Layout: inputs on the left, intermediate nodes left to right in topological order on a gentle zig-zag, the output
-on the right; an edge bends more the more nodes it jumps over, so long skips arc around the nodes in between.
+Layout: inputs on the left, intermediate nodes left to right in topological order on a zig-zag, the output on
+the right; an edge is straight when that clears every other node, else it takes the gentlest arc (either side)
+that does, and its label slides along it away from nodes and other labels.
 Each edge carries its op as colour (one colour per op across the whole report, :func:`orchestrator.plots.op_color`)
 and as a short label.
 """
@@ -21,7 +22,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -60,6 +61,16 @@ class CellGraph:
                 raise ValueError(f"cell graph edge {src}->{dst} goes backwards")
         if not self.output or not set(self.output) <= known:
             raise ValueError(f"cell graph output {list(self.output)} names unknown nodes")
+
+    def slots(self) -> list[tuple[str, str]]:
+        """Every edge the cell could have, in the supernet's order (the rows of its alphas): node by node, each
+        from every input and earlier node."""
+        states = self.inputs + self.nodes
+        return [(src, dst) for i, dst in enumerate(self.nodes) for src in states[:len(self.inputs) + i]]
+
+    def edge_key(self, src: str, dst: str) -> str:
+        """The edge's key in :mod:`orchestrator.stability`'s frequency tables: ``"<src state>-><dst node + 2>"``."""
+        return f"{(self.inputs + self.nodes).index(src)}->{self.nodes.index(dst) + 2}"
 
 
 # -- converters -------------------------------------------------------------------------------------------------
@@ -111,14 +122,17 @@ def nb201_edges(arch: str) -> list[tuple[int, int, str]]:
     return edges
 
 
-def cell_graphs(text: str | Genotype) -> list[tuple[str, CellGraph]]:
-    """(cell name, graph) of every cell of a stored genotype: 'normal' and 'reduce' in the DARTS space, one
-    'cell' for an NB201 architecture string."""
-    if isinstance(text, Genotype):
-        return [(cell, darts_cell_graph(text, cell)) for cell in CELL_TYPES]
-    if text.lstrip().startswith("|"):
-        return [("cell", edge_list_cell_graph(nb201_edges(text)))]
-    genotype = parse_genotype(text)
+def cell_graphs(genotype: Any) -> list[tuple[str, CellGraph]]:
+    """(cell name, graph) of every cell of a genotype (object or stored text): 'normal' and 'reduce' in the
+    DARTS space; one 'cell' for an architecture that lists its own ``edges()`` as ``(src, dst, op)`` (a
+    NAS-Bench-201 cell) or for an NB201 architecture string."""
+    if isinstance(genotype, str):
+        text = genotype.strip()
+        if text.startswith("|"):
+            return [("cell", edge_list_cell_graph(nb201_edges(text)))]
+        genotype = parse_genotype(text)
+    if callable(getattr(genotype, "edges", None)):
+        return [("cell", edge_list_cell_graph(genotype.edges()))]
     return [(cell, darts_cell_graph(genotype, cell)) for cell in CELL_TYPES]
 
 
@@ -254,7 +268,7 @@ def cell_svg(graph: CellGraph, title: str = "", key: str = "cell") -> str:
     return figure_svg(draw_cell(graph, title), key)
 
 
-def genotype_svgs(text: str | Genotype, label: str = "", key: str = "cell") -> list[tuple[str, str]]:
+def genotype_svgs(text: Any, label: str = "", key: str = "cell") -> list[tuple[str, str]]:
     """(cell name, SVG) of every cell of a genotype, titled ``"<label> <cell> cell"``."""
     out = []
     for cell, graph in cell_graphs(text):
@@ -285,7 +299,7 @@ def svg_document(svgs: Sequence[str], gap: float = 6.0) -> str:
             + "".join(body) + "</svg>\n")
 
 
-def write_genotype_svg(genotype: str | Genotype, path: str, label: str = "") -> str:
+def write_genotype_svg(genotype: Any, path: str, label: str = "") -> str:
     """Every cell of a genotype as one standalone SVG file at ``path`` (``genotype show --svg``)."""
     text = svg_document([svg for _, svg in genotype_svgs(genotype, label)])
     with open(path, "w", encoding="utf-8") as f:

@@ -38,11 +38,11 @@ from pcdarts_core.genotypes import CELL_TYPES
 from pcdarts_core.ops import PRIMITIVES, SHARP_PRIMITIVES
 
 from .cli import fail, run_cli
-from .drawing import cell_graphs, genotype_svgs
+from .drawing import CellGraph, cell_graphs, genotype_svgs
 from .plots import (ForestRow, Panel, Series, figure_svg, forest, heatmap, line_panels, op_color,
                     op_probability_grid, pareto, series_color)
 from .results import ResultStore, parse_source
-from .stability import (Summary, as_genotype, cross_distances, encode, frequencies_from_json, pairwise_distances,
+from .stability import (Summary, cross_distances, encode, frequencies_from_json, pairwise_distances,
                         stability_table, stopped_changing_epoch, summarize)
 
 REPORT_FILE = "report.html"
@@ -294,30 +294,25 @@ def overview_accuracy(exp: Experiment, labels: Mapping[str, str]) -> list[tuple[
     return out
 
 
-def _edge_names(steps: int) -> list[tuple[int, int]]:
-    return [(j, k) for k in range(2, 2 + steps) for j in range(k)]
-
-
-def _state(i: int) -> str:
-    return {0: "c_{k-2}", 1: "c_{k-1}"}.get(i, str(i - 2))
-
-
-def _tick(i: int) -> str:
-    name = _state(i)
+def _tex(name: str) -> str:
     return f"${name}$" if "_" in name else name
 
 
-def frequency_figure(stats: Mapping[str, Any], cell: str, steps: int) -> Any:
-    """Heatmap of how often each (edge, op) was chosen across the group's seeds (stability's edge_op JSON)."""
-    freqs = frequencies_from_json(stats.get("edge_op_frequencies")).get(cell, {})
+#: the key of a cell in the epochs (``alphas_<cell>``) and frequency tables: a one-cell space's cell is 'normal'
+def _cell_key(name: str) -> str:
+    return name if name in CELL_TYPES else "normal"
+
+
+def frequency_figure(stats: Mapping[str, Any], name: str, graph: CellGraph) -> Any:
+    """Heatmap of how often each (op, edge) was chosen across the group's seeds (stability's edge_op JSON), over
+    every edge the cell could have."""
+    freqs = frequencies_from_json(stats.get("edge_op_frequencies")).get(_cell_key(name), {})
     seen = {op for per in freqs.values() for op in per}
-    ops = [op for op in _OP_ORDER if op in seen and op != "none"] + sorted(seen - set(_OP_ORDER))
-    if not ops:
-        ops = [op for op in PRIMITIVES if op != "none"]
-    edges = _edge_names(steps)
-    matrix = np.array([[freqs.get(f"{j}->{k}", {}).get(op, 0.0) for j, k in edges] for op in ops])
-    return heatmap(matrix, ops, [f"{_tick(j)}→{_tick(k)}" for j, k in edges],
-                   f"{cell} cell: share of seeds choosing (op, edge)", cmap="Blues", fmt="{:.0%}",
+    ops = [op for op in _OP_ORDER if op in seen] + sorted(seen - set(_OP_ORDER))
+    slots = graph.slots()
+    matrix = np.array([[freqs.get(graph.edge_key(s, d), {}).get(op, 0.0) for s, d in slots] for op in ops])
+    return heatmap(matrix, ops, [f"{_tex(s)}→{_tex(d)}" for s, d in slots],
+                   f"{name} cell: share of seeds choosing (op, edge)", cmap="Blues", fmt="{:.0%}",
                    row_colors=[op_color(op) for op in ops], colorbar="share of seeds")
 
 
@@ -349,9 +344,12 @@ def _softmax(a: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def alpha_figure(runs: Sequence[SeedRun], cell: str, chosen_text: str | None, title: str) -> Any:
-    """Mean over seeds of softmax(alphas) per edge and op, per epoch (epochs where the width matches epoch 0's)."""
-    col = f"alphas_{cell}"
+def alpha_figure(runs: Sequence[SeedRun], name: str, kept_by: CellGraph | None, title: str,
+                 slots_of: CellGraph) -> Any:
+    """Mean over seeds of softmax(alphas) per edge and op, per epoch (epochs whose alphas have the first
+    epoch's shape: P-DARTS's pruned stages are left out). ``slots_of`` names the rows (every edge the cell could
+    have); the ops ``kept_by`` (the consensus cell) kept are drawn thick."""
+    col = f"alphas_{_cell_key(name)}"
     per_epoch: dict[int, list[np.ndarray]] = {}
     shape = None
     for run in runs:
@@ -365,21 +363,17 @@ def alpha_figure(runs: Sequence[SeedRun], cell: str, chosen_text: str | None, ti
                 per_epoch.setdefault(int(row["epoch"]), []).append(_softmax(arr))
     if not per_epoch or shape is None:
         raise ValueError(f"no {col} in the epochs table")
+    slots = slots_of.slots()
+    if len(slots) != shape[0]:
+        raise ValueError(f"{col} has {shape[0]} rows but the cell has {len(slots)} possible edges")
     epochs = np.array(sorted(per_epoch))
     probs = np.stack([np.mean(per_epoch[e], axis=0) for e in epochs])
-    steps = 0
-    while sum(k + 2 for k in range(steps)) < shape[0]:
-        steps += 1
-    if sum(k + 2 for k in range(steps)) != shape[0]:
-        raise ValueError(f"{shape[0]} edges are not a DARTS cell")
-    edges = [(_tick(j), _tick(k)) for j, k in _edge_names(steps)]
-    ops = alpha_ops(shape[1], runs[0].trial)
-    chosen: list[set[str]] = []
-    if chosen_text:
-        g = as_genotype(chosen_text)
-        kept = {(inp, node + 2): op for node, pairs in enumerate(g.nodes(cell)) for op, inp in pairs}
-        chosen = [{kept[(j, k)]} if (j, k) in kept else set() for j, k in _edge_names(steps)]
-    return op_probability_grid(epochs, probs, edges, ops, title, chosen)
+    kept: dict[tuple[str, str], set[str]] = {}
+    for src, dst, op in kept_by.edges if kept_by is not None else ():
+        kept.setdefault((src, dst), set()).add(op)
+    return op_probability_grid(epochs, probs, [(_tex(s), _tex(d)) for s, d in slots],
+                               alpha_ops(shape[1], runs[0].trial), title,
+                               [kept.get(slot, set()) for slot in slots] if kept_by is not None else ())
 
 
 def _epoch_values(run: SeedRun, key: str) -> tuple[list[int], list[float]]:
@@ -646,13 +640,12 @@ def group_html(exp: Experiment, group: str, index: int, labels: Mapping[str, str
                                 f"Best search by val acc: {best.label}, val acc {_fmt(best.val_acc)}"))
         parts.append("</div>")
 
-        steps = len(cell_graphs(done[0].trial["genotype"])[0][1].nodes)
         parts.append("<h3>Agreement across seeds</h3><p class=\"q\">Which (edge, op) choices are stable across "
                      "seeds, and which seeds found similar cells?</p><div class=\"figs\">")
-        for cell in CELL_TYPES:
-            parts.append(figs.figure(f"{key}-freq-{cell}", f"{cell} cell: fraction of the {len(done)} seeds whose "
+        for name, graph in cell_graphs(consensus or done[0].genotype):
+            parts.append(figs.figure(f"{key}-freq-{name}", f"{name} cell: fraction of the {len(done)} seeds whose "
                                      "cell has this edge with this op (op names in the diagrams' colours).",
-                                     lambda cell=cell: frequency_figure(stats, cell, steps)))
+                                     lambda name=name, graph=graph: frequency_figure(stats, name, graph)))
         if len(done) > 1:
             parts.append(figs.figure(f"{key}-dist", "Fraction of the (input, op) choices two seeds' cells differ in.",
                                      lambda: distance_figure(done)))
@@ -665,12 +658,15 @@ def group_html(exp: Experiment, group: str, index: int, labels: Mapping[str, str
                      "skip-connects take over (collapse), when did the derived cell stop changing?</p>")
         parts.append(figs.figure(f"{key}-curves", "One line per seed; ▼ marks the epoch from which the seed's "
                                  "derived genotype never changed again.", lambda: line_panels(panels), wide=True))
-        for cell in CELL_TYPES:
+        reference = consensus or next((r.genotype for r in with_epochs if r.genotype), None)
+        for name, graph in cell_graphs(reference) if reference else []:
+            note = ("thick lines: the op the consensus cell kept on that edge; grey panels: edges it dropped."
+                    if consensus else "no consensus yet (no finished seed).")
             parts.append(figs.figure(
-                f"{key}-alpha-{cell}", f"{cell} cell: softmax(α) per edge, mean over the seeds at each epoch; "
-                "thick lines: the op the consensus cell kept on that edge; grey panels: edges it dropped.",
-                lambda cell=cell: alpha_figure(with_epochs, cell, consensus,
-                                               f"{cell} cell: op probabilities per edge"), wide=True))
+                f"{key}-alpha-{name}", f"{name} cell: softmax(α) per edge, mean over the seeds at each epoch; {note}",
+                lambda name=name, graph=graph: alpha_figure(with_epochs, name, graph if consensus else None,
+                                                            f"{name} cell: op probabilities per edge",
+                                                            slots_of=graph), wide=True))
 
     parts.append("<h3>Every seed</h3>")
     parts.append(seed_table(runs, consensus))

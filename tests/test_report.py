@@ -188,13 +188,32 @@ def test_report_command_bad_input_is_one_line(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+def test_report_shows_benchmark_accuracies_where_looked_up(smoke, tmp_path):
+    """NB201 lookups arrive as bench_acc_<dataset> columns of the trials: each gets its own accuracy rows."""
+    exp, _ = smoke
+    source = ResultStore(str(exp.parent), exp.name)
+    copy = ResultStore(str(tmp_path), "bench")
+    trials = source.read("trials")
+    acc = [0.9 + 0.01 * i for i in range(trials.num_rows)]
+    copy.write_table("trials", trials.append_column("bench_acc_cifar10", pa.array(acc, pa.float64())))
+    for kind in ("epochs", "evaluations"):
+        copy.write_table(kind, source.read(kind))
+    page = Path(report.write_report(copy))
+    text = page.read_text(encoding="utf-8")
+    assert ">NB201 cifar10 test acc<" in text  # the across-groups forest
+    assert text.count(">NB201 cifar10 (2)<") == 2  # and one row in each group's forest
+    assert_renders(page, tmp_path)
+
+
 # -- a sweep that is still running ---------------------------------------------------------------------------------
 @pytest.mark.ray
 @pytest.mark.slow
 def test_report_of_a_running_sweep(ray_cluster, tmp_path):
     storage = tmp_path / "results"
     args = ["stability", "--preset", "smoke", "--storage", str(storage), "--address", ray_cluster,
-            "--set", "epochs=40", "--set", "grid.k=[4]"]
+            "--set", "epochs=40", "--set", "grid.k=[4]", "--set", "hessian_every=1"]
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.sweep", *args], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -222,6 +241,7 @@ def test_report_of_a_running_sweep(ray_cluster, tmp_path):
     assert "Running searches show the genotype of their latest epoch" in text
     ids = figure_ids(text)
     assert {"g0-curves", "g0-alpha-normal", "g0-alpha-reduce"} <= ids
+    assert "Hessian eigenvalue" in text  # recorded every epoch here: its panel is drawn
     assert len([x for x in ids if x.startswith("g0-s")]) == 2 * 2  # both running seeds' current cells
     assert_renders(page, tmp_path)
 
