@@ -322,6 +322,7 @@ def pareto(x: Sequence[float], y: Sequence[float], labels: Sequence[str], title:
     for (px, py), idx in at.items():
         ax.annotate("\n".join(labels[i] for i in idx), (px, py), xytext=(5, 4), textcoords="offset points",
                     fontsize=7, color=INK if front[idx[0]] else MUTED, va="bottom")
+    ax.margins(x=0.18, y=0.1)  # room for the labels of the outermost points
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, loc="left")
