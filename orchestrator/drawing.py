@@ -201,8 +201,8 @@ _BOX = (0.9, 0.46)  # inputs and output (width, height)
 _INCH = 0.45  # inches per data unit: every diagram at the same scale
 
 
-def _tex(name: str) -> str:
-    """``c_{k-1}`` as mathtext, plain names as they are."""
+def node_label(name: str) -> str:
+    """A node name as matplotlib text: ``c_{k-1}`` as mathtext, plain names as they are."""
     return f"${name}$" if "_" in name else name
 
 
@@ -246,10 +246,10 @@ def draw_cell(graph: CellGraph, title: str = "") -> Figure:
                                      color=MUTED, linestyle="--", zorder=0, shrinkA=shrink(name),
                                      shrinkB=shrink("__output__")))
     for name in graph.inputs:
-        _node(ax, pos[name], _tex(name), "#dbe7f3", boxed=True)
+        _node(ax, pos[name], node_label(name), "#dbe7f3", boxed=True)
     for name in graph.nodes:
         _node(ax, pos[name], name, "#f4f4f4")
-    _node(ax, pos["__output__"], _tex(graph.output_name), "#fdebd3", boxed=True)
+    _node(ax, pos["__output__"], node_label(graph.output_name), "#fdebd3", boxed=True)
     return fig
 
 

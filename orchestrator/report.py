@@ -38,7 +38,7 @@ from pcdarts_core.genotypes import CELL_TYPES
 from pcdarts_core.ops import PRIMITIVES, SHARP_PRIMITIVES
 
 from .cli import fail, run_cli
-from .drawing import CellGraph, cell_graphs, genotype_svgs
+from .drawing import CellGraph, cell_graphs, genotype_svgs, node_label
 from .plots import (ForestRow, Panel, Series, figure_svg, forest, heatmap, line_panels, op_color,
                     op_probability_grid, pareto, series_color)
 from .results import ResultStore, parse_source
@@ -294,10 +294,6 @@ def overview_accuracy(exp: Experiment, labels: Mapping[str, str]) -> list[tuple[
     return out
 
 
-def _tex(name: str) -> str:
-    return f"${name}$" if "_" in name else name
-
-
 #: the key of a cell in the epochs (``alphas_<cell>``) and frequency tables: a one-cell space's cell is 'normal'
 def _cell_key(name: str) -> str:
     return name if name in CELL_TYPES else "normal"
@@ -311,7 +307,7 @@ def frequency_figure(stats: Mapping[str, Any], name: str, graph: CellGraph) -> A
     ops = [op for op in _OP_ORDER if op in seen] + sorted(seen - set(_OP_ORDER))
     slots = graph.slots()
     matrix = np.array([[freqs.get(graph.edge_key(s, d), {}).get(op, 0.0) for s, d in slots] for op in ops])
-    return heatmap(matrix, ops, [f"{_tex(s)}→{_tex(d)}" for s, d in slots],
+    return heatmap(matrix, ops, [f"{node_label(s)}→{node_label(d)}" for s, d in slots],
                    f"{name} cell: share of seeds choosing (op, edge)", cmap="Blues", fmt="{:.0%}",
                    row_colors=[op_color(op) for op in ops], colorbar="share of seeds")
 
@@ -371,7 +367,7 @@ def alpha_figure(runs: Sequence[SeedRun], name: str, kept_by: CellGraph | None, 
     kept: dict[tuple[str, str], set[str]] = {}
     for src, dst, op in kept_by.edges if kept_by is not None else ():
         kept.setdefault((src, dst), set()).add(op)
-    return op_probability_grid(epochs, probs, [(_tex(s), _tex(d)) for s, d in slots],
+    return op_probability_grid(epochs, probs, [(node_label(s), node_label(d)) for s, d in slots],
                                alpha_ops(shape[1], runs[0].trial), title,
                                [kept.get(slot, set()) for slot in slots] if kept_by is not None else ())
 
