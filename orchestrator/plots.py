@@ -162,7 +162,7 @@ class ForestRow:
 @styled
 def forest(rows: Sequence[ForestRow], title: str, xlabel: str = "accuracy") -> Figure:
     """Horizontal forest plot, one row per entry, top to bottom; best - mean written on the right."""
-    fig = new_figure(6.6, 1.0 + 0.36 * len(rows))
+    fig = new_figure(6.0, 1.0 + 0.36 * len(rows))
     ax = fig.add_subplot()
     _style(ax)
     ax.grid(True, axis="x", color=GRID, lw=0.6)

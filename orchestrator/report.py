@@ -476,6 +476,7 @@ background:var(--bg)}
 header{background:#1f2a36;color:#fff;padding:18px 28px}
 header h1{margin:0 0 4px;font-size:22px;font-weight:600}
 header .meta{color:#c9d3dd;font-size:13px}
+header code{background:#33414f;color:#dfe6ee}
 header .pill{display:inline-block;padding:1px 9px;border-radius:10px;margin-right:6px;font-size:12px;background:#33414f}
 .pill.done{background:var(--ok)}.pill.running{background:var(--run)}.pill.failed{background:var(--accent)}
 nav{position:sticky;top:0;z-index:2;background:#fff;border-bottom:1px solid var(--line);padding:6px 28px;
@@ -490,9 +491,10 @@ p.q{margin:0 0 8px;color:var(--muted);font-size:13px}
 .fig-error{background:#fdecea;border:1px solid #f5b7b1;border-radius:6px;padding:6px 10px;margin:8px 0;
 font-size:12px;color:#922}
 .figs{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}
-figure.fig{margin:6px 0;padding:0}
+figure.fig{margin:6px 0;padding:0;display:table}
+figure.fig figcaption{display:table-caption;caption-side:bottom}
 figure.fig svg{max-width:100%;height:auto;display:block}
-figcaption{font-size:12px;color:var(--muted);max-width:720px;margin-top:2px}
+figcaption{font-size:12px;color:var(--muted);margin-top:2px}
 table.stats{border-collapse:collapse;font-size:12.5px;margin:6px 0}
 table.stats th,table.stats td{border-bottom:1px solid var(--line);padding:4px 8px;text-align:right;white-space:nowrap}
 table.stats th{background:#fafafa;font-weight:600;color:#444}
@@ -702,7 +704,6 @@ def render(exp: Experiment, generated: str | None = None) -> str:
             overview.append(figs.figure(f"ov-acc{i}", f"{title}: dots are seeds, diamonds means, bars 95% bootstrap "
                                         "CIs; grey rows: baselines retrained under the same protocol.",
                                         lambda title=title, rows=rows: forest(rows, title), wide=True))
-        overview.append("</div>")
         if exp.hpo or len(exp.groups) > 1:
             overview.append(figs.figure("ov-pareto", "Each point a configuration: up is more accurate, left "
                                         "is more stable (its seeds find more similar cells). Red: not dominated.",
@@ -711,7 +712,7 @@ def render(exp: Experiment, generated: str | None = None) -> str:
         if panels:
             overview.append(figs.figure("ov-curves", "Per group, the mean over its seeds at each epoch.",
                                         lambda: line_panels(panels), wide=True))
-        overview.append("</section>")
+        overview.append("</div></section>")
         groups = [group_html(exp, g, i, labels, figs) for i, g in enumerate(exp.groups)]
         body += overview + groups
     if figs.errors:
