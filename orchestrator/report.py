@@ -751,7 +751,8 @@ def write_report(store: ResultStore, out: str | None = None) -> str:
     store.fs.create_dir(store.root, recursive=True)
     with store.fs.open_output_stream(path) as f:
         f.write(text)
-    return store.uri("trials").rsplit("/", 1)[0] + f"/{REPORT_FILE}"
+    scheme = store.storage.split("://", 1)[0] if "://" in store.storage else "file"
+    return path if scheme == "file" else f"{scheme}://{path}"  # s3://bucket/... as the user gave the storage
 
 
 def publish(store: ResultStore, say: Callable[[str], Any] = print) -> str | None:
