@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own output off (see orchestrator.sweep.run_tuner)
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own output off (see orchestrator.experiment.run_tuner)
 
 
 def main() -> None:
@@ -44,7 +44,8 @@ def main() -> None:
     import torch
 
     from orchestrator.presets import load_preset
-    from orchestrator.sweep import ParquetResults, machine_cpus, trial_dirname
+    from orchestrator.cluster import machine_cpus
+    from orchestrator.experiment import ParquetResults, trial_dirname
     from orchestrator.trainable import search_trainable
     from pcdarts_core.config import search_config_from_dict
     from pcdarts_core.search import search

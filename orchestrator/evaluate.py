@@ -29,17 +29,18 @@ import json
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, NoReturn, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from pcdarts_core.genotypes import CELL_TYPES, Genotype, PUBLISHED, consensus_genotype, load_genotype, parse_genotype
+from pcdarts_core.nb201_arch import random_arch
 
-from .cli import fail, run_cli
-from .presets import EvaluateSpec, Preset, check_resources, load_preset, preset_from_dict
-from .progress import TuneProgress, console
-from .results import ResultStore, source_consensus, source_published, source_random, source_trial
-from .sweep import (REUSE_ACTORS, ParquetResults, _abs_data_dir, check_name, cluster_address, connect,
-                    experiment_uri, local_resources, read_claim, run_tuner, split_experiment, trial_dirname,
-                    tune_resources, write_stability)
+from .cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Parser, check_name, run_cli, split_experiment
+from .cluster import check_storage, cluster_address, connect, local_resources
+from .experiment import (REUSE_ACTORS, ParquetResults, abs_data_dir, experiment_uri, finish,
+                         read_claim, run_config, run_tuner, trial_dirname, tune_resources)
+from .presets import EvaluateSpec, Preset, apply_sets, check_resources, load_preset, preset_from_dict
+from .progress import TuneProgress, console, last_error_line
+from .results import (ExperimentLock, ResultStore, eval_row, source_consensus, source_published, source_random, source_trial)
 
 #: the DARTS space's ops a derived cell may use (``none`` is never selected)
 RANDOM_OPS = ("max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3",
@@ -88,8 +89,15 @@ def protocol_id(eval_cfg: Mapping[str, Any]) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
-def evaluation_specs(store: ResultStore, request: EvaluateRequest, protocol: str) -> list[dict[str, Any]]:
-    """One spec per (source, seed): ``eval_id``, ``source``, ``genotype`` (JSON), ``seed``, ``group``, ``protocol``."""
+#: search space -> its random-cell baseline (the others: random DARTS-space cells)
+RANDOM_CELLS: dict[str, Callable[[int], Any]] = {"nb201": random_arch}
+
+
+def evaluation_specs(store: ResultStore, request: EvaluateRequest, protocol: str,
+                     space: str = "darts") -> list[dict[str, Any]]:
+    """One spec per (source, seed): ``eval_id``, ``source``, ``genotype`` (JSON), ``seed``, ``group``, ``protocol``.
+    Random cells come from ``space`` (NAS-Bench-201 cells for nb201, DARTS-space cells otherwise)."""
+    random_cell = RANDOM_CELLS.get(space, random_genotype)
     sources: list[tuple[str, Genotype, str | None]] = []
     if request.top_k is not None or request.consensus:
         trials = store.read("trials")
@@ -113,7 +121,7 @@ def evaluation_specs(store: ResultStore, request: EvaluateRequest, protocol: str
         label = name if name in PUBLISHED else name.replace("|", "_")
         sources.append((source_published(label), load_genotype(name), None))
     for i in range(request.random):
-        sources.append((source_random(i), random_genotype(i), None))
+        sources.append((source_random(i), random_cell(i), None))
     specs = []
     for source, genotype, group in sources:
         for seed in request.seeds:
@@ -134,48 +142,39 @@ def pending(store: ResultStore, specs: list[dict[str, Any]]) -> list[dict[str, A
 
 def run_evaluations(preset: Preset, store: ResultStore, request: EvaluateRequest, address: str | None,
                     show: bool = True, verbose: bool = False) -> int:
-    """Run the requested evaluations as Tune trials (resuming an interrupted set), then update the tables."""
+    """Run the requested evaluations as Tune trials (resuming an interrupted set), then update the tables
+    (``show``: also compact, print and return the command's exit status; else the status of these evaluations)."""
     from ray import tune
 
     from .trainable import eval_trainable
 
     spec = preset.evaluation()
-    eval_cfg = _abs_data_dir(spec.config.to_dict())
+    eval_cfg = abs_data_dir(spec.config.to_dict())
     protocol = protocol_id(eval_cfg)
-    specs = evaluation_specs(store, request, protocol)
+    specs = evaluation_specs(store, request, protocol, spec.config.search_space)
     todo = pending(store, specs)
     console().print(f"[bold]evaluate[/] {store.name}: {len(specs)} evaluation(s) "
                     f"({len(specs) - len(todo)} already done) of {spec.config.epochs} epochs, protocol {protocol}")
-    code = 0
+    counts = {"failed": 0, "running": 0}
     if todo:
         available = connect(address, verbose)
         check_resources(spec.resources, available, "evaluate.resources")
         key = hashlib.sha1(json.dumps([sorted(s["eval_id"] for s in todo), protocol]).encode()).hexdigest()[:10]
         exp = experiment_uri(store.storage, store.name)
-        path = f"{exp}/evaluate-{key}"
         trainable = tune.with_resources(eval_trainable, tune_resources(spec.resources))
 
-        failure = preset.failure_spec()
-
         def make_tuner() -> Any:
-            callbacks = [ParquetResults(store.storage, store.name, "evaluate", eval_config=eval_cfg),
+            recorders = [ParquetResults(store.storage, store.name, "evaluate", eval_config=eval_cfg),
                          TuneProgress("evaluate", len(todo), len(todo) * spec.config.epochs, metric="test_acc")]
             return tune.Tuner(
                 trainable, param_space={"eval": eval_cfg, "spec": tune.grid_search(todo)},
                 tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials or None,
                                             trial_dirname_creator=trial_dirname, reuse_actors=REUSE_ACTORS),
-                run_config=tune.RunConfig(
-                    name=f"evaluate-{key}", storage_path=exp, callbacks=callbacks,
-                    failure_config=tune.FailureConfig(max_failures=failure.max_failures),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=failure.checkpoints_to_keep),
-                verbose=1 if verbose else 0))
+                run_config=run_config(f"evaluate-{key}", exp, recorders, preset.failure_spec(), verbose))
 
         start = time.perf_counter()
-        grid = run_tuner(trainable, path, make_tuner, verbose)
-        rows, unfinished, failed = [], 0, 0
-        from .progress import last_error_line
-        from .sweep import eval_row
-
+        grid = run_tuner(trainable, f"{exp}/evaluate-{key}", make_tuner, verbose)
+        rows = []
         for result in grid:
             cfg = result.config or {}
             if "spec" not in cfg:
@@ -183,30 +182,20 @@ def run_evaluations(preset: Preset, store: ResultStore, request: EvaluateRequest
             metrics = result.metrics or {}
             error = last_error_line(str(result.error)) if result.error is not None else None
             status = "failed" if error else ("done" if metrics.get("done") else "running")
-            unfinished += status == "running"
-            failed += status == "failed"
+            counts[status] = counts.get(status, 0) + 1
             rows.append(eval_row(cfg["spec"], eval_cfg, metrics, status, error, metrics.get("trial_id")))
         if rows:
             store.upsert("evaluations", rows)
-        console().print(f"evaluations: {len(rows) - unfinished - failed} done, {failed} failed, {unfinished} "
-                        f"unfinished; {time.perf_counter() - start:.0f} s")
-        if unfinished:
-            code = 130
+        console().print(f"evaluations: {counts.get('done', 0)} done, {counts['failed']} failed, "
+                        f"{counts['running']} unfinished; {time.perf_counter() - start:.0f} s")
     if show:
-        write_stability(store)
-        from .report import publish
-        publish(store)
-    return code
+        return finish(store, counts, what="evaluation(s)")
+    return EXIT_INTERRUPTED if counts["running"] else (EXIT_FAILED if counts["failed"] else EXIT_OK)
 
 
 # -- command line --------------------------------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        fail(f"{message} (see {self.prog} --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m orchestrator.evaluate", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m orchestrator.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--from", dest="experiment", required=True,
                    help="experiment name (under --storage) or its folder")
     p.add_argument("--storage", help="results root (default $PCDARTS_STORAGE or ./results)")
@@ -234,12 +223,7 @@ def experiment_preset(store: ResultStore, args: argparse.Namespace) -> Preset:
     raw = dict((claim or {}).get("preset") or {})
     if not raw:
         raise ValueError(f"experiment {store.name!r} has no recorded preset; pass --preset NAME for the protocol")
-    from .presets import apply_override, parse_set
-
-    for key_path, value in parse_set(args.sets):
-        if key_path[0] not in raw and len(key_path) == 1:
-            key_path = ["evaluate", *key_path]
-        apply_override(raw, key_path, value)
+    raw = apply_sets(raw, args.sets, section="evaluate")
     return preset_from_dict(raw, default_name=store.name, where=f"{store.name} preset")
 
 
@@ -247,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     storage, name = split_experiment(args.experiment, args.storage)
     store = ResultStore(storage, check_name(name))
+    check_storage(store)
     if read_claim(store) is None and not store.exists("trials"):
         raise ValueError(f"no experiment {name!r} in {storage}")
     preset = experiment_preset(store, args)
@@ -275,7 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_dataset(spec.config.dataset, spec.config.data_dir)
     if not address:
         check_resources(spec.resources, local_resources(), "evaluate.resources")
-    return run_evaluations(preset, store, request, address, verbose=args.verbose)
+    with ExperimentLock(store):
+        return run_evaluations(preset, store, request, address, verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -1,52 +1,23 @@
-"""Sweep definitions (``tune_configs/*.yaml``): loaded with ``yaml.safe_load`` and validated before Ray starts.
-
-A preset file looks like::
-
-    name: smoke                  # default experiment name
-    search:                      # the base search config: SearchConfig fields (method, dataset, epochs, ...)
-      method: pcdarts
-      dataset: synthetic
-      epochs: 2
-    grid:                        # optional: key -> values; their cartesian product gives the configuration groups
-      k: [2, 4]
-    configurations:              # optional: explicit groups (each one's settings), times the grid when both are given
-      - {method: pcdarts, k: 4}
-      - {method: darts}          # a method's own defaults apply to what the search section does not set
-    seeds: [0, 1, 2]             # every group runs once per seed
-    resources: {cpu: 1, gpu: 0}  # per trial (fractional GPUs allowed)
-    max_concurrent_trials: 2
-    failure: {max_failures: 2}   # retries of a crashing trial from its last checkpoint
-    evaluate:                    # optional: EvalConfig fields for evaluation trials, plus what to evaluate
-      epochs: 5
-      seeds: [0, 1]              # every evaluated genotype is trained once per seed
-      top_k: 1                   # per group, the k searches with the best val_acc (null: all of them)
-      consensus: true            # also each group's consensus genotype
-      random_baseline: 4         # and this many random DARTS-space cells, under the same protocol
-      genotypes: [PC_DARTS_CIFAR]  # and published names or genotype files
-      after_sweep: false         # evaluate at the end of every ``sweep stability`` run (like --evaluate)
-    hpo:                         # optional: ``sweep hpo`` (Optuna, multi-objective)
-      num_samples: 8
-      seeds: [0, 1, 2]           # every Optuna trial runs one search per seed
-      space:                     # SearchConfig fields: {loguniform|uniform: [lo, hi]}, {int: [lo, hi]}, {choice: [...]}
-        arch_lr: {loguniform: [1.0e-4, 1.0e-2]}
-        k: {choice: [2, 4]}
-
-``--set key=value`` overrides use dotted paths (``search.k=8``, ``seeds=[0,1]``, ``evaluate.epochs=3``); values are
-parsed as YAML scalars/lists. Every key is checked; the first problem is one ``ValueError`` line.
+"""Presets (``tune_configs/*.yaml``, the README's *Presets*): loaded with ``yaml.safe_load``, overridden by
+``--set`` (:func:`apply_sets`: ``search.k=8`` or ``k=8``, ``seeds=[0,1]``, ``evaluate.epochs=3``; values parsed
+as YAML) and validated once, before Ray starts. Every problem is one ``ValueError`` line naming the key.
 """
 
 from __future__ import annotations
 
 import copy
-import difflib
 import itertools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pcdarts_core.config import EvalConfig, SearchConfig, eval_config, search_config_from_dict
+
+from .cli import did_you_mean
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "tune_configs"
 TOP_LEVEL_KEYS = {"name", "description", "search", "grid", "configurations", "seeds", "resources",
@@ -123,12 +94,31 @@ class Preset:
         return out
 
 
+# -- the validation of every section ----------------------------------------------------------------------------
+class Section(BaseModel):
+    """A typed section of a preset, validated once at the boundary: unknown keys get "did you mean", values
+    their ranges, NaN and infinities are refused, and every problem is one ``ValueError`` line naming the key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=False)
+
+    @classmethod
+    def parse(cls, values: Mapping[str, Any], where: str) -> Any:
+        try:
+            return cls.model_validate(dict(values))
+        except ValidationError as err:
+            first = err.errors()[0]
+            key = ".".join(str(p) for p in first["loc"][:1])
+            if first["type"] == "extra_forbidden":
+                raise ValueError(f"unknown {where} key {key!r}{did_you_mean(key, cls.model_fields)}; known: "
+                                 f"{', '.join(cls.model_fields)}") from None
+            message = first["msg"].removeprefix("Value error, ")
+            if first["type"] != "value_error":  # pydantic's own words: say what was given
+                message += f", got {first.get('input')!r}"
+            raise ValueError(f"{where}.{key}: {message}" if key else f"{where}: {message}") from None
+
+
 # -- sections ----------------------------------------------------------------------------------------------------
-FAILURE_KEYS = {"max_failures", "fail_fast", "checkpoints_to_keep"}
-
-
-@dataclass(frozen=True)
-class FailureSpec:
+class FailureSpec(Section):
     """``failure:``: a crashing trial is retried ``max_failures`` times from its last checkpoint, then failed.
 
     ``checkpoints_to_keep`` per trial (None: all). Tune deletes older ones as new ones arrive, while its
@@ -137,23 +127,13 @@ class FailureSpec:
     keep all for such tiny runs.
     """
 
-    max_failures: int = 2
+    max_failures: int = Field(2, ge=-1)  # -1: retry forever
     fail_fast: bool = False  # stop the whole sweep at the first trial that fails for good
-    checkpoints_to_keep: int | None = 5
+    checkpoints_to_keep: int | None = Field(5, ge=1)
 
 
 def failure_spec(raw: Mapping[str, Any]) -> FailureSpec:
-    _known("failure", raw, FAILURE_KEYS)
-    max_failures = raw.get("max_failures", 2)
-    if not _is_int(max_failures) or max_failures < -1:
-        raise ValueError("failure.max_failures must be an integer >= 0 (or -1: retry forever)")
-    fail_fast = raw.get("fail_fast", False)
-    if not isinstance(fail_fast, bool):
-        raise ValueError("failure.fail_fast must be true or false")
-    keep = raw.get("checkpoints_to_keep", 5)
-    if keep is not None and (not _is_int(keep) or keep < 1):
-        raise ValueError("failure.checkpoints_to_keep must be an integer >= 1, or null to keep all")
-    return FailureSpec(max_failures, fail_fast, keep)
+    return FailureSpec.parse(raw, "failure")
 
 
 EVALUATE_KEYS = {"seeds", "top_k", "consensus", "random_baseline", "genotypes", "after_sweep", "resources",
@@ -185,6 +165,7 @@ def evaluate_spec(raw: Mapping[str, Any], search: Mapping[str, Any], resources: 
         protocol["data_dir"] = search["data_dir"]
     if "seed" in protocol:
         raise ValueError(f"{where}: set evaluation seeds with the 'seeds' list, not 'seed'")
+    protocol.setdefault("search_space", search.get("search_space", "darts"))  # its cells' evaluation network
     try:
         config = eval_config(dataset, **protocol)
     except ValueError as err:
@@ -317,8 +298,8 @@ def _param(name: Any, spec: Any, search: Mapping[str, Any]) -> ParamSpec:
         low, high = values
         if kind == "int" and not (_is_int(low) and _is_int(high)):
             raise ValueError(f"{where}.int bounds must be integers")
-        if not low < high:
-            raise ValueError(f"{where}: low must be below high, got [{low}, {high}]")
+        if not all(math.isfinite(v) for v in values) or not low < high:
+            raise ValueError(f"{where}: need finite low < high, got [{low}, {high}]")
         if kind == "loguniform" and low <= 0:
             raise ValueError(f"{where}: loguniform needs low > 0")
         points = [low, high]
@@ -334,21 +315,30 @@ def _param(name: Any, spec: Any, search: Mapping[str, Any]) -> ParamSpec:
 def _known(where: str, raw: Mapping[str, Any], known: set[str]) -> None:
     unknown = set(raw) - known
     if unknown:
-        key = sorted(unknown)[0]
-        hint = difflib.get_close_matches(str(key), sorted(known), n=1)
-        raise ValueError(f"unknown {where} key {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                         + f"; known: {', '.join(sorted(known))}")
+        key = sorted(unknown, key=str)[0]
+        raise ValueError(f"unknown {where} key {key!r}{did_you_mean(key, sorted(known))}; "
+                         f"known: {', '.join(sorted(known))}")
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+#: at most this many seeds per sweep (each is a search), and seeds below 2**32 (numpy's and CUDA's seed range)
+MAX_SEEDS = 10_000
+MAX_SEED = 2**32 - 1
+
+
 def _seeds(seeds: Any, where: str) -> tuple[int, ...]:
-    if _is_int(seeds) and seeds >= 1:
+    """A count (``3``: seeds 0, 1, 2) or a list of distinct seeds, bounded before anything is built."""
+    if _is_int(seeds) and not 1 <= seeds <= MAX_SEEDS:
+        raise ValueError(f"{where} must be a count in [1, {MAX_SEEDS}] or a list of seeds, got {seeds}")
+    if _is_int(seeds):
         seeds = list(range(seeds))
-    if not isinstance(seeds, list) or not seeds or not all(_is_int(s) and s >= 0 for s in seeds):
-        raise ValueError(f"{where} must be a count or a non-empty list of integers >= 0")
+    if not isinstance(seeds, list) or not seeds or not all(_is_int(s) and 0 <= s <= MAX_SEED for s in seeds):
+        raise ValueError(f"{where} must be a count or a non-empty list of integers in [0, {MAX_SEED}]")
+    if len(seeds) > MAX_SEEDS:
+        raise ValueError(f"{where} lists {len(seeds)} seeds; at most {MAX_SEEDS}")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"{where} has duplicates")
     return tuple(seeds)
@@ -427,6 +417,22 @@ def apply_override(raw: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+def apply_sets(raw: dict[str, Any], sets: Sequence[str], section: str = "search") -> dict[str, Any]:
+    """``raw`` with every ``--set`` applied: a one-part key that is not a top-level key belongs to ``section``
+    (``k=8`` means ``search.k=8``); a search key that is a grid axis replaces that axis (``k=1`` searches k=1
+    only; ``k=[1,2]`` both), so a ``--set`` is never silently ignored."""
+    for key_path, value in parse_set(sets):
+        if key_path[0] not in TOP_LEVEL_KEYS and len(key_path) == 1:
+            key_path = [section, *key_path]
+        grid = raw.get("grid")
+        if len(key_path) == 2 and key_path[0] == "search" and isinstance(grid, dict) and key_path[1] in grid:
+            axis = grid[key_path[1]]
+            scalar_axis = not any(isinstance(v, list) for v in axis) if isinstance(axis, list) else True
+            key_path, value = ["grid", key_path[1]], value if isinstance(value, list) and scalar_axis else [value]
+        apply_override(raw, key_path, value)
+    return raw
+
+
 def load_preset(name_or_path: str = "local", sets: Sequence[str] = ()) -> Preset:
     """Load, override and validate a preset. Raises ``ValueError``/``FileNotFoundError`` with one line."""
     path = preset_path(name_or_path)
@@ -436,33 +442,25 @@ def load_preset(name_or_path: str = "local", sets: Sequence[str] = ()) -> Preset
         raise ValueError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a sweep config must be a mapping")
-    raw = copy.deepcopy(raw)
-    for key_path, value in parse_set(sets):
-        if key_path[0] not in TOP_LEVEL_KEYS and len(key_path) == 1:
-            key_path = ["search", *key_path]  # --set k=8 means search.k=8
-        apply_override(raw, key_path, value)
+    raw = apply_sets(copy.deepcopy(raw), sets)
     return preset_from_dict(raw, default_name=path.stem, where=str(path))
 
 
 def preset_from_dict(raw: Mapping[str, Any], default_name: str = "sweep", where: str = "config") -> Preset:
-    unknown = set(raw) - TOP_LEVEL_KEYS
-    if unknown:
-        raise ValueError(f"{where}: unknown top-level key(s) {', '.join(sorted(unknown))}; "
-                         f"known: {', '.join(sorted(TOP_LEVEL_KEYS))}")
+    try:
+        _known("top-level", raw, TOP_LEVEL_KEYS)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
     search = raw.get("search") or {}
     if not isinstance(search, dict):
         raise ValueError(f"{where}: 'search' must be a mapping of search settings")
     grid = raw.get("grid") or {}
     if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
         raise ValueError(f"{where}: 'grid' must map each key to a non-empty list of values")
-    seeds = raw.get("seeds", [0])
-    if isinstance(seeds, int) and not isinstance(seeds, bool):
-        seeds = list(range(seeds))
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
-                                                           for s in seeds):
-        raise ValueError(f"{where}: 'seeds' must be a count or a non-empty list of integers")
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"{where}: 'seeds' has duplicates")
+    try:
+        seeds = list(_seeds(raw.get("seeds", [0]), "seeds"))
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
     configurations = raw.get("configurations") or []
     if not isinstance(configurations, list) or not all(isinstance(c, dict) for c in configurations):
         raise ValueError(f"{where}: 'configurations' must be a list of mappings of search settings")

@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 
 from pcdarts_core.genotypes import CELL_TYPES
-from pcdarts_core.ops import PRIMITIVES, SHARP_PRIMITIVES
+from pcdarts_core.ops import OPS, PRIMITIVES
 
 from .cli import fail, run_cli
 from .drawing import CellGraph, cell_graphs, genotype_svgs, node_label
@@ -49,7 +49,7 @@ REPORT_FILE = "report.html"
 #: per-seed cell diagrams shown open; more seeds than this are folded (still in the page)
 OPEN_SEED_CELLS = 8
 
-_OP_ORDER = tuple(PRIMITIVES) + tuple(op for op in SHARP_PRIMITIVES if op not in PRIMITIVES)
+_OP_ORDER = tuple(PRIMITIVES) + tuple(op for op in OPS if op not in PRIMITIVES)
 
 
 # -- reading ----------------------------------------------------------------------------------------------------
@@ -320,14 +320,14 @@ def distance_figure(runs: Sequence[SeedRun]) -> Any:
 
 
 def alpha_ops(width: int, trial: Mapping[str, Any]) -> list[str]:
-    """The op of each alpha column: the core's PRIMITIVES (sharpDARTS's set when its trials say so); other widths
-    are named by position (a search space with its own ops stores them in a ``cfg_*primitives*`` column)."""
+    """The op of each alpha column: the op list a ``cfg_*primitives*`` column gives, else the core's PRIMITIVES
+    for 8 columns; other widths are named by position."""
     for key, value in trial.items():
         if key.startswith("cfg_") and "primitives" in key and isinstance(value, str):
             try:
                 names = json.loads(value)
             except ValueError:
-                names = SHARP_PRIMITIVES if value == "sharp" else None
+                names = None
             if isinstance(names, (list, tuple)) and len(names) == width and all(isinstance(n, str) for n in names):
                 return list(names)
     if width == len(PRIMITIVES):
@@ -737,7 +737,7 @@ def default_out(store: ResultStore) -> str:
 
 def write_report(store: ResultStore, out: str | None = None) -> str:
     """Build the report and write it (default ``<experiment>/report.html`` on the store's filesystem, replaced
-    atomically where the filesystem renames); returns where it went."""
+    atomically); returns where it went."""
     text = render(load_experiment(store)).encode("utf-8")
     if out is not None:
         out = os.path.abspath(os.path.expanduser(out))
@@ -748,9 +748,7 @@ def write_report(store: ResultStore, out: str | None = None) -> str:
         os.replace(tmp, out)
         return out
     path = default_out(store)
-    store.fs.create_dir(store.root, recursive=True)
-    with store.fs.open_output_stream(path) as f:
-        f.write(text)
+    store.write_file(REPORT_FILE, text)
     scheme = store.storage.split("://", 1)[0] if "://" in store.storage else "file"
     return path if scheme == "file" else f"{scheme}://{path}"  # s3://bucket/... as the user gave the storage
 

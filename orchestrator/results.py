@@ -1,23 +1,22 @@
-"""The experiment's Parquet store: one plain Parquet file per kind of record under ``<storage>/<name>/``.
+"""The experiment's Parquet store: one folder of Parquet fragment files per kind of record under ``<storage>/<name>/``.
 
 ``storage`` is a local directory or any URI :mod:`pyarrow.fs` understands (``s3://bucket/prefix``, ``gs://...``,
-``file:///...``). The files carry no custom metadata, so pandas, DuckDB and Ray Data read them as they are.
+``file:///...``). The files carry no custom metadata, so pandas, DuckDB and Ray Data read them as they are
+(a folder is one dataset; after :meth:`ResultStore.compact` it holds one file).
 
-Kinds and their files: ``trials`` (one row per search trial), ``epochs`` (one row per trial and epoch),
-``evaluations`` (one row per retraining of a genotype), ``stability`` (one row per configuration group, as
-written by :func:`orchestrator.stability.stability_table`).
+Kinds and their folders: ``trials.parquet/`` (one row per search trial), ``epochs.parquet/`` (one row per trial
+and epoch), ``evaluations.parquet/`` (one row per retraining of a genotype), ``stability.parquet/`` (one row per
+configuration group, as written by :func:`orchestrator.stability.stability_table`).
 
 Known columns have fixed types (:data:`SCHEMAS`) and are always present, in schema order; any other column is
 accepted with an inferred type and placed after them (schema evolution: rows written before a column existed
 read back as null there). Configuration values go into ``cfg_<key>`` columns (nested mappings flattened with
 ``__``, lists and dicts that are leaves stored as JSON text), so they can never collide with metric columns.
 
-Writes are atomic: on a local (or any non-object-store) filesystem the table goes to a hidden temporary file in
-the same directory which is then renamed over the target; on object stores (S3, GCS) a single PUT already
-replaces the object atomically. :meth:`ResultStore.upsert` is read-merge-write and assumes one writer per
-store (the sweep driver); an in-process lock serializes threads.
+Writes are append-only and atomic (see :class:`ResultStore`); the row builders (:func:`epoch_row`,
+:func:`search_row`, :func:`eval_row`) are the one place a reported result becomes a row.
 
-This module imports neither Ray nor torch, so Ray Data workers and notebooks can use it cheaply.
+This module does not import Ray, so Ray Data workers and notebooks can use it cheaply.
 """
 
 from __future__ import annotations
@@ -25,14 +24,18 @@ from __future__ import annotations
 import json
 import math
 import os
-import threading
+import socket
+import time
 import uuid
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from pcdarts_core.spaces import TRIAL_METRIC_PREFIXES
 
 KINDS: dict[str, str] = {
     "trials": "trials.parquet",
@@ -166,6 +169,68 @@ def trial_row(trial_id: str, config: Mapping[str, Any], status: str, **fields: A
     return row
 
 
+#: result keys Tune adds itself; never copied into the Parquet files
+TUNE_KEYS = {"timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date",
+             "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip", "config", "time_since_restore",
+             "iterations_since_restore", "experiment_tag", "should_checkpoint"}
+EPOCH_COLUMNS = ("epoch", "train_acc", "train_loss", "val_acc", "val_loss", "lr", "alphas_normal", "alphas_reduce",
+                 "betas_normal", "betas_reduce", "genotype", "arch_entropy", "n_skip_normal")
+#: result keys of the loops that are not per-epoch columns of their own
+NOT_EPOCH_EXTRAS = {"search_done", "final_genotype", "epochs_total", "seed", "seed_done", "seed_index",
+                    "seeds_done", "eval_id", "source", "hpo_epochs_done", "wall_time_s", "seed_wall_time_s"}
+
+
+def epoch_row(trial_id: str, group: str, seed: Any, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """An ``epochs`` row from one reported search epoch: the known columns, then any other numeric metric."""
+    row: dict[str, Any] = {"trial_id": trial_id, "group": group, "seed": seed}
+    for key in EPOCH_COLUMNS:
+        row[key] = _num(metrics.get(key))
+    row["wall_time_s"] = finite_or_none(metrics.get("wall_time_s", metrics.get("time_total_s")))
+    for key, value in metrics.items():
+        if key not in row and key not in TUNE_KEYS and key not in NOT_EPOCH_EXTRAS and \
+                isinstance(value, (bool, int, float)):
+            row[key] = _num(value)
+    return row
+
+
+def _num(value: Any) -> Any:
+    """``value``, with a non-finite float as None."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def search_row(trial_id: str, values: Mapping[str, Any], status: str, metrics: Mapping[str, Any] | None = None,
+               *, group: str | None = None, error: str | None = None, **fields: Any) -> dict[str, Any]:
+    """A ``trials`` row of one search (a single run, a sweep trial, one seed of an HPO configuration): its
+    settings (``values`` with the seed), its last reported metrics, and ``fields`` (num_failures, hpo_trial...)."""
+    m = metrics or {}
+    row = trial_row(trial_id, values, status, val_acc=finite_or_none(m.get("val_acc")),
+                    train_acc=finite_or_none(m.get("train_acc")), val_loss=finite_or_none(m.get("val_loss")),
+                    train_loss=finite_or_none(m.get("train_loss")),
+                    genotype=m.get("final_genotype") or m.get("genotype"), error=error,
+                    wall_time_s=finite_or_none(m.get("wall_time_s", m.get("time_total_s"))),
+                    epochs_done=m.get("epoch"), arch_entropy=finite_or_none(m.get("arch_entropy")),
+                    n_skip_normal=m.get("n_skip_normal"),
+                    # what the search space adds (NAS-Bench-201 accuracies, parameter-free shares)
+                    **{k: finite_or_none(v) for k, v in m.items() if k.startswith(TRIAL_METRIC_PREFIXES)}, **fields)
+    if group is not None:
+        row["group"] = group
+    return row
+
+
+def eval_row(spec: Mapping[str, Any], eval_cfg: Mapping[str, Any], result: Mapping[str, Any] | None, status: str,
+             error: str | None = None, tune_id: str | None = None) -> dict[str, Any]:
+    """An ``evaluations`` row: one genotype trained from scratch with one seed under one protocol."""
+    result = result or {}
+    row = {"eval_id": spec["eval_id"], "source": spec["source"], "genotype": spec["genotype"],
+           "seed": int(spec["seed"]), "status": status, "test_acc": finite_or_none(result.get("test_acc")),
+           "params": result.get("params"), "epochs_done": result.get("epoch"), "error": error,
+           "wall_time_s": finite_or_none(result.get("time_total_s")), "group": spec.get("group"),
+           "train_acc": finite_or_none(result.get("train_acc")), "test_loss": finite_or_none(result.get("test_loss")),
+           "protocol": spec.get("protocol"), "tune_trial_id": tune_id}
+    row.update(config_columns({k: v for k, v in eval_cfg.items() if k != "seed"}))
+    return row
+
+
 # -- evaluation sources ----------------------------------------------------------------------------------------
 def source_trial(trial_id: str) -> str:
     """``source`` of an evaluation of the genotype a search trial found."""
@@ -271,11 +336,11 @@ def to_table(kind: str, rows_or_table: pa.Table | Sequence[Mapping[str, Any]]) -
     return table
 
 
-def _unify(tables: Sequence[pa.Table]) -> pa.Schema:
+def _unify_schemas(schemas: Sequence[pa.Schema]) -> pa.Schema:
     try:
-        return pa.unify_schemas([t.schema for t in tables], promote_options="permissive")
+        return pa.unify_schemas(list(schemas), promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
-        raise ValueError(f"new rows do not fit the stored columns: {str(err).splitlines()[0]}") from None
+        raise ValueError(f"stored fragments do not fit together: {str(err).splitlines()[0]}") from None
 
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -296,33 +361,32 @@ def _sorted(rows: pa.ChunkedArray) -> pa.Array:
     return array.take(pc.array_sort_indices(array))
 
 
-def merge_rows(existing: pa.Table, new: pa.Table, key: Sequence[str]) -> pa.Table:
-    """``existing`` without the rows whose key appears in ``new``, then ``new`` deduplicated (last row wins)."""
+# -- the store -------------------------------------------------------------------------------------------------
+def dedupe_latest(table: pa.Table, key: Sequence[str]) -> pa.Table:
+    """``table`` with one row per ``key``: the last one, in the order the rows came (latest fragment last)."""
     key = list(key)
     for name in key:
-        for label, table in (("stored", existing), ("new", new)):
-            if name not in table.column_names:
-                raise ValueError(f"upsert key column {name!r} is missing from the {label} rows")
-        if new.num_rows and new.column(name).null_count:
-            raise ValueError(f"upsert key column {name!r} has null values in the new rows")
-    schema = _unify([existing, new])
-    existing, new = _conform(existing, schema), _conform(new, schema)
-    if new.num_rows:
-        index = pa.array(range(new.num_rows), type=_I)
-        last = (new.select(key).append_column("__row", index)
-                .group_by(key, use_threads=False).aggregate([("__row", "max")]))
-        new = new.take(_sorted(last["__row_max"]))
-    if existing.num_rows and new.num_rows:
-        index = pa.array(range(existing.num_rows), type=_I)
-        kept = existing.select(key).append_column("__row", index).join(new.select(key), keys=key,
-                                                                       join_type="left anti", use_threads=False)
-        existing = existing.take(_sorted(kept["__row"]))
-    return pa.concat_tables([existing, new]).combine_chunks()
+        if name not in table.column_names:
+            raise ValueError(f"key column {name!r} is missing from the rows")
+    if not table.num_rows:
+        return table
+    index = pa.array(range(table.num_rows), type=_I)
+    last = table.select(key).append_column("__row", index).group_by(key, use_threads=False).aggregate(
+        [("__row", "max")])
+    return table.take(_sorted(last["__row_max"]))
 
 
-# -- the store -------------------------------------------------------------------------------------------------
 class ResultStore:
-    """The Parquet files of one experiment: ``<storage>/<name>/{trials,epochs,stability,evaluations}.parquet``."""
+    """The Parquet records of one experiment: ``<storage>/<name>/<kind>.parquet/`` folders of fragment files.
+
+    Writing is append-only: every :meth:`upsert` writes one new fragment file and never touches an existing one,
+    so a flush costs what it writes (not the size of the experiment), two processes writing into one experiment
+    lose nothing, and on object stores each flush is one PUT of new rows. Fragment names start with the write
+    time, so reading the folder as one ``pyarrow.dataset`` in name order and keeping the last row per key
+    (:data:`DEFAULT_KEYS`) gives the latest state. :meth:`compact` replaces the fragments by one (explicitly, at
+    the end of a sweep): the new file first (atomic: temp + rename, or one PUT), then the old ones are deleted; a
+    reader in between sees the same rows twice and keeps one.
+    """
 
     def __init__(self, storage: str, name: str) -> None:
         storage = os.fspath(storage)
@@ -341,72 +405,99 @@ class ResultStore:
         self.name = name
         self.root = f"{base.rstrip('/')}/{name}"
         self._atomic_put = self.fs.type_name in _OBJECT_STORES
-        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"ResultStore({self.storage!r}, {self.name!r})"
 
     def path(self, kind: str) -> str:
-        """The file of ``kind`` on :attr:`fs` (a local path, or ``bucket/prefix/...`` on object stores)."""
+        """The folder of ``kind`` on :attr:`fs` (a local path, or ``bucket/prefix/...`` on object stores)."""
         _check_kind(kind)
         return f"{self.root}/{KINDS[kind]}"
 
     def uri(self, kind: str) -> str:
-        """The file of ``kind`` as pandas, DuckDB or Ray Data want it (``s3://...`` on S3, a path locally)."""
+        """The folder of ``kind`` as pandas, DuckDB or Ray Data want it (``s3://...`` on S3, a path locally)."""
         path = self.path(kind)
         if self._uri_prefix == "file://":
             return path
         return f"{self._uri_prefix}{path}"
 
+    def fragments(self, kind: str) -> list[str]:
+        """The fragment files of ``kind``, oldest first (hidden temporary files excluded)."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path(kind), allow_not_found=True))
+        names = [i.path for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
+                 and not i.base_name.startswith(".")]
+        return sorted(names, key=lambda p: p.rsplit("/", 1)[-1])
+
     def exists(self, kind: str) -> bool:
-        return self.fs.get_file_info(self.path(kind)).type == pafs.FileType.File
+        return bool(self.fragments(kind))
 
-    def read(self, kind: str) -> pa.Table:
-        """The stored table of ``kind``, with all known columns; an empty table when nothing was written yet."""
-        path = self.path(kind)
-        if self.fs.get_file_info(path).type != pafs.FileType.File:
+    def read(self, kind: str, files: Sequence[str] | None = None) -> pa.Table:
+        """The latest row per key of ``kind``, with all known columns; an empty table when nothing was written."""
+        files = self.fragments(kind) if files is None else list(files)
+        if not files:
             return empty_table(kind)
-        table = pq.read_table(path, filesystem=self.fs)
-        # Files written by an older version may lack newer known columns: add them as nulls.
-        missing = [f for f in SCHEMAS[kind] if f.name not in table.column_names]
-        if missing:
-            table = _conform(table, _unify([table, SCHEMAS[kind].empty_table()]))
-        return table
-
-    def write_table(self, kind: str, rows_or_table: pa.Table | Sequence[Mapping[str, Any]]) -> pa.Table:
-        """Replace the file of ``kind`` with these rows, atomically; returns what was written."""
-        table = to_table(kind, rows_or_table)
-        with self._lock:
-            self._write(kind, table)
-        return table
+        dataset = ds.dataset(files, filesystem=self.fs, format="parquet")
+        schemas = [f.physical_schema for f in dataset.get_fragments()] + [SCHEMAS[kind]]
+        schema = _unify_schemas(schemas)
+        table = ds.dataset(files, filesystem=self.fs, format="parquet", schema=schema).to_table()
+        return _conform(dedupe_latest(table, DEFAULT_KEYS[kind]), schema)
 
     def upsert(self, kind: str, rows: pa.Table | Sequence[Mapping[str, Any]],
                key: Sequence[str] | None = None) -> pa.Table:
-        """Merge ``rows`` into the stored table, replacing stored rows with the same ``key``; returns the result.
-
-        A restarted sweep re-reporting a trial replaces its row rather than duplicating it, and rows not
-        mentioned are kept. The key defaults to :data:`DEFAULT_KEYS` of the kind.
-        """
+        """Record ``rows`` as one new fragment; on reading they replace earlier rows with the same key
+        (:data:`DEFAULT_KEYS`), so a restarted trial re-reporting an epoch never duplicates it."""
         new = to_table(kind, rows)
-        key = list(DEFAULT_KEYS[kind] if key is None else key)
-        if not key:
-            raise ValueError("upsert needs at least one key column")
-        with self._lock:
-            merged = merge_rows(self.read(kind), new, key)
-            self._write(kind, merged)
-        return merged
+        for name in DEFAULT_KEYS[kind] if key is None else key:
+            if name not in new.column_names:
+                raise ValueError(f"upsert key column {name!r} is missing from the new rows")
+            if new.num_rows and new.column(name).null_count:
+                raise ValueError(f"upsert key column {name!r} has null values in the new rows")
+        if new.num_rows:
+            self._write_fragment(kind, new)
+        return new
 
-    def _write(self, kind: str, table: pa.Table) -> None:
-        path = self.path(kind)
-        if self._atomic_put:  # object stores have no directories to create, and one PUT replaces atomically
+    def write_table(self, kind: str, rows_or_table: pa.Table | Sequence[Mapping[str, Any]]) -> pa.Table:
+        """Replace everything of ``kind`` by these rows (a derived table such as ``stability``)."""
+        table = to_table(kind, rows_or_table)
+        old = self.fragments(kind)
+        self._write_fragment(kind, table)
+        self._delete(old)
+        return table
+
+    def compact(self, kind: str) -> int:
+        """Replace the fragments of ``kind`` by one holding the latest row per key; returns the rows kept.
+
+        The compacted file sorts right after the newest fragment it replaces (and before any written since), so
+        rows written concurrently keep their place; the replaced fragments are deleted after it is in place."""
+        files = self.fragments(kind)
+        if len(files) < 2:
+            return self.read(kind, files).num_rows if files else 0
+        table = self.read(kind, files)
+        last = files[-1].rsplit("/", 1)[-1][:-len(".parquet")]
+        self._put(f"{self.path(kind)}/{last}~c.parquet", table)
+        self._delete(files)
+        return table.num_rows
+
+    # -- files ---------------------------------------------------------------------------------------------------
+    def _write_fragment(self, kind: str, table: pa.Table) -> None:
+        name = f"part-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
+        self._put(f"{self.path(kind)}/{name}", table)
+
+    def _put(self, path: str, table: pa.Table) -> None:
+        self._atomic_write(path, lambda sink: pq.write_table(table, sink))
+
+    def _atomic_write(self, path: str, write: Callable[[Any], None]) -> None:
+        """Write ``path`` whole or not at all: one PUT on object stores, else a hidden temp file renamed."""
+        if self._atomic_put:  # object stores have no directories to create, and one PUT is atomic
             with self.fs.open_output_stream(path) as sink:
-                pq.write_table(table, sink)
+                write(sink)
             return
-        self.fs.create_dir(self.root, recursive=True)
-        tmp = f"{self.root}/.{KINDS[kind]}.{uuid.uuid4().hex}.tmp"  # hidden: globbing readers skip it
+        folder, _, base = path.rpartition("/")
+        self.fs.create_dir(folder, recursive=True)
+        tmp = f"{folder}/.{base}.{uuid.uuid4().hex}.tmp"  # hidden: readers skip it
         try:
             with self.fs.open_output_stream(tmp) as sink:
-                pq.write_table(table, sink)
+                write(sink)
             self.fs.move(tmp, path)
         except BaseException:
             try:
@@ -415,10 +506,97 @@ class ResultStore:
                 pass
             raise
 
+    # -- other files of the experiment (genotype.json, checkpoints, settings records) ---------------------------
+    def read_file(self, name: str) -> bytes | None:
+        """The bytes of ``<root>/<name>``, or None when there is no such file."""
+        path = f"{self.root}/{name}"
+        if self.fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with self.fs.open_input_stream(path) as fh:
+            return fh.read()
 
-def finite_or_none(value: float | None) -> float | None:
-    """``value`` as a float, or ``None`` when it is missing or not finite (Parquet nulls rather than NaN)."""
-    if value is None:
+    def write_file(self, name: str, data: bytes) -> None:
+        """Replace ``<root>/<name>`` with ``data``, atomically."""
+        self._atomic_write(f"{self.root}/{name}", lambda sink: sink.write(data))
+
+    def delete_file(self, name: str) -> None:
+        self._delete([f"{self.root}/{name}"])
+
+    def read_json(self, name: str) -> Any:
+        data = self.read_file(name)
+        if data is None:
+            return None
+        try:
+            return json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(f"{self.root}/{name} is not valid JSON") from None
+
+    def write_json(self, name: str, value: Any) -> None:
+        self.write_file(name, (json.dumps(value, indent=1, sort_keys=True, default=str) + "\n").encode("utf-8"))
+
+    def _delete(self, files: Iterable[str]) -> None:
+        for path in files:
+            try:
+                self.fs.delete_file(path)
+            except (FileNotFoundError, OSError):  # another compaction got there first
+                pass
+
+
+# -- one writer per experiment ----------------------------------------------------------------------------------
+LOCK_FILE = "lock.json"
+LOCK_STALE_S = 600.0  # a lock from another host without a heartbeat for this long is abandoned
+
+
+def _lock_record() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()}
+
+
+def _owner_alive(lock: Mapping[str, Any]) -> bool:
+    if lock.get("host") == socket.gethostname():
+        try:
+            os.kill(int(lock.get("pid", 0)), 0)
+        except ProcessLookupError:
+            return False
+        except (PermissionError, ValueError, OverflowError):
+            return True
+        return int(lock.get("pid", 0)) > 0
+    return time.time() - float(lock.get("heartbeat") or 0) < LOCK_STALE_S
+
+
+class ExperimentLock:
+    """``with ExperimentLock(store):`` this process is the one writer of the experiment (see the module doc)."""
+
+    def __init__(self, store: ResultStore):
+        self.store = store
+
+    def __enter__(self) -> "ExperimentLock":
+        try:
+            lock = self.store.read_json(LOCK_FILE)
+        except ValueError:
+            lock = None
+        if isinstance(lock, dict) and lock.get("pid") != os.getpid() and _owner_alive(lock):
+            raise ValueError(f"experiment {self.store.name!r} in {self.store.storage} is being run by process "
+                             f"{lock.get('pid')} on {lock.get('host')}; wait for it to end or pick another --name")
+        self.existed = self.store.fs.get_file_info(self.store.root).type != pafs.FileType.NotFound
+        self.store.write_json(LOCK_FILE, _lock_record())
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.store.delete_file(LOCK_FILE)
+        if not self.existed and not self.store.fs.get_file_info(pafs.FileSelector(self.store.root)):
+            self.store.fs.delete_dir(self.store.root)  # nothing was written: leave no empty folder behind
+
+
+def heartbeat(store: ResultStore) -> None:
+    """Refresh this process's lock (a long run on another host must not look abandoned)."""
+    store.write_json(LOCK_FILE, _lock_record())
+
+
+
+
+def finite_or_none(value: Any) -> float | None:
+    """``value`` as a float, or ``None`` when it is missing, not a number or not finite (Parquet nulls, not NaN)."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     value = float(value)
     return value if math.isfinite(value) else None

@@ -14,27 +14,19 @@ A preset's ``search:`` section is the config (its ``grid`` and ``seeds`` are for
 Results go to ``<storage>/<name>/``: ``epochs.parquet`` (one row per epoch), ``trials.parquet`` (the run's row),
 ``genotype.json`` (the final genotype, the core's JSON), ``search_config.json``, and the checkpoints. Running the
 same command again resumes the run (a finished run just reports its result); settings that would change the
-search are refused. Bad input is one ``error: ...`` line and exit status 2; a search that fails exits with 1.
+search are refused. Bad input is one ``error: ...`` line and exit status 2; a search that fails exits with 3
+(one ``error:`` line; the trial row keeps the error); Ctrl-C exits with 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
-from typing import Any, NoReturn, Sequence
+import sys
+from typing import Any, Sequence
 
-from .cli import fail, run_cli
-from .presets import TOP_LEVEL_KEYS, Preset, apply_override, load_preset, parse_set, preset_from_dict
-
-DEFAULT_STORAGE_ENV = "PCDARTS_STORAGE"
-DEFAULT_STORAGE = "results"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]{0,199}$")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        fail(f"{message} (see {self.prog} --help)")
+from .cli import DEFAULT_STORAGE_ENV, EXIT_FAILED, Parser, check_name, resolve_storage, run_cli
+from .presets import Preset, apply_sets, load_preset, preset_from_dict
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -49,15 +41,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="search seed (default: the preset's first seed, else 0)")
     p.add_argument("--storage", default=None,
                    help=f"results root: a directory or s3://bucket/prefix (default ${DEFAULT_STORAGE_ENV} or "
-                        f"./{DEFAULT_STORAGE})")
-    p.add_argument("--name", help="run name (default: PRESET-METHOD-DATASET-sSEED); the same name resumes")
+                        f"./results)")
+    p.add_argument("--name", help="run name (default: PRESET-METHOD-DATASET-sSEED, plus -dp for distributed); "
+                                  "the same name resumes")
     p.add_argument("--resume", action="store_true",
                    help="insist on resuming: fail if no run of this name exists (resuming is automatic anyway)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m orchestrator.search", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = Parser(prog="python -m orchestrator.search", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     single = sub.add_parser("single", help="one search in this process")
     _common(single)
     single.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, all cores)")
@@ -76,11 +69,7 @@ def _raw_preset(args: argparse.Namespace) -> Preset:
     """The preset with ``--set`` applied, or an empty one (the papers' defaults) when none is named."""
     if args.preset:
         return load_preset(args.preset, args.sets)
-    raw: dict[str, Any] = {"name": "search", "search": {}}
-    for path, value in parse_set(args.sets):
-        if path[0] not in TOP_LEVEL_KEYS and len(path) == 1:
-            path = ["search", *path]
-        apply_override(raw, path, value)
+    raw = apply_sets({"name": "search", "search": {}}, args.sets)
     return preset_from_dict(raw, default_name="search", where="--set")
 
 
@@ -88,6 +77,7 @@ def resolve(args: argparse.Namespace) -> tuple[Preset, dict[str, Any], str, str]
     """(preset, the run's flat search values incl. seed, storage, name) from the command line."""
     preset = _raw_preset(args)
     values = dict(preset.search)
+    values.update({k: v[0] for k, v in preset.grid.items() if len(v) == 1})  # a grid value picked with --set k=2
     if args.method:
         values["method"] = args.method
     if args.dataset:
@@ -98,15 +88,15 @@ def resolve(args: argparse.Namespace) -> tuple[Preset, dict[str, Any], str, str]
     values.setdefault("dataset", "cifar10")
     values["seed"] = args.seed if args.seed is not None else preset.seeds[0]
     preset.search_config({k: v for k, v in values.items() if k != "seed"}, seed=values["seed"])  # validate
-    storage = args.storage or os.environ.get(DEFAULT_STORAGE_ENV) or DEFAULT_STORAGE
-    name = args.name or f"{preset.name}-{values['method']}-{values['dataset']}-s{values['seed']}"
-    if not _NAME.match(name):
-        raise ValueError(f"--name {name!r} must be letters, digits and ._=+- (no slashes), at most 200 characters")
+    storage = resolve_storage(args.storage)
+    suffix = "-dp" if args.command == "distributed" else ""  # default names never collide across commands
+    name = check_name(args.name or f"{preset.name}-{values['method']}-{values['dataset']}-s{values['seed']}{suffix}")
     return preset, values, storage, name
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .distributed import DistributedOptions, RunFailed, run_distributed, run_single
+    from .distributed import DistributedOptions, run_distributed
+    from .run import RunFailed, run_single
 
     args = build_parser().parse_args(argv)
     preset, values, storage, name = resolve(args)
@@ -129,8 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ValueError("distributed needs --num-workers N (or distributed.num_workers in the preset)")
             result = run_distributed(values, opts, storage, name, resume=args.resume)
     except RunFailed as err:
-        print(f"error: {err}", flush=True)
-        return 1
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
     print(f"{'resumed' if result.resumed else 'finished'} {result.name}: {result.epochs_done} epochs; "
           f"results in {result.root}")
     print(f"genotype: {result.genotype.to_json()}")

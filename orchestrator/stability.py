@@ -33,7 +33,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pcdarts_core.genotypes import CELL_TYPES, Genotype, consensus_genotype, parse_genotype
+from pcdarts_core.nb201_arch import NB201Arch
 from pcdarts_core.ops import OPS
+from pcdarts_core.spaces import TRIAL_METRIC_PREFIXES
 
 from .results import parse_source, to_table
 
@@ -44,11 +46,11 @@ if TYPE_CHECKING:
 #: Normal-cell skip-connects from which a searched cell counts as collapsed (P-DARTS and DARTS+ allow 2).
 COLLAPSE_SKIP_THRESHOLD = 3
 
-_OP_NAMES: tuple[str, ...] = tuple(op for op in OPS if op != "none")
+_OP_NAMES: tuple[str, ...] = tuple(OPS)  # `none` too: NAS-Bench-201 cells choose it on an edge
 _OP_INDEX: dict[str, int] = {op: i for i, op in enumerate(_OP_NAMES)}
 _SKIP = _OP_INDEX["skip_connect"]
 
-GenotypeLike = Genotype | str
+GenotypeLike = Genotype | NB201Arch | str
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,7 @@ def summarize(values: Sequence[float] | np.ndarray, options: StabilityOptions = 
 
 # -- genotype encoding -----------------------------------------------------------------------------------------
 def as_genotype(value: GenotypeLike) -> Genotype:
-    return value if isinstance(value, Genotype) else parse_genotype(value)
+    return value if isinstance(value, (Genotype, NB201Arch)) else parse_genotype(value)  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -527,6 +529,10 @@ def stability_table(trials: pa.Table, epochs: pa.Table | None = None, evaluation
     status = _column(trials, "status")
     genos = _column(trials, "genotype")
     val = _float_column(trials, "val_acc")
+    # what the search spaces add per search: NAS-Bench-201 lookups (bench_acc_<dataset>, the tabulated test
+    # accuracy of each search's cell) and the share of parameter-free ops (param_free_share_<cell>)
+    bench = {name: _float_column(trials, name) for name in trials.column_names
+             if name.startswith(TRIAL_METRIC_PREFIXES)}
     group_of = {tid: grp for tid, grp in zip(trial_ids, groups)}
 
     by_group: dict[str, list[int]] = {}
@@ -589,8 +595,20 @@ def stability_table(trials: pa.Table, epochs: pa.Table | None = None, evaluation
             "edge_frequencies": gstats.frequencies.to_json("edge"),
             "edge_op_frequencies": gstats.frequencies.to_json("edge_op"),
             "op_frequencies": gstats.frequencies.to_json("op"),
+            **_bench_columns(bench, done, opts),
         })
     return to_table("stability", rows)
+
+
+def _bench_columns(bench: dict[str, np.ndarray], done: list[int], opts: StabilityOptions) -> dict[str, Any]:
+    """``<metric>_mean/_ci_low/_ci_high`` over a group's done seeds that have a value (``bench_acc_cifar10_mean``,
+    ``param_free_share_normal_mean``, ...)."""
+    out: dict[str, Any] = {}
+    for name, values in sorted(bench.items()):
+        summary = summarize(values[done], opts)
+        out.update({f"{name}_mean": summary.mean, f"{name}_ci_low": summary.ci_low,
+                    f"{name}_ci_high": summary.ci_high})
+    return out
 
 
 # -- terminal output -------------------------------------------------------------------------------------------

@@ -1,90 +1,48 @@
 """Ray Tune function trainables: one search, one evaluation (retraining a genotype), one HPO configuration.
 
-Each reports once per epoch through :func:`ray.tune.report` with a checkpoint of the full loop state (model,
-optimizers, epoch, every RNG), written by :func:`pcdarts_core.runtime.save_checkpoint` and read back with
-``weights_only=True``. A trial that Tune restarts (a crash retried under ``FailureConfig(max_failures)``, or a
-sweep resumed after Ctrl-C) continues from :func:`ray.tune.get_checkpoint`: on CPU exactly the run that was never
-interrupted. Torch threads are set to the trial's CPU share.
-
-Testing hook (documented, off unless set; the driver forwards these variables to its Ray job):
-
-- ``PCDARTS_FAIL_AT_EPOCH=N``: a search trial raises :class:`InjectedFailure` when it is about to start epoch
-  ``N`` (1-based), i.e. after epoch ``N-1`` was reported and checkpointed; a retry resumes from that checkpoint
-  and crashes at the same point again, so the trial ends failed after ``max_failures`` retries;
-- ``PCDARTS_FAIL_SEEDS=1,3``: only trials with these seeds crash (default: every trial);
-- ``PCDARTS_FAIL_ONCE=1``: crash only in an attempt that did not start from a checkpoint, so the retry succeeds.
+A search trial is :func:`orchestrator.run.run_search` with :class:`TuneReporter`: it reports once per epoch
+through :func:`ray.tune.report` with a checkpoint of the full loop state (model, optimizers, epoch, every RNG),
+read back with ``weights_only=True``. A trial that Tune restarts (a crash retried under
+``FailureConfig(max_failures)``, or a sweep resumed after Ctrl-C) continues from :func:`ray.tune.get_checkpoint`:
+on CPU exactly the run that was never interrupted. Torch threads are set to the trial's CPU share.
+``callbacks`` (:class:`orchestrator.run.RunCallback`, bound with ``tune.with_parameters``) reach the loop: tests
+install fault injectors that way.
 """
 
 from __future__ import annotations
 
-import math
-import os
 import tempfile
-import time
-from pathlib import Path
-from typing import Any, Callable, Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from pcdarts_core.config import eval_config, search_config_from_dict
+from pcdarts_core.config import eval_config
 from pcdarts_core.genotypes import parse_genotype
 from pcdarts_core.runtime import CheckpointError, load_checkpoint, save_checkpoint
-from pcdarts_core.search import Searcher, search
 from pcdarts_core.train import Trainer, train_eval
 
+from .stability import pairwise_distance_mean
+from .run import Reporter, RunCallback, SearchRun, describe, make_spec, run_search
+
 CHECKPOINT_FILE = "state.pt"
-FAIL_AT_EPOCH_ENV = "PCDARTS_FAIL_AT_EPOCH"
-FAIL_SEEDS_ENV = "PCDARTS_FAIL_SEEDS"
-FAIL_ONCE_ENV = "PCDARTS_FAIL_ONCE"
-TEST_HOOK_ENV = (FAIL_AT_EPOCH_ENV, FAIL_SEEDS_ENV, FAIL_ONCE_ENV)
 
 #: per-epoch search metrics that go to Tune unchanged (the rest of the loop's dict goes too)
 OBJECTIVE_ACC = "hpo_val_acc_mean"
 OBJECTIVE_DISTANCE = "hpo_genotype_distance"
 HPO_PROGRESS = "seed_progress"
 HPO_RUNNING_ACC = "acc_so_far"
+HPO_FORMAT = "pcdarts-hpo/1"
 
 
-class InjectedFailure(RuntimeError):
-    """The crash ``PCDARTS_FAIL_AT_EPOCH`` asks for (a testing hook)."""
-
-
-# -- helpers shared by the trainables ----------------------------------------------------------------------------
 def set_threads_from_trial() -> int:
     """torch threads = the trial's CPU share (at least 1); returns the count."""
     from ray import tune
 
-    cpus = 1.0
-    try:
-        cpus = float(tune.get_context().get_trial_resources().required_resources.get("CPU", 1.0))
-    except Exception:  # noqa: BLE001 - outside a trial (tests calling the helpers directly)
-        pass
+    cpus = float(tune.get_context().get_trial_resources().required_resources.get("CPU", 1.0))
     threads = max(1, int(cpus))
     torch.set_num_threads(threads)
     return threads
-
-
-def _trial_tags() -> tuple[str, str]:
-    from ray import tune
-
-    try:
-        ctx = tune.get_context()
-        return ctx.get_experiment_name(), ctx.get_trial_id()
-    except Exception:  # noqa: BLE001
-        return "", ""
-
-
-def _record_dashboard(metrics: Mapping[str, Any]) -> None:
-    """Per-epoch custom metrics for Ray's dashboard, when ``orchestrator.metrics`` is there."""
-    try:
-        from .metrics import record_epoch
-    except ImportError:  # pragma: no cover - the module is optional
-        return
-    run, trial = _trial_tags()
-    try:
-        record_epoch(metrics, run=run, trial=trial)
-    except Exception:  # noqa: BLE001 - dashboard metrics must never kill a search
-        pass
 
 
 def restored_state() -> dict[str, Any] | None:
@@ -110,80 +68,45 @@ def report(result: Mapping[str, Any], state: Mapping[str, Any]) -> None:
         tune.report(dict(result), checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+def experiment_name() -> str:
+    """The sweep's name (the dashboard metrics' ``run`` tag): the folder above Tune's ``search/``, ``hpo/``..."""
+    from ray import tune
+
+    return PurePosixPath(tune.get_context().get_storage().experiment_fs_path).parent.name
 
 
-def epoch_result(metrics: Mapping[str, Any], searcher: Searcher) -> dict[str, Any]:
-    """What a search reports to Tune for one epoch: the loop's metrics (NaN as None), the seed, the epoch count
-    and the genotype the search would return if it stopped now (DARTS-ES may return an earlier one)."""
-    out = {k: _finite(v) for k, v in metrics.items()}
-    out["seed"] = searcher.config.seed
-    out["epochs_total"] = searcher.config.epochs
-    out["search_done"] = searcher.done
-    out["final_genotype"] = searcher.final_genotype().to_json() if searcher.done else metrics.get("genotype")
-    return out
+def _trial_spec(values: Mapping[str, Any]) -> dict[str, Any]:
+    from ray import tune
+
+    return make_spec(values, name=tune.get_context().get_trial_id(), run_label=experiment_name())
 
 
-def report_epoch(metrics: Mapping[str, Any], searcher: Searcher, extra: Mapping[str, Any] | None = None,
-                 state: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Report one search epoch to Tune with a resumable checkpoint (``searcher.state_dict()`` unless ``state``
-    is given) and record the dashboard metrics; returns the reported dict. A ``search`` callback can be just
-    ``lambda m, s: report_epoch(m, s)``."""
-    result = epoch_result(metrics, searcher)
-    if extra:
-        result.update(extra)
-    report(result, state if state is not None else searcher.state_dict())
-    _record_dashboard(metrics)
-    return result
+class TuneReporter(Reporter):
+    """The reporter of a sweep's search trial: every epoch to Tune with a resumable checkpoint."""
+
+    def restore(self) -> Mapping[str, Any] | None:
+        return restored_state()
+
+    def epoch(self, run: SearchRun, metrics: Mapping[str, Any]) -> None:
+        report(metrics, run.state_dict())
+
+    def failed(self, run: SearchRun | None, error: BaseException) -> None:
+        if isinstance(error, ValueError):  # deterministic (a diverged search, a bad checkpoint): not retried
+            from ray import tune
+
+            tune.report({**((run and run.last_metrics) or {}), "error": describe(error), "search_done": False})
 
 
-# -- the failure-injection testing hook --------------------------------------------------------------------------
-def failure_epoch(seed: int, resumed: bool, env: Mapping[str, str] | None = None) -> int | None:
-    """The epoch (1-based) at whose start this attempt must crash, or None (the testing hook is off)."""
-    env = os.environ if env is None else env
-    text = env.get(FAIL_AT_EPOCH_ENV, "").strip()
-    if not text:
-        return None
-    try:
-        epoch = int(text)
-    except ValueError:
-        raise ValueError(f"{FAIL_AT_EPOCH_ENV} must be an epoch number, got {text!r}") from None
-    seeds = env.get(FAIL_SEEDS_ENV, "").strip()
-    if seeds and seed not in {int(s) for s in seeds.split(",") if s.strip()}:
-        return None
-    if env.get(FAIL_ONCE_ENV, "").strip() in ("1", "true", "yes") and resumed:
-        return None
-    return epoch
-
-
-def _maybe_fail(fail_at: int | None, next_epoch: int, start_epoch: int) -> None:
-    if fail_at is not None and next_epoch == fail_at:
-        raise InjectedFailure(f"injected failure before epoch {fail_at} ({FAIL_AT_EPOCH_ENV}); "
-                              f"this attempt started from epoch {start_epoch}")
-
-
-# -- the trainables ----------------------------------------------------------------------------------------------
-def search_trainable(config: dict[str, Any]) -> None:
-    """One search: ``config = {"search": {SearchConfig fields}, "seed": int}``."""
-    cfg = search_config_from_dict({**config["search"], "seed": int(config["seed"])})
+def search_trainable(config: dict[str, Any], callbacks: Sequence[RunCallback] = ()) -> None:
+    """One search: ``config = {"search": {SearchConfig fields}, "seed": int}``. A ``ValueError`` (a diverged
+    search: "diverged at epoch E (loss nan)") ends the trial with an ``error`` result instead of a crash, so Tune
+    does not retry what would fail the same way; the driver records it as failed."""
     set_threads_from_trial()
-    state = restored_state()
-    start = int(state["epoch"]) if state is not None else 0
-    fail_at = failure_epoch(cfg.seed, resumed=state is not None)
-    if start >= cfg.epochs:
-        return  # the last checkpoint already holds the finished search
-    _maybe_fail(fail_at, start + 1, start)
-
-    def callback(metrics: dict[str, Any], searcher: Searcher) -> None:
-        report_epoch(metrics, searcher, extra={"resumed_from_epoch": start})
-        if not searcher.done:
-            _maybe_fail(fail_at, searcher.epoch + 1, start)
-
-    for _ in search(cfg, callbacks=[callback], state=state):
-        pass
+    try:
+        run_search(_trial_spec({**config["search"], "seed": int(config["seed"])}), TuneReporter(),
+                   callbacks=callbacks)
+    except ValueError:
+        return
 
 
 def eval_trainable(config: dict[str, Any]) -> None:
@@ -194,18 +117,53 @@ def eval_trainable(config: dict[str, Any]) -> None:
     cfg = eval_config(str(values.pop("dataset")), **values)
     genotype = parse_genotype(spec["genotype"])
     set_threads_from_trial()
-    state = restored_state()
     base = {"eval_id": spec["eval_id"], "source": spec["source"], "seed": int(spec["seed"]),
             "epochs_total": cfg.epochs}
 
     def callback(metrics: dict[str, Any], trainer: Trainer) -> None:
-        report({**{k: _finite(v) for k, v in metrics.items()}, **base}, trainer.state_dict())
+        report({**metrics, **base}, trainer.state_dict())
 
-    for _ in train_eval(cfg, genotype, callbacks=[callback], state=state):
+    for _ in train_eval(cfg, genotype, callbacks=[callback], state=restored_state()):
         pass
 
 
-def hpo_trainable(config: dict[str, Any]) -> None:
+class HpoReporter(Reporter):
+    """The reporter of one seed of an HPO configuration: the epoch, plus the configuration's progress for ASHA
+    and, after the last seed, the two objectives; the checkpoint holds the completed seeds and this search."""
+
+    def __init__(self, seeds: Sequence[int], index: int, completed: list[dict[str, Any]],
+                 state: Mapping[str, Any] | None):
+        self.seeds, self.index, self.completed, self.state = list(seeds), index, completed, state
+
+    def restore(self) -> Mapping[str, Any] | None:
+        return self.state
+
+    def epoch(self, run: SearchRun, metrics: Mapping[str, Any]) -> None:
+        i, done, epochs = self.index, run.done, run.global_config.epochs
+        val = metrics.get("val_acc")
+        running = [c["val_acc"] for c in self.completed if c.get("val_acc") is not None] + \
+            ([val] if val is not None else [])
+        extra: dict[str, Any] = {"seed_index": i, HPO_PROGRESS: i + run.searcher.epoch / epochs,
+                                 HPO_RUNNING_ACC: sum(running) / len(running) if running else 0.0,
+                                 "seed_done": done, "seed_wall_time_s": run.wall_time_s,
+                                 "hpo_epochs_done": i * epochs + run.searcher.epoch}
+        if done:
+            self.completed.append({k: metrics.get(k) for k in ("val_acc", "train_acc", "val_loss", "train_loss")}
+                                  | {"seed": self.seeds[i], "genotype": metrics["final_genotype"],
+                                     "epochs_done": run.searcher.epoch, "wall_time_s": run.wall_time_s})
+            extra["seeds_done"] = len(self.completed)
+            if len(self.completed) == len(self.seeds):
+                accs = [c["val_acc"] for c in self.completed if c.get("val_acc") is not None]
+                extra[OBJECTIVE_ACC] = sum(accs) / len(accs) if accs else 0.0
+                extra[OBJECTIVE_DISTANCE] = pairwise_distance_mean([c["genotype"] for c in self.completed])
+            state = {"format": HPO_FORMAT, "index": i + 1, "completed": self.completed, "run": None}
+        else:
+            extra["seeds_done"] = len(self.completed)
+            state = {"format": HPO_FORMAT, "index": i, "completed": self.completed, "run": run.state_dict()}
+        report({**metrics, **extra}, state)
+
+
+def hpo_trainable(config: dict[str, Any], callbacks: Sequence[RunCallback] = ()) -> None:
     """One Optuna configuration over several seeds, run one after the other in this trial.
 
     ``config = {"search": base settings, "params": the sampled settings, "seeds": [...]}``. Every epoch of every
@@ -215,70 +173,21 @@ def hpo_trainable(config: dict[str, Any]) -> None:
     two objectives are reported: ``hpo_val_acc_mean`` and ``hpo_genotype_distance`` (mean pairwise distance of
     the seeds' genotypes). A trial stopped early never reports them, which Optuna records as pruned.
     """
-    from .stability import pairwise_distance_mean
-
     seeds = [int(s) for s in config["seeds"]]
     values = {**config["search"], **config["params"]}
     set_threads_from_trial()
     state = restored_state()
-    if state is not None and state.get("format") != "pcdarts-hpo/1":
+    if state is not None and state.get("format") != HPO_FORMAT:
         raise CheckpointError("not an HPO trial checkpoint of this project (format mismatch)")
     index = int(state["index"]) if state else 0
     completed: list[dict[str, Any]] = list(state["completed"]) if state else []
-    searcher_state = state.get("searcher") if state else None
-    seed_time = float(state.get("seed_time", 0.0)) if state else 0.0
-
-    def summary() -> dict[str, Any]:
-        accs = [c["val_acc"] for c in completed if c.get("val_acc") is not None]
-        out: dict[str, Any] = {"seeds_done": len(completed)}
-        if len(completed) == len(seeds):
-            out[OBJECTIVE_ACC] = sum(accs) / len(accs) if accs else 0.0
-            out[OBJECTIVE_DISTANCE] = pairwise_distance_mean([c["genotype"] for c in completed])
-        return out
-
     for i in range(index, len(seeds)):
-        cfg = search_config_from_dict({**values, "seed": seeds[i]})
-        resume = searcher_state if i == index else None
-        if i != index:
-            seed_time = 0.0
-        attempt_start = time.perf_counter()
-        time_before = seed_time
-
-        def callback(metrics: dict[str, Any], searcher: Searcher, i: int = i) -> None:
-            nonlocal seed_time
-            seed_time = time_before + (time.perf_counter() - attempt_start)
-            done = searcher.done
-            val = _finite(metrics.get("val_acc"))
-            finished = [c["val_acc"] for c in completed if c.get("val_acc") is not None]
-            running = finished + ([val] if val is not None else [])
-            extra: dict[str, Any] = {
-                "seed_index": i,
-                HPO_PROGRESS: i + searcher.epoch / searcher.config.epochs,
-                HPO_RUNNING_ACC: sum(running) / len(running) if running else 0.0,
-                "seed_done": done,
-                "seed_wall_time_s": seed_time,
-                "hpo_epochs_done": i * searcher.config.epochs + searcher.epoch,
-            }
-            if done:
-                completed.append({
-                    "seed": seeds[i], "val_acc": val, "train_acc": _finite(metrics.get("train_acc")),
-                    "val_loss": _finite(metrics.get("val_loss")), "train_loss": _finite(metrics.get("train_loss")),
-                    "genotype": searcher.final_genotype().to_json(), "epochs_done": searcher.epoch,
-                    "wall_time_s": seed_time})
-                extra.update(summary())
-                ckpt = {"format": "pcdarts-hpo/1", "index": i + 1, "completed": completed, "searcher": None,
-                        "seed_time": 0.0}
-            else:
-                extra["seeds_done"] = len(completed)
-                ckpt = {"format": "pcdarts-hpo/1", "index": i, "completed": completed,
-                        "searcher": searcher.state_dict(), "seed_time": seed_time}
-            report_epoch(metrics, searcher, extra=extra, state=ckpt)
-
-        for _ in search(cfg, callbacks=[callback], state=resume):
-            pass
+        resume = state.get("run") if state is not None and i == index else None
+        run_search(_trial_spec({**values, "seed": seeds[i]}), HpoReporter(seeds, i, completed, resume),
+                   callbacks=callbacks)
 
 
-TRAINABLES: dict[str, Callable[[dict[str, Any]], None]] = {
+TRAINABLES: dict[str, Callable[..., None]] = {
     "search": search_trainable,
     "evaluate": eval_trainable,
     "hpo": hpo_trainable,

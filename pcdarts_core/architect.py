@@ -12,16 +12,42 @@ on gradients that would be thrown away.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
 if TYPE_CHECKING:
-    from .search import Searcher
+    from .config import SearchConfig
+    from .supernet import SearchNetwork
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class StepContext(Protocol):
+    """What one bilevel step needs from the search that runs it, and nothing more: the network, both optimizers,
+    the loss (with the device's autocast), backward, the data-parallel gradient sync and the optimizer step (with
+    any loss scaling). ``search.Searcher`` provides it; a step never sees the loop, the data or the checkpoints."""
+
+    net: "SearchNetwork"
+    config: "SearchConfig"
+    criterion: nn.Module
+    device: torch.device
+    weight_optimizer: torch.optim.Optimizer
+    arch_optimizer: torch.optim.Optimizer
+
+    def to_device(self, batch: Batch) -> Batch: ...
+
+    def loss(self, batch: Batch, return_logits: bool = False) -> Any: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def sync_grads(self, params: Sequence[nn.Parameter]) -> None: ...
+
+    def unscale(self, optimizer: torch.optim.Optimizer) -> None: ...
+
+    def step_optimizer(self, optimizer: torch.optim.Optimizer) -> None: ...
 
 
 @contextmanager
@@ -37,30 +63,33 @@ def frozen(params: Sequence[nn.Parameter]) -> Iterator[None]:
             p.requires_grad_(f)
 
 
-def first_order_step(searcher: "Searcher", val: Batch) -> float:
-    """Adam step on grad_a L_val(w, a)."""
-    net, opt = searcher.net, searcher.arch_optimizer
+def first_order_step(ctx: StepContext, val: Batch, grad_clip: float | None = None) -> float:
+    """Adam step on grad_a L_val(w, a); with ``grad_clip`` the arch gradients are clipped to that norm first."""
+    net, opt = ctx.net, ctx.arch_optimizer
     opt.zero_grad(set_to_none=True)
     with frozen(net.weight_parameters()):
-        loss = searcher.loss(val)
-        searcher.backward(loss)
-    searcher.sync_grads(net.arch_parameters())
-    searcher.step_optimizer(opt)
+        loss = ctx.loss(val)
+        ctx.backward(loss)
+    ctx.sync_grads(net.arch_parameters())
+    if grad_clip is not None:
+        ctx.unscale(opt)
+        nn.utils.clip_grad_norm_(net.arch_parameters(), grad_clip)
+    ctx.step_optimizer(opt)
     return float(loss.detach())
 
 
-def weight_step(searcher: "Searcher", train: Batch) -> tuple[float, torch.Tensor]:
+def weight_step(ctx: StepContext, train: Batch) -> tuple[float, torch.Tensor]:
     """SGD step on grad_w L_train(w, a) with gradient clipping (norm 5 in both papers)."""
-    net, opt = searcher.net, searcher.weight_optimizer
+    net, opt = ctx.net, ctx.weight_optimizer
     opt.zero_grad(set_to_none=True)
     with frozen(net.arch_parameters()):
-        loss, logits = searcher.loss(train, return_logits=True)
-        searcher.backward(loss)
+        loss, logits = ctx.loss(train, return_logits=True)
+        ctx.backward(loss)
     params = net.weight_parameters()
-    searcher.sync_grads(params)
-    searcher.unscale(opt)
-    nn.utils.clip_grad_norm_(params, searcher.config.grad_clip)
-    searcher.step_optimizer(opt)
+    ctx.sync_grads(params)
+    ctx.unscale(opt)
+    nn.utils.clip_grad_norm_(params, ctx.config.grad_clip)
+    ctx.step_optimizer(opt)
     return float(loss.detach()), logits.detach()
 
 
@@ -113,15 +142,15 @@ def unrolled_arch_gradients(net: nn.Module, criterion: nn.Module, train: Batch, 
     return grads, float(val_loss.detach())
 
 
-def second_order_step(searcher: "Searcher", train: Batch, val: Batch) -> float:
+def second_order_step(ctx: StepContext, train: Batch, val: Batch) -> float:
     """Adam step on the unrolled gradient; xi is the current weight lr, as in DARTS."""
-    net, opt = searcher.net, searcher.arch_optimizer
-    xi = searcher.weight_optimizer.param_groups[0]["lr"]
-    train, val = searcher.to_device(train), searcher.to_device(val)
-    grads, val_loss = unrolled_arch_gradients(net, searcher.criterion, train, val, xi, searcher.weight_optimizer)
+    net, opt = ctx.net, ctx.arch_optimizer
+    xi = ctx.weight_optimizer.param_groups[0]["lr"]
+    train, val = ctx.to_device(train), ctx.to_device(val)
+    grads, val_loss = unrolled_arch_gradients(net, ctx.criterion, train, val, xi, ctx.weight_optimizer)
     opt.zero_grad(set_to_none=True)
     for p, g in zip(net.arch_parameters(), grads):
         p.grad = g.detach()
-    searcher.sync_grads(net.arch_parameters())
-    searcher.step_optimizer(opt)
+    ctx.sync_grads(net.arch_parameters())
+    ctx.step_optimizer(opt)
     return val_loss

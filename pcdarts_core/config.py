@@ -1,8 +1,8 @@
 """Typed, frozen configurations with the papers' defaults, validated once when they are built.
 
 ``search_config(method, dataset, **overrides)`` layers: the PC-DARTS CIFAR-10 defaults (Xu et al., Sec. 4.1),
-then the dataset's (ImageNet search: K=2, batch 1024, lr 0.5, Sec. 4.3), then the method's (e.g. DARTS: K=1,
-batch 64, arch lr 3e-4), then the caller's overrides. Every unknown key or impossible value raises
+then the dataset's (ImageNet search: K=2, batch 1024, lr 0.5, Sec. 4.3), then the search space's (NAS-Bench-201:
+C=16, N=5), then the method's (e.g. DARTS: K=1, batch 64, arch lr 3e-4), then the caller's overrides. Every unknown key or impossible value raises
 ``ValueError`` with a one-line reason.
 """
 
@@ -10,11 +10,29 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-DATASET_NAMES = ("cifar10", "cifar100", "imagenet", "synthetic")
+DATASET_NAMES = ("cifar10", "cifar100", "imagenet", "imagenet16-120", "synthetic")
 DEVICES = ("cpu", "cuda", "auto")
+AUGMENTS = ("standard", "autoaugment")  # search-data augmentation (see data.search_data)
+
+
+#: method name -> its ``SearchMethod``: filled by ``pcdarts_core.methods`` (which the package imports), so this
+#: module never imports the methods, which import it.
+METHODS: dict[str, Any] = {}
+
+
+def register_method(name: str, method: Any) -> None:
+    METHODS[name] = method
+
+
+def get_method(name: str) -> Any:
+    """The method called ``name``; ``ValueError`` naming the known methods otherwise."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}")
+    return METHODS[name]
 
 
 @dataclass(frozen=True)
@@ -26,6 +44,8 @@ class MethodOptions:
 class SearchConfig:
     method: str = "pcdarts"
     dataset: str = "cifar10"
+    search_space: str = "darts"  # darts | nb201 | s1 | s2 | s3 | s4 (pcdarts_core.spaces)
+    nb201_benchmark: str | None = None  # NAS-Bench-201 file: bench_acc_<dataset> of each epoch's derived cell
     data_dir: str | None = None
     epochs: int = 50
     batch_size: int = 256
@@ -44,6 +64,7 @@ class SearchConfig:
     k: int = 4
     edge_norm: bool = True
     channel_sampling: str = "fixed"  # 'fixed' (official slice) or 'random' (a fresh sample each step)
+    execution: str = "fused"  # 'fused' (ops batched over edges) or 'reference' (one mixed op per edge, official)
     order: str = "first"  # 'first' or 'second' (DARTS unrolled)
     train_portion: float = 0.5
     seed: int = 0  # the search's seed: weights, arch init, data order, channel sampling
@@ -54,6 +75,8 @@ class SearchConfig:
     num_workers: int = 0
     image_size: int | None = None  # None: the dataset's own size
     synthetic_samples: int | tuple[int, int] | None = None  # train size, or (train, test) sizes
+    augment: str = "standard"  # search data: 'standard' (crop + flip) or 'autoaugment' (+ AutoAugment CIFAR-10 policy)
+    cutout: int = 0  # cutout length on the search data (0: none; sharpDARTS searches with 16)
     steps_per_epoch: int | None = None  # cap the steps of an epoch (quick runs, tests)
     eval_steps: int | None = None  # cap the validation batches of an epoch
     hessian_every: int = 0  # RobustDARTS: dominant Hessian eigenvalue every N epochs (0: off)
@@ -61,16 +84,13 @@ class SearchConfig:
     options: MethodOptions = field(default_factory=MethodOptions)
 
     def __post_init__(self) -> None:
-        from .methods import get_method  # late: methods import config
-
         method = get_method(self.method)
         if not isinstance(self.options, method.options_type):
             raise ValueError(f"options for method {self.method!r} must be {method.options_type.__name__}")
         _check_common(self)
-        from .supernet import validate_supernet_shape
+        from .spaces import get_space
 
-        validate_supernet_shape(self.init_channels, self.layers, self.k,
-                                stem="imagenet" if self.dataset == "imagenet" else "cifar")
+        get_space(self.search_space).validate(self, method)
         if not 0 <= self.warmup_epochs < self.epochs:
             raise ValueError(f"warmup_epochs={self.warmup_epochs} must be in [0, epochs={self.epochs}): "
                              f"the arch would never be trained")
@@ -79,11 +99,15 @@ class SearchConfig:
         if self.k > 1 and self.order == "second" and self.channel_sampling == "random":
             raise ValueError("second-order updates need a fixed channel slice (channel_sampling='fixed')")
         _choice("channel_sampling", self.channel_sampling, ("fixed", "random"))
+        _choice("execution", self.execution, ("fused", "reference"))
         _choice("order", self.order, ("first", "second"))
-        if self.arch_lr <= 0 or self.arch_weight_decay < 0:
-            raise ValueError(f"arch_lr must be > 0 and arch_weight_decay >= 0, got {self.arch_lr}, "
-                             f"{self.arch_weight_decay}")
-        if not all(0 <= b < 1 for b in self.arch_betas) or len(self.arch_betas) != 2:
+        _choice("augment", self.augment, AUGMENTS)
+        if self.augment == "autoaugment" and self.dataset not in ("cifar10", "cifar100"):
+            raise ValueError(f"augment 'autoaugment' is AutoAugment's CIFAR-10 policy, for CIFAR images; "
+                             f"dataset {self.dataset!r} uses 'standard'")
+        if self.cutout < 0:
+            raise ValueError(f"cutout must be >= 0, got {self.cutout}")
+        if len(self.arch_betas) != 2:
             raise ValueError(f"arch_betas must be two numbers in [0, 1), got {self.arch_betas}")
         if self.hessian_every < 0 or (self.early_stop and self.hessian_every == 0):
             raise ValueError("early_stop (DARTS-ES) needs hessian_every > 0")
@@ -101,6 +125,7 @@ class EvalConfig:
     """Training a derived cell from scratch (DARTS Sec. 4.2 / PC-DARTS Sec. 4.1 protocol)."""
 
     dataset: str = "cifar10"
+    search_space: str = "darts"  # which evaluation network: DARTS's (darts, s1-s4) or NAS-Bench-201's
     data_dir: str | None = None
     epochs: int = 600
     batch_size: int = 96
@@ -128,15 +153,9 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _check_common(self)
-        if self.init_channels < 2 or self.init_channels % 2:
-            raise ValueError(f"init_channels must be even and >= 2, got {self.init_channels}")
-        if self.layers < 3:
-            raise ValueError(f"layers must be at least 3, got {self.layers}")
-        for name in ("drop_path", "label_smoothing"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.auxiliary_weight < 0 or self.cutout < 0:
-            raise ValueError("auxiliary_weight and cutout must be >= 0")
+        from .spaces import get_space
+
+        get_space(self.search_space).check_eval(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -147,26 +166,85 @@ def _choice(name: str, value: Any, allowed: tuple) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
 
 
+@dataclass(frozen=True)
+class Range:
+    """An accepted interval of a numeric setting; ``str()`` writes it as ``[low, high]`` / ``(low, high)``."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        return ((value > self.low if self.low_open else value >= self.low)
+                and (value < self.high if self.high_open else value <= self.high))
+
+    def __str__(self) -> str:
+        def num(x: float) -> str:
+            return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+        return f"{'(' if self.low_open else '['}{num(self.low)}, {num(self.high)}{')' if self.high_open else ']'}"
+
+
+#: The accepted range of every numeric setting of both configs. Values outside, NaN and infinities are refused
+#: when a config is built, with the range in the message. The upper bounds are far above any published setting
+#: (the papers use lr <= 0.5, batch <= 1024, epochs <= 600) and catch typos such as ``lr=1e30`` before a run.
+RANGES: dict[str, Range] = {
+    "epochs": Range(1, 10_000),
+    "batch_size": Range(1, 2**20),
+    "lr": Range(0, 10, low_open=True),
+    "lr_min": Range(0, 10),
+    "lr_warmup_epochs": Range(0, 10_000),
+    "momentum": Range(0, 1, high_open=True),
+    "weight_decay": Range(0, 1),
+    "grad_clip": Range(0, 1e6, low_open=True),
+    "arch_lr": Range(0, 10, low_open=True),
+    "arch_betas": Range(0, 1, high_open=True),
+    "arch_weight_decay": Range(0, 1),
+    "warmup_epochs": Range(0, 10_000),
+    "init_channels": Range(1, 4096),
+    "layers": Range(1, 1000),
+    "k": Range(1, 4096),
+    "seed": Range(0, 2**32 - 1),
+    "data_seed": Range(0, 2**32 - 1),
+    "num_workers": Range(0, 1024),
+    "image_size": Range(1, 4096),
+    "synthetic_samples": Range(10, 10_000_000),
+    "steps_per_epoch": Range(1, 10**9),
+    "eval_steps": Range(1, 10**9),
+    "hessian_every": Range(0, 10_000),
+    "auxiliary_weight": Range(0, 100),
+    "drop_path": Range(0, 1, high_open=True),
+    "label_smoothing": Range(0, 1, high_open=True),
+    "cutout": Range(0, 4096),
+}
+
+
+def check_range(name: str, value: Any, accepted: Range | None) -> None:
+    """One-line ``ValueError`` (naming the range) unless ``value`` is a finite number inside ``accepted``."""
+    finite = not isinstance(value, bool) and isinstance(value, (int, float)) and (
+        not isinstance(value, float) or math.isfinite(value))
+    if not finite or (accepted is not None and value not in accepted):
+        shown = repr(value) if len(repr(value)) <= 24 else repr(value)[:20] + "..."
+        what = f"in {accepted}" if finite else "a finite number" + (f" in {accepted}" if accepted else "")
+        raise ValueError(f"{name} must be {what}, got {shown}")
+
+
+def _check_ranges(cfg: Any) -> None:
+    """Every number of ``cfg`` in its range, and finite (float fields without a range here too)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        for v in value if isinstance(value, tuple) else (value,):
+            if (f.name in RANGES and v is not None) or isinstance(v, float):
+                check_range(f.name, v, RANGES.get(f.name))
+
+
 def _check_common(cfg: SearchConfig | EvalConfig) -> None:
     _choice("dataset", cfg.dataset, DATASET_NAMES)
     _choice("device", cfg.device, DEVICES)
-    positive = ("epochs", "batch_size", "layers", "init_channels")
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("steps_per_epoch", "eval_steps", "image_size"):
-        value = getattr(cfg, name)
-        if value is not None and value < 1:
-            raise ValueError(f"{name} must be >= 1 or unset, got {value}")
-    samples = cfg.synthetic_samples
-    if samples is not None and (min(samples) if isinstance(samples, tuple) else samples) < 10:
-        raise ValueError(f"synthetic_samples must be at least 10 (train) and 10 (test), got {samples}")
-    if cfg.lr <= 0 or cfg.lr_min < 0 or cfg.lr_min > cfg.lr:
-        raise ValueError(f"need 0 <= lr_min <= lr and lr > 0, got lr={cfg.lr}, lr_min={cfg.lr_min}")
-    if not 0 <= cfg.momentum < 1 or cfg.weight_decay < 0 or cfg.grad_clip <= 0:
-        raise ValueError("momentum must be in [0, 1), weight_decay >= 0 and grad_clip > 0")
-    if cfg.num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {cfg.num_workers}")
+    _check_ranges(cfg)
+    if cfg.lr_min > cfg.lr:
+        raise ValueError(f"need lr_min <= lr, got lr={cfg.lr}, lr_min={cfg.lr_min}")
 
 
 # -- building configs from plain dicts (YAML, CLI --set, Tune) --------------------------------------------------
@@ -193,9 +271,12 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         if isinstance(value, bool):
             raise ValueError(f"{name} must be a number, got {value!r}")
         try:
-            return float(value)
-        except (TypeError, ValueError):
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
             raise ValueError(f"{name} must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            check_range(name, value if isinstance(value, float) else number, RANGES.get(name))
+        return number
     if isinstance(default, tuple):
         if not isinstance(value, (list, tuple)) or len(value) != len(default):
             raise ValueError(f"{name} must be a list of {len(default)} values, got {value!r}")
@@ -211,6 +292,7 @@ def _unknown(kind: str, key: str, known: list[str]) -> ValueError:
 
 
 _OPTIONAL_INT = {"image_size", "synthetic_samples", "steps_per_epoch", "eval_steps"}
+_OPTIONAL_STR = {"data_dir", "nb201_benchmark"}
 
 
 def _fields_from(cls: type, values: Mapping[str, Any], kind: str) -> dict[str, Any]:
@@ -225,7 +307,7 @@ def _fields_from(cls: type, values: Mapping[str, Any], kind: str) -> dict[str, A
             default = (0, 0)
         elif key in _OPTIONAL_INT and value is not None:
             default = 0
-        if key == "data_dir" and value is not None:
+        if key in _OPTIONAL_STR and value is not None:
             value = str(value)
         out[key] = _coerce(key, value, default)
     return out
@@ -233,14 +315,13 @@ def _fields_from(cls: type, values: Mapping[str, Any], kind: str) -> dict[str, A
 
 def search_config(method: str = "pcdarts", dataset: str = "cifar10", **overrides: Any) -> SearchConfig:
     """The papers' settings for ``method`` on ``dataset``, with ``overrides`` on top (validated)."""
-    from .methods import get_method
-
     m = get_method(method)
     raw_options = overrides.pop("options", None) or {}
     method_defaults = dict(m.defaults(dataset))
     default_options = method_defaults.pop("options", None) or {}  # the method's option values for this dataset
     values: dict[str, Any] = {"method": method, "dataset": dataset}
     values.update(DATASET_SEARCH_DEFAULTS.get(dataset, {}))
+    values.update(_space_defaults("search", overrides.get("search_space"), dataset))
     values.update(method_defaults)
     values.update(overrides)
     values = _fields_from(SearchConfig, values, "search config")
@@ -263,8 +344,17 @@ def search_config_from_dict(values: Mapping[str, Any]) -> SearchConfig:
 def eval_config(dataset: str = "cifar10", **overrides: Any) -> EvalConfig:
     values: dict[str, Any] = {"dataset": dataset}
     values.update(DATASET_EVAL_DEFAULTS.get(dataset, {}))
+    values.update(_space_defaults("eval", overrides.get("search_space"), dataset))
     values.update(overrides)
     return EvalConfig(**_fields_from(EvalConfig, values, "evaluation config"))
+
+
+def _space_defaults(which: str, space: Any, dataset: str) -> dict[str, Any]:
+    """The search space's defaults (NAS-Bench-201's C=16, N=5 skeleton and training recipe), between the
+    dataset's and the method's; an unknown space is reported when the config is validated."""
+    from .spaces import SPACES
+
+    return SPACES[space].defaults(which, dataset) if space in SPACES else {}
 
 
 #: PC-DARTS ImageNet search (Sec. 4.3): 8 GPUs, batch 1024, lr 0.5 with warm-up, arch lr 6e-3, K=2, 35 frozen epochs.

@@ -4,6 +4,8 @@
   split: the first half of the training set trains the weights, the second half the architecture.
 - ImageNet through :class:`torchvision.datasets.ImageFolder`, with PC-DARTS's search subsets (Xu et al., ICLR
   2020, Sec. 4.3): 10% of each class's images for the weights and a disjoint 2.5% for the architecture.
+- ImageNet16-120 (NAS-Bench-201's third dataset) from the published 16x16 downsampled-ImageNet files, read by
+  :mod:`pcdarts_core.imagenet16` without unpickling arbitrary objects; NAS-Bench-201's augmentation.
 - ``synthetic``: a procedurally generated, learnable 10-class dataset that needs no download (see
   :func:`synthetic_images`), for CPU runs and tests.
 
@@ -11,7 +13,8 @@ Every loader goes through a :class:`~torch.utils.data.DistributedSampler`, so si
 runs share one code path and an epoch's order depends only on ``(seed, epoch)``: that is what makes exact resume
 possible.
 
-Nothing here unpickles anything itself; the CIFAR files are read by torchvision.
+The CIFAR files are read by torchvision; the ImageNet16 pickles only through a restricted unpickler that admits
+numpy arrays and plain containers.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from typing import Callable, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import datasets, transforms
+
+from .config import AUGMENTS
+from . import imagenet16
 
 __all__ = [
     "DATASETS",
@@ -90,6 +96,17 @@ DATASETS: dict[str, DatasetInfo] = {
         f"get ILSVRC2012 from {IMAGENET_URL} and lay it out as <root>/train/<class>/*.JPEG and "
         "<root>/val/<class>/*.JPEG (the same class folders in both)",
     ),
+    "imagenet16-120": DatasetInfo(
+        "imagenet16-120",
+        120,
+        16,
+        # NAS-Bench-201's constants (xautodl get_dataset_with_transform.py).
+        (122.68 / 255, 116.66 / 255, 104.01 / 255),
+        (63.22 / 255, 61.26 / 255, 65.09 / 255),
+        True,
+        f"get Imagenet16_train.zip and Imagenet16_val.zip (16x16 downsampled ImageNet) from {IMAGENET_URL} and "
+        "put train_data_batch_1..10 and val_data (or their .npz conversions) in <root>",
+    ),
     "synthetic": DatasetInfo(
         "synthetic",
         10,
@@ -147,6 +164,10 @@ def check_dataset(name: str, root: str | None) -> None:
             path = os.path.join(folder, file_name)
             if not os.path.isfile(path):
                 raise _missing(info, path)
+    elif name == "imagenet16-120":
+        missing = imagenet16.missing_file(root)
+        if missing is not None:
+            raise _missing(info, missing)
     else:  # imagenet
         for split in ("train", "val"):
             path = os.path.join(root, split)
@@ -193,18 +214,39 @@ def _normalize(info: DatasetInfo) -> transforms.Normalize:
     return transforms.Normalize(info.mean, info.std)
 
 
-def _cifar_transforms(info: DatasetInfo, cutout: int) -> tuple[Callable, Callable]:
-    """DARTS's ``_data_transforms_cifar10``: crop with 4-pixel padding, flip, normalize; cutout after that."""
-    train = [
-        transforms.RandomCrop(32, padding=4),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        _normalize(info),
-    ]
+def _cifar_transforms(info: DatasetInfo, cutout: int, augment: str = "standard") -> tuple[Callable, Callable]:
+    """DARTS's ``_data_transforms_cifar10``: crop with 4-pixel padding, flip, normalize; cutout after that.
+
+    ``augment='autoaugment'`` is sharpDARTS's ``--autoaugment`` (``cnn/utils.py``): the padding is grey (fill 128)
+    and torchvision's AutoAugment with the CIFAR-10 policy runs after the flip, before normalization.
+    """
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}; got {augment!r}")
+    if augment == "autoaugment":
+        train = [
+            transforms.RandomCrop(32, padding=4, fill=128),
+            transforms.RandomHorizontalFlip(),
+            transforms.AutoAugment(transforms.AutoAugmentPolicy.CIFAR10),
+        ]
+    else:
+        train = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
+    train += [transforms.ToTensor(), _normalize(info)]
     if cutout > 0:
         train.append(Cutout(cutout))
     test = transforms.Compose([transforms.ToTensor(), _normalize(info)])
     return transforms.Compose(train), test
+
+
+def _with_cutout(transform: Callable, cutout: int) -> Callable:
+    """``transform``, then DARTS's cutout on its tensor output when ``cutout > 0``."""
+    return transforms.Compose([transform, Cutout(cutout)]) if cutout > 0 else transform
+
+
+def _imagenet16_transforms(info: DatasetInfo) -> tuple[Callable, Callable]:
+    """NAS-Bench-201's ImageNet16 augmentation: flip, crop with 2-pixel padding, normalize."""
+    train = transforms.Compose([transforms.RandomHorizontalFlip(), transforms.RandomCrop(16, padding=2),
+                                transforms.ToTensor(), _normalize(info)])
+    return train, transforms.Compose([transforms.ToTensor(), _normalize(info)])
 
 
 def _imagenet_train_transform(info: DatasetInfo, size: int) -> Callable:
@@ -420,14 +462,14 @@ class SyntheticDataset(Dataset):
         return img, int(self.targets[index])
 
 
-def _synthetic(n: int, image_size: int, seed: int, train: bool) -> SyntheticDataset:
+def _synthetic(n: int, image_size: int, seed: int, train: bool, cutout: int = 0) -> SyntheticDataset:
     info = DATASETS["synthetic"]
     # Train and test images come from different streams of the same seed.
     images, labels = synthetic_images(n, image_size=image_size, seed=2 * seed + (0 if train else 1))
     mean = torch.tensor(info.mean).view(1, 3, 1, 1)
     std = torch.tensor(info.std).view(1, 3, 1, 1)
     images = (images - mean) / std
-    transform = transforms.RandomCrop(image_size, padding=2) if train else None
+    transform = _with_cutout(transforms.RandomCrop(image_size, padding=2), cutout) if train else None
     return SyntheticDataset(images, labels, transform)
 
 
@@ -465,6 +507,8 @@ def search_data(
     imagenet_fractions: tuple[float, float] = (0.1, 0.025),
     synthetic_samples: int | tuple[int, int] | None = None,
     verify: bool = True,
+    augment: str = "standard",
+    cutout: int = 0,
 ) -> SearchData:
     """The weight and arch sets of a search, both with training augmentation (as DARTS and PC-DARTS do).
 
@@ -473,13 +517,19 @@ def search_data(
     ``seed`` picks the data only (ImageNet subsets, synthetic images), not the search: pass a fixed one to hold
     the data constant across searches. ``synthetic_samples``: train size, or (train, test) sizes.
     ``verify=False`` skips torchvision's md5 checks of CIFAR files (only for small test files in the real format).
+    ``augment``: 'standard' or 'autoaugment' (CIFAR only: sharpDARTS's search data); ``cutout``: DARTS's cutout
+    length on both sets (0: none).
     """
     info = _info(name)
     check_dataset(name, root)
+    if cutout < 0:
+        raise ValueError(f"cutout must be >= 0, got {cutout}")
+    if augment != "standard" and name not in _CIFAR_CLASSES:
+        raise ValueError(f"augment {augment!r} is for CIFAR images; {name} uses 'standard'")
     if name in _CIFAR_CLASSES:
         assert root is not None
         _check_cifar_size(name, image_size)
-        train_transform, _ = _cifar_transforms(info, cutout=0)
+        train_transform, _ = _cifar_transforms(info, cutout, augment)
         full = _cifar(name, root, True, train_transform, verify)
         w_idx, a_idx = _split_indices(len(full), train_portion)
         return SearchData(Subset(full, w_idx), Subset(full, a_idx), len(full.classes), 32)
@@ -487,12 +537,17 @@ def search_data(
         assert root is not None
         size = image_size or info.image_size
         train_dir = os.path.join(os.path.expanduser(str(root)), "train")
-        full = _image_folder(info, train_dir, _imagenet_train_transform(info, size))
+        full = _image_folder(info, train_dir, _with_cutout(_imagenet_train_transform(info, size), cutout))
         w_idx, a_idx = per_class_subsets(full.targets, imagenet_fractions, seed)
         return SearchData(Subset(full, w_idx), Subset(full, a_idx), len(full.classes), size)
+    if name == "imagenet16-120":
+        assert root is not None
+        full = imagenet16.ImageNet16(os.path.expanduser(str(root)), True, _imagenet16_transforms(info)[0])
+        w_idx, a_idx = _split_indices(len(full), train_portion)
+        return SearchData(Subset(full, w_idx), Subset(full, a_idx), info.num_classes, info.image_size)
     size = image_size or info.image_size
     n_train, _ = _synthetic_sizes(synthetic_samples)
-    full = _synthetic(n_train, size, seed, train=True)
+    full = _synthetic(n_train, size, seed, train=True, cutout=cutout)
     w_idx, a_idx = _split_indices(len(full), train_portion)
     return SearchData(Subset(full, w_idx), Subset(full, a_idx), info.num_classes, size)
 
@@ -535,6 +590,12 @@ def eval_data(
                 f"{os.path.join(base, 'val')}: {info.how_to_get}"
             )
         return EvalData(train, test, len(train.classes), size)
+    if name == "imagenet16-120":
+        assert root is not None
+        base = os.path.expanduser(str(root))
+        train_transform, test_transform = _imagenet16_transforms(info)
+        return EvalData(imagenet16.ImageNet16(base, True, train_transform),
+                        imagenet16.ImageNet16(base, False, test_transform), info.num_classes, info.image_size)
     size = image_size or info.image_size
     n_train, n_test = _synthetic_sizes(synthetic_samples)
     return EvalData(

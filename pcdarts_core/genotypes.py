@@ -5,7 +5,9 @@ pairs feeding it. Inputs 0 and 1 are the cell's two inputs, input ``i + 2`` is i
 DARTS-style searches keep exactly two inputs per node; EnTranNAS-DST may keep any number, so the number of inputs
 per node is stored explicitly (``normal_counts``) rather than assumed.
 
-Text is parsed with :mod:`ast` and :mod:`json` only: nothing a user supplies is ever evaluated.
+Text is parsed with :mod:`ast` and :mod:`json` only: nothing a user supplies is ever evaluated. A NAS-Bench-201
+string (``|op~0|+...``) or its stored JSON parses to a :class:`~pcdarts_core.nb201_arch.NB201Arch` instead, and
+the consensus of such cells is per-edge (``consensus_arch``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .nb201_arch import JSON_KEY as NB201_JSON_KEY
+from .nb201_arch import NB201Arch, arch_from_dict, consensus_arch, parse_arch
 from .ops import OPS, PRIMITIVES
 
 Edge = tuple[str, int]
@@ -178,8 +182,9 @@ def _literal(node: ast.AST, what: str) -> Any:
     raise ValueError(f"genotype {what}: unsupported expression {ast.dump(node)[:60]}")
 
 
-def parse_genotype(text: str) -> Genotype:
-    """Parse the core's JSON or the official ``Genotype(normal=[...], ...)`` text, without ``eval``.
+def parse_genotype(text: str) -> Genotype | NB201Arch:
+    """Parse the core's JSON or the official ``Genotype(normal=[...], ...)`` text, without ``eval``; a
+    NAS-Bench-201 string (``|op~0|+...``) or its JSON gives an :class:`~pcdarts_core.nb201_arch.NB201Arch`.
 
     Raises ``ValueError`` with a one-line message on anything malformed or unknown.
     """
@@ -190,11 +195,15 @@ def parse_genotype(text: str) -> Genotype:
         raise ValueError("genotype text is too long")
     if not text:
         raise ValueError("genotype text is empty")
+    if text.startswith("|"):
+        return parse_arch(text)
     if text.startswith("{"):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise ValueError(f"genotype JSON is malformed: {err}") from None
+        if isinstance(data, dict) and NB201_JSON_KEY in data:
+            return arch_from_dict(data)
         return genotype_from_dict(data)
     if "=" in text.split("(", 1)[0]:  # "NAME = Genotype(...)" as written in the official genotypes.py
         text = text.split("=", 1)[1].strip()
@@ -264,6 +273,8 @@ def derive_cell(weights: torch.Tensor, op_names: Sequence[str] | Sequence[Sequen
     Ties go to the lower input index and the earlier op, as in the official ``_parse`` (stable sort).
     """
     names = _edge_op_names(op_names, weights.shape[0])
+    if not bool(torch.isfinite(weights).all()):
+        raise ValueError("cannot derive a cell from arch weights that are NaN or infinite (the search diverged)")
     gene: list[Edge] = []
     for node, rows in enumerate(node_edge_slices(steps)):
         candidates = []
@@ -335,6 +346,8 @@ def consensus_genotype(genotypes: Iterable[Genotype], n_inputs: int = 2) -> Geno
     genos = list(genotypes)
     if not genos:
         raise ValueError("consensus of an empty set of genotypes")
+    if isinstance(genos[0], NB201Arch):  # NAS-Bench-201: per edge the op chosen most often
+        return consensus_arch(genos)  # type: ignore[arg-type]
     steps = genos[0].steps
     cells: dict[str, list[Edge]] = {}
     counts_per_cell: dict[str, tuple[int, ...]] = {}
@@ -400,7 +413,7 @@ _PUBLISHED_TEXT = {
 PUBLISHED: dict[str, Genotype] = {name: parse_genotype(text) for name, text in _PUBLISHED_TEXT.items()}
 
 
-def load_genotype(name_or_path: str) -> Genotype:
+def load_genotype(name_or_path: str) -> Genotype | NB201Arch:
     """A published genotype by name (e.g. ``PC_DARTS_CIFAR``) or a file holding JSON or ``Genotype(...)`` text."""
     if name_or_path in PUBLISHED:
         return PUBLISHED[name_or_path]
@@ -408,7 +421,7 @@ def load_genotype(name_or_path: str) -> Genotype:
 
     path = Path(name_or_path)
     if not path.is_file():
-        if name_or_path.lstrip().startswith(("{", "Genotype(")):
+        if name_or_path.lstrip().startswith(("{", "Genotype(", "|")):
             return parse_genotype(name_or_path)
         raise ValueError(f"{name_or_path!r} is neither a published genotype ({', '.join(PUBLISHED)}) nor a file")
     if path.stat().st_size > 1_000_000:

@@ -24,25 +24,28 @@ PRIMITIVES: tuple[str, ...] = (
     "dil_conv_5x5",
 )
 
-#: sharpDARTS's optional op set (Hundt et al., 2019, Sec. 3.2): SharpSepConv replaces the separable convs.
-SHARP_PRIMITIVES: tuple[str, ...] = (
+#: sharpDARTS's search space (ahundt/sharpDARTS, README's search commands: ``--primitives DARTS_PRIMITIVES`` with the
+#: default ``--ops OPS`` table of ``cnn/operations.py``): DARTS's eight op names, but built by sharpDARTS's table, in which
+#: three of them differ from DARTS's and so get their own names here (a genotype must say which op it means).
+SHARPDARTS_PRIMITIVES: tuple[str, ...] = (
     "none",
     "max_pool_3x3",
-    "avg_pool_3x3",
+    "sharp_avg_pool_3x3",
     "skip_connect",
-    "sharp_sep_conv_3x3",
-    "sharp_sep_conv_5x5",
-    "dil_conv_3x3",
-    "dil_conv_5x5",
+    "sep_conv_3x3",
+    "sep_conv_5x5",
+    "sharp_dil_conv_3x3",
+    "sharp_dil_conv_5x5",
 )
 
 
 class ReLUConvBN(nn.Module):
-    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int, affine: bool = True):
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int, affine: bool = True,
+                 bias: bool = False):
         super().__init__()
         self.op = nn.Sequential(
             nn.ReLU(inplace=False),
-            nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding, bias=False),
+            nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding, bias=bias),
             nn.BatchNorm2d(c_out, affine=affine),
         )
 
@@ -68,30 +71,19 @@ class DilConv(nn.Module):
 
 
 class SepConv(nn.Module):
-    """Two stacked depthwise-separable blocks, stride on the first (DARTS Appendix A.1)."""
+    """Two stacked depthwise-separable blocks, stride (and ``dilation``) on the first (DARTS Appendix A.1).
 
-    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int, affine: bool = True):
-        super().__init__()
-        self.op = nn.Sequential(
-            DilConv(c_in, c_in, kernel, stride, padding, 1, affine),
-            DilConv(c_in, c_out, kernel, 1, padding, 1, affine),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op(x)
-
-
-class SharpSepConv(nn.Module):
-    """sharpDARTS's SharpSepConv (Hundt et al., Fig. 3): ReLU, depthwise kxk, 1x1 to a wider middle (x2),
-    BN, ReLU, depthwise kxk, 1x1 back to c_out, BN. Stride sits on the first depthwise conv."""
+    This is also sharpDARTS's SharpSepConv (``cnn/operations.py``) with its middle width equal to ``c_out``, the
+    only width the official op table uses for ``sep_conv`` and ``dil_conv``: its ``dil_conv_kxk`` is this block with
+    ``dilation=2`` on the first depthwise conv (the second is never dilated).
+    """
 
     def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int, affine: bool = True,
-                 mid_multiplier: int = 2):
+                 dilation: int = 1):
         super().__init__()
-        c_mid = c_out * mid_multiplier
         self.op = nn.Sequential(
-            DilConv(c_in, c_mid, kernel, stride, padding, 1, affine),
-            DilConv(c_mid, c_out, kernel, 1, padding, 1, affine),
+            DilConv(c_in, c_in, kernel, stride, padding, dilation, affine),
+            DilConv(c_in, c_out, kernel, 1, (kernel - 1) // 2, 1, affine),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,6 +106,21 @@ class Zero(nn.Module):
         if self.stride == 1:
             return x.mul(0.0)
         return x[:, :, :: self.stride, :: self.stride].mul(0.0)
+
+
+class Noise(nn.Module):
+    """RobustDARTS's `noise` op (Zela et al., ICLR 2020, space S4; ``NoiseOp(stride, 0., 1.)`` in their
+    operations.py): standard normal noise of the output's shape, ignoring the input's values, in training and
+    evaluation alike. Drawn from torch's default generator, so a seeded run repeats it."""
+
+    def __init__(self, stride: int, mean: float = 0.0, std: float = 1.0):
+        super().__init__()
+        self.stride, self.mean, self.std = stride, mean, std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride != 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        return torch.empty_like(x).normal_(self.mean, self.std)
 
 
 class FactorizedReduce(nn.Module):
@@ -148,9 +155,19 @@ OPS: dict[str, OpFactory] = {
     "sep_conv_7x7": lambda c, stride, affine: SepConv(c, c, 7, stride, 3, affine),
     "dil_conv_3x3": lambda c, stride, affine: DilConv(c, c, 3, stride, 2, 2, affine),
     "dil_conv_5x5": lambda c, stride, affine: DilConv(c, c, 5, stride, 4, 2, affine),
-    "sharp_sep_conv_3x3": lambda c, stride, affine: SharpSepConv(c, c, 3, stride, 1, affine),
-    "sharp_sep_conv_5x5": lambda c, stride, affine: SharpSepConv(c, c, 5, stride, 2, affine),
+    # sharpDARTS's table: AvgPool2d with its default count_include_pad=True, and dil_conv as two blocks.
+    "sharp_avg_pool_3x3": lambda c, stride, affine: nn.AvgPool2d(3, stride=stride, padding=1),
+    "sharp_dil_conv_3x3": lambda c, stride, affine: SepConv(c, c, 3, stride, 2, affine, dilation=2),
+    "sharp_dil_conv_5x5": lambda c, stride, affine: SepConv(c, c, 5, stride, 4, affine, dilation=2),
+    "noise": lambda c, stride, affine: Noise(stride),
+    # NAS-Bench-201's convolutions (Dong & Yang, ICLR 2020; xautodl cell_operations.py): ReLU-Conv-BN whose conv
+    # carries a bias exactly when the BN has no affine parameters (the search network's).
+    "nor_conv_1x1": lambda c, stride, affine: ReLUConvBN(c, c, 1, stride, 0, affine, bias=not affine),
+    "nor_conv_3x3": lambda c, stride, affine: ReLUConvBN(c, c, 3, stride, 1, affine, bias=not affine),
 }
+
+#: Ops without weights: the ones a collapsed DARTS cell is made of (RobustDARTS, Sec. 3; `none` included).
+PARAMETER_FREE_OPS: frozenset[str] = frozenset({"none", "skip_connect", "max_pool_3x3", "avg_pool_3x3", "noise"})
 
 
 def check_op_name(name: str) -> str:

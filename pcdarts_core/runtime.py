@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import random
 from pathlib import Path
@@ -57,6 +58,21 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read (corrupted, truncated, not ours): reported in one line."""
 
 
+class SearchDiverged(ValueError):
+    """A search (or an evaluation) whose loss stopped being finite; the run cannot recover from it."""
+
+
+def check_finite_loss(value: float, epoch: int, what: str, step: int | None = None) -> None:
+    """Raise :class:`SearchDiverged` ("diverged at epoch E (loss nan): ...") unless ``value`` is finite.
+
+    ``epoch`` is 1-based, ``what`` names the loss (train, arch, val, test), ``step`` the 1-based step of the epoch.
+    """
+    if not math.isfinite(value):
+        at = f" of step {step}" if step is not None else ""
+        raise SearchDiverged(f"diverged at epoch {epoch} (loss {value}): the {what} loss{at} is not finite; "
+                             f"lower the learning rates")
+
+
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
     """Write atomically (temp file + rename) so an interrupted save never leaves a half checkpoint."""
     path = Path(path)
@@ -66,17 +82,23 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(source: str | os.PathLike | bytes) -> dict[str, Any]:
-    """``torch.load(..., weights_only=True)``: tensors and plain containers only, never arbitrary objects."""
-    where = "checkpoint bytes" if isinstance(source, bytes) else str(source)
+def load_checkpoint(source: str | os.PathLike | bytes, name: str | None = None) -> dict[str, Any]:
+    """``torch.load(..., weights_only=True)``: tensors and plain containers only, never arbitrary objects.
+
+    ``source`` is a file or its bytes (read from object storage); ``name`` is what error messages call it (the
+    file's path or URI; default: the path), so that a truncated or corrupted checkpoint is named.
+    """
+    where = name or ("checkpoint bytes" if isinstance(source, bytes) else str(source))
     if not isinstance(source, bytes) and not Path(source).is_file():
         raise CheckpointError(f"checkpoint {where} does not exist")
     try:
         fh = io.BytesIO(source) if isinstance(source, bytes) else source
         state = torch.load(fh, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure to read means the same thing to the user
-        raise CheckpointError(f"checkpoint {where} is corrupted or not a checkpoint of this project "
-                              f"({type(err).__name__})") from None
+        text = str(err).strip()
+        reason = text.splitlines()[0].split(". ")[0][:160] if text else type(err).__name__
+        raise CheckpointError(f"checkpoint {where} is truncated, corrupted or not a checkpoint of this project "
+                              f"({reason})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {where} does not hold a state dict")
     return state

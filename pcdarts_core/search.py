@@ -21,17 +21,19 @@ from torch import nn
 
 from . import data as data_lib
 from .config import SearchConfig
-from .genotypes import Genotype
+from .genotypes import Genotype, parse_genotype
+from .hessian import darts_es_stop_index, dominant_eigenvalue, eigen_record, evaluation_due, unobserved
 from .methods import get_method
-from .runtime import (accuracy, all_reduce_mean_, all_reduce_sum, autocast, distributed_world, rng_state,
-                      resolve_device, seed_all, set_rng_state)
+from .runtime import (accuracy, all_reduce_mean_, all_reduce_sum, autocast, check_finite_loss, distributed_world,
+                      rng_state, resolve_device, seed_all, set_rng_state)
+from .spaces import get_space
 from .supernet import SearchNetwork
 
 Callback = Callable[[dict[str, Any], "Searcher"], None]
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 #: config fields that may differ between a run and its resumption (where it runs, not what it computes)
-RESUMABLE_DIFFERENCES = {"device", "num_workers", "data_dir", "epochs", "amp", "channels_last"}
+RESUMABLE_DIFFERENCES = {"device", "num_workers", "data_dir", "epochs", "amp", "channels_last", "nb201_benchmark"}
 
 
 class Searcher:
@@ -43,7 +45,8 @@ class Searcher:
         seed_all(config.seed)
         self.data = data or data_lib.search_data(
             config.dataset, config.data_dir, seed=config.data_seed, train_portion=config.train_portion,
-            image_size=config.image_size, synthetic_samples=config.synthetic_samples)
+            image_size=config.image_size, synthetic_samples=config.synthetic_samples, augment=config.augment,
+            cutout=config.cutout)
         self.num_classes = self.data.num_classes
         self.criterion = self.method.criterion(config).to(self.device)
         self.train_loader = self._loader(self.data.weight_set)
@@ -132,7 +135,8 @@ class Searcher:
         self.net.train()
         arch_on = self.arch_active
         loss_sum = correct = seen = 0.0
-        arch_loss_sum, arch_steps = 0.0, 0
+        arch_loss_sum, arch_steps, steps = 0.0, 0, 0
+        val: Batch | None = None
         val_iter = iter(self.val_loader)
         for step, train in enumerate(self.train_loader):
             if cfg.steps_per_epoch is not None and step >= cfg.steps_per_epoch:
@@ -143,17 +147,23 @@ class Searcher:
                 except StopIteration:
                     val_iter = iter(self.val_loader)
                     val = next(val_iter)
-                arch_loss_sum += self.method.arch_step(self, train, val)
+                arch_loss = self.method.arch_step(self, train, val)
+                self._check_step_loss(arch_loss, "arch", step)
+                arch_loss_sum += arch_loss
                 arch_steps += 1
             loss, logits = self.method.weight_step(self, train)
+            self._check_step_loss(loss, "train", step)
             n = train[1].shape[0]
             loss_sum += loss * n
             correct += accuracy(logits, train[1].to(logits.device))
             seen += n
+            steps += 1
         train_time = time.perf_counter() - start
         loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], self.device)
+        check_finite_loss(loss_sum, epoch + 1, "train")  # every rank sees the same sum: they stop together
         self.sync_buffers()
         val_loss, val_acc = self.evaluate()
+        check_finite_loss(val_loss, epoch + 1, "val")
         self.epoch += 1
         genotype = self.method.genotype(self.net)
         metrics = {
@@ -169,12 +179,21 @@ class Searcher:
             "genotype": genotype.to_json(),
             "n_skip_normal": genotype.count_op("skip_connect", "normal"),
             "throughput": seen / train_time if train_time > 0 else 0.0,
+            # one bilevel step (arch + weights on one global batch), validation excluded
+            "step_time_s": train_time / steps if steps else None,
             **self.method.epoch_metrics(self),
+            **get_space(cfg.search_space).epoch_metrics(cfg, genotype),
         }
-        if cfg.hessian_every and self.epoch % cfg.hessian_every == 0:
-            metrics.update(self._track_hessian(genotype))
+        if evaluation_due(epoch, cfg.hessian_every, cfg.epochs):
+            metrics.update(self._track_hessian(genotype, val))
         metrics["epoch_time_s"] = time.perf_counter() - start
         return metrics
+
+    def _check_step_loss(self, loss: float, what: str, step: int) -> None:
+        """Stop at the first non-finite loss (:class:`~.runtime.SearchDiverged`). Data-parallel ranks check the
+        epoch's averaged losses instead, so that they all stop at the same point."""
+        if self.world_size == 1:
+            check_finite_loss(loss, self.epoch + 1, what, step + 1)
 
     def sync_buffers(self) -> None:
         """Average BatchNorm running statistics across ranks so validation sees one model."""
@@ -199,26 +218,28 @@ class Searcher:
         loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], self.device)
         return loss_sum / max(seen, 1), correct / max(seen, 1)
 
-    def _track_hessian(self, genotype: Genotype) -> dict[str, Any]:
-        """RobustDARTS (Zela et al., ICLR 2020): the dominant eigenvalue of the arch Hessian of L_val; with
-        ``early_stop`` DARTS-ES's rule stops the search and keeps the genotype of 4 evaluations earlier."""
-        from .hessian import darts_es_should_stop, dominant_eigenvalue
-
-        val = next(iter(self.val_loader))
-        value = dominant_eigenvalue(self, self.to_device(val))
+    def _track_hessian(self, genotype: Genotype, val: Batch | None) -> dict[str, Any]:
+        """RobustDARTS (Zela et al., ICLR 2020): the largest arch-Hessian eigenvalue of L_val on the epoch's last arch
+        batch (the first validation batch in an epoch without arch steps); with ``early_stop`` DARTS-ES's rule may
+        stop the search (see ``hessian.py``). Neither changes the search."""
+        with unobserved(self):  # fetching a batch runs the augmentation, which draws from the global RNG
+            batch = val if val is not None else next(iter(self.val_loader))
+        value = dominant_eigenvalue(self, self.to_device(batch), weight_decay=self.config.arch_weight_decay)
         self.eigen_history.append({"epoch": self.epoch, "eigenvalue": value, "genotype": genotype.to_json()})
         out: dict[str, Any] = {"hessian_eigenvalue": value}
-        if self.config.early_stop and darts_es_should_stop([h["eigenvalue"] for h in self.eigen_history]):
+        if self.config.early_stop and self.epoch < self.config.epochs and self._darts_es_answer() is not None:
             self.stopped_early = True
             out["early_stopped"] = True
         return out
 
+    def _darts_es_answer(self) -> int | None:
+        return darts_es_stop_index(*eigen_record(self.eigen_history))
+
     def final_genotype(self) -> Genotype:
         """The search's answer: DARTS-ES's earlier genotype when it stopped the search, else the current one."""
-        if self.stopped_early and len(self.eigen_history) > 4:
-            from .genotypes import parse_genotype
-
-            return parse_genotype(self.eigen_history[-5]["genotype"])
+        answer = self._darts_es_answer() if self.stopped_early else None
+        if answer is not None:
+            return parse_genotype(self.eigen_history[answer]["genotype"])
         return self.method.genotype(self.net)
 
     # -- state -----------------------------------------------------------------------------------------------
@@ -261,7 +282,8 @@ def arch_summary(net: SearchNetwork) -> dict[str, Any]:
     """Alphas/betas as lists and the mean entropy of the op distributions (nats; log(8) ~ 2.08 is uniform)."""
     out: dict[str, Any] = {}
     entropies = []
-    for cell in ("normal", "reduce"):
+    # NAS-Bench-201's supernet has one cell type (``cell_types``); PC-DARTS's has normal and reduction cells.
+    for cell in getattr(net, "cell_types", ("normal", "reduce")):
         alphas = net.alphas(cell).detach().float().cpu()
         probs = torch.softmax(alphas, dim=-1)
         ent = float(-(probs * probs.clamp_min(1e-12).log()).sum(-1).mean())

@@ -17,10 +17,10 @@ from torch import nn
 from . import data as data_lib
 from .config import EvalConfig
 from .genotypes import Genotype, parse_genotype
-from .model import NetworkCIFAR, NetworkImageNet
 from .profile import count_parameters
-from .runtime import (CheckpointError, accuracy, all_reduce_mean_, all_reduce_sum, autocast, distributed_world,
-                      resolve_device, rng_state, seed_all, set_rng_state)
+from .runtime import (CheckpointError, accuracy, all_reduce_mean_, all_reduce_sum, autocast, check_finite_loss,
+                      distributed_world, resolve_device, rng_state, seed_all, set_rng_state)
+from .spaces import get_space
 
 Callback = Callable[[dict[str, Any], "Trainer"], None]
 
@@ -28,8 +28,8 @@ RESUMABLE_DIFFERENCES = {"device", "num_workers", "data_dir", "epochs", "amp", "
 
 
 def build_eval_network(config: EvalConfig, genotype: Genotype, num_classes: int) -> nn.Module:
-    cls = NetworkImageNet if config.dataset == "imagenet" else NetworkCIFAR
-    return cls(config.init_channels, num_classes, config.layers, config.auxiliary, genotype)
+    """The search space's evaluation network: DARTS's (darts, s1-s4) or NAS-Bench-201's ``TinyNetwork``."""
+    return get_space(config.search_space).eval_network(config, genotype, num_classes)
 
 
 class Trainer:
@@ -99,12 +99,17 @@ class Trainer:
             all_reduce_mean_([p.grad for p in self.net.parameters() if p.grad is not None])
             nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
             self.optimizer.step()
-            loss_sum += float(loss.detach()) * y.shape[0]
+            value = float(loss.detach())
+            if self.world_size == 1:  # data-parallel ranks check the averaged loss below, to stop together
+                check_finite_loss(value, self.epoch + 1, "train", step + 1)
+            loss_sum += value * y.shape[0]
             correct += accuracy(logits.detach(), y)
             seen += y.shape[0]
         train_time = time.perf_counter() - start
         loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], self.device)
+        check_finite_loss(loss_sum, self.epoch + 1, "train")
         test_loss, test_acc = self.evaluate()
+        check_finite_loss(test_loss, self.epoch + 1, "test")
         self.epoch += 1
         return {
             "epoch": self.epoch, "lr": lr, "drop_path_prob": drop_prob,

@@ -61,6 +61,23 @@ def _probe_without_side_effects(searcher: Searcher, batch: tuple[torch.Tensor, t
     return loss
 
 
+def record_op_calls(net: torch.nn.Module) -> list[tuple[int, int, int]]:
+    """(cell, mixed-op unit, op index in that unit's list) of every candidate op that runs, in either execution
+    (reference: per-edge op modules; fused: the units each batched op runs on)."""
+    calls: list[tuple[int, int, int]] = []
+    for c, cell in enumerate(net.cells):
+        if hasattr(cell, "mixed"):
+            for m, mixed in enumerate(cell.mixed):
+                for o, op in enumerate(mixed.ops):
+                    op.register_forward_hook(lambda mod, i, out, key=(c, m, o): calls.append(key))
+            continue
+        for group in cell.fused:
+            for op in group.values():
+                op.register_forward_hook(lambda mod, args, out, c=c: calls.extend(
+                    (c, mod.units[i], mod.op_index[i]) for i in range(args[1], args[1] + args[2])))
+    return calls
+
+
 def check_genotype(text: str, num_classes: int = 10) -> Genotype:
     """Parse a genotype's JSON and build and run a tiny evaluation network from it."""
     g = parse_genotype(text)

@@ -256,3 +256,35 @@ def test_two_ranks_partition_the_data():
     d0 = _order(make_loader(odd, 4, seed=1, rank=0, world_size=2, drop_last=True))
     d1 = _order(make_loader(odd, 4, seed=1, rank=1, world_size=2, drop_last=True))
     assert len(d0) == len(d1) == 20 and not set(d0) & set(d1)
+
+
+# ------------------------------------------------------------------------------------------------ search augmentation
+
+
+def test_autoaugment_and_cutout_on_the_cifar_search_data(cifar_root):
+    """sharpDARTS's ``--autoaugment --cutout`` (cnn/utils.py): grey 4-pixel padding, crop, flip, AutoAugment's
+    CIFAR-10 policy, normalize, cutout 16; the standard search data has neither."""
+    from torchvision import transforms
+
+    data = search_data("cifar10", cifar_root, verify=False, augment="autoaugment", cutout=16)
+    steps = data.weight_set.dataset.transform.transforms
+    assert [type(t).__name__ for t in steps] == [
+        "RandomCrop", "RandomHorizontalFlip", "AutoAugment", "ToTensor", "Normalize", "Cutout"]
+    assert (steps[0].padding, steps[0].fill) == (4, 128)
+    assert steps[2].policy == transforms.AutoAugmentPolicy.CIFAR10 and steps[5].length == 16
+    torch.manual_seed(0)
+    img, _ = data.weight_set[3]
+    assert img.shape == (3, 32, 32) and int((img == 0).all(0).sum()) >= 8 * 8  # a cutout square, clipped at most
+    plain = search_data("cifar10", cifar_root, verify=False).weight_set.dataset.transform.transforms
+    assert [type(t).__name__ for t in plain] == ["RandomCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]
+
+
+def test_cutout_on_synthetic_search_data_and_autoaugment_only_for_cifar():
+    torch.manual_seed(0)
+    plain, _ = search_data("synthetic", synthetic_samples=20).weight_set[0]
+    torch.manual_seed(0)  # the same shift, then a cutout square
+    cut, _ = search_data("synthetic", synthetic_samples=20, cutout=6).weight_set[0]
+    changed = (plain != cut).any(0)
+    assert int(changed.sum()) >= 3 * 3 and bool((cut[:, changed] == 0).all())
+    with pytest.raises(ValueError, match="autoaugment"):
+        search_data("synthetic", synthetic_samples=20, augment="autoaugment")

@@ -6,16 +6,17 @@ One local Ray instance (2 CPUs) for the module; 1 CPU and 1 torch thread per wor
 from __future__ import annotations
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from orchestrator.cli import run_cli
-from orchestrator.distributed import (KILL_ENV, KILL_MARKER_ENV, DistributedOptions, check_resources,
-                                      distributed_search_trial, run_distributed)
+from orchestrator.distributed import DistributedOptions, check_resources, distributed_search_trial, run_distributed
 from orchestrator.metrics import record_epoch
 from orchestrator.presets import load_preset
+from orchestrator.results import ResultStore
 from orchestrator.search import main
 from pcdarts_core.genotypes import parse_genotype
+
+from faults import KillRank
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -25,16 +26,10 @@ def smoke_values(**overrides) -> dict:
     return {**preset.search, "seed": 0, **overrides}
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield ray
-    ray.shutdown()
-
-
 def _rows(root, kind: str) -> list[dict]:
-    return sorted(pq.read_table(f"{root}/{kind}.parquet").to_pylist(), key=lambda r: r.get("epoch") or 0)
+    root = str(root)
+    rows = ResultStore(root.rsplit("/", 1)[0], root.rsplit("/", 1)[1]).read(kind).to_pylist()
+    return sorted(rows, key=lambda r: r.get("epoch") or 0)
 
 
 def _tune_trial(values: dict, storage, distributed: dict):
@@ -62,12 +57,11 @@ def test_killed_worker_group_resumes_to_the_uninterrupted_result(ray_cluster, tm
     assert not list((tmp_path / "tune").glob("**/epochs.parquet"))  # the sweep driver writes its store, not we
 
     marker = tmp_path / "killed.marker"
-    monkeypatch.setenv(KILL_ENV, "1:2")  # rank 1 exits after its first optimizer step of epoch 2
-    monkeypatch.setenv(KILL_MARKER_ENV, str(marker))
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # Ray Train propagates it to its actors
     opts = DistributedOptions.from_mapping({"num_workers": 2, "max_failures": 2})
-    killed = run_distributed(values, opts, str(tmp_path), "killed", echo=None)
-    assert marker.exists(), "the testing hook did not fire"
+    killed = run_distributed(values, opts, str(tmp_path), "killed", echo=None,
+                             callbacks=[KillRank(rank=1, epoch=2, marker=str(marker))])
+    assert marker.exists(), "the fault injector did not fire"
 
     final = parse_genotype(tuned.metrics["final_genotype"]).to_json()
     assert killed.genotype.to_json() == final
@@ -84,7 +78,6 @@ def test_killed_worker_group_resumes_to_the_uninterrupted_result(ray_cluster, tm
     assert trial["status"] == "done" and trial["epochs_done"] == 2 and trial["trial_id"] == "killed"
 
     # The same command again: the run is finished, so it reports the stored result without training.
-    monkeypatch.delenv(KILL_ENV)
     again = run_distributed(values, opts, str(tmp_path), "killed", echo=None)
     assert again.resumed and again.genotype.to_json() == final and again.epochs_done == 2
     assert _rows(killed.root, "epochs") == rows

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from orchestrator.distributed import global_config, rank_config, ranks_identical
+from orchestrator.run import global_config, rank_config, ranks_identical
 from pcdarts_core import data as data_lib
 from pcdarts_core.search import Searcher
 
@@ -73,27 +73,17 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str, runs: dict) 
         dist.destroy_process_group()
 
 
-def _rome_available() -> bool:
-    from pcdarts_core.methods import get_method
-
-    try:
-        get_method("rome")
-    except (ImportError, ValueError):  # the method is written separately
-        return False
-    return True
-
-
 RUNS = {
     "random": ({**BASE, "channel_sampling": "random"}, True),
     "fixed": ({**BASE, "channel_sampling": "fixed"}, False),
+    "rome": ({**BASE, "method": "rome", "k": 1, "steps_per_epoch": 2}, True),
 }
-ROME = ({**BASE, "method": "rome", "k": 1, "steps_per_epoch": 2}, True)
 
 
 @pytest.fixture(scope="module")
 def two_ranks() -> tuple[dict, dict]:
     """Both ranks' results of every configuration above, from one pair of spawned processes."""
-    runs = dict(RUNS, **({"rome": ROME} if _rome_available() else {}))
+    runs = RUNS
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_rank_main, args=(2, os.path.join(tmp, "pg"), tmp, runs), nprocs=2, join=True)
         r0, r1 = (torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(2))
@@ -179,8 +169,6 @@ def test_rank_config_splits_the_global_batch_and_scales_lr_when_it_must():
 def test_rome_ranks_stay_identical(two_ranks):
     """ROME samples sub-networks from the global torch RNG, which stays in step on all ranks: every rank samples
     the same ops (so the same parameters have gradients and the all-reduce buckets match)."""
-    if "rome" not in two_ranks[0]:
-        pytest.skip("rome not available")
     r0, r1 = (r["rome"] for r in two_ranks)
     for key in r0["state"]:
         assert torch.equal(r0["state"][key], r1["state"][key]), key

@@ -123,3 +123,115 @@ def test_bad_input_is_one_error_line(runs: dict, case: str) -> None:
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr
+
+
+# -- derive from the checkpoints this project writes ------------------------------------------------------------------
+def _derive(target: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m orchestrator.genotype derive TARGET --json`` run in ``cwd``, as the README shows it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "orchestrator.genotype", "derive", target, "--json"], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def project_checkpoints(ray_cluster, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Genotype]]:
+    """Checkpoints written by the project itself, each with the genotype its run reported: a ``search single``
+    run (``checkpoint.pt``), a ``search distributed`` run on Ray Train (``checkpoint_*/search.pt``) and a sweep
+    trial (``search_trainable`` under Tune: ``checkpoint_*/state.pt``)."""
+    from ray import tune
+
+    from orchestrator.presets import load_preset
+    from orchestrator.trainable import search_trainable
+    from pcdarts_core.genotypes import parse_genotype
+
+    d = tmp_path_factory.mktemp("project_checkpoints")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": ray_cluster}
+    common = ["--preset", "smoke", "--set", "epochs=2", "--set", "k=2", "--storage", str(d)]
+    for argv in (["single", *common, "--name", "one"],
+                 ["distributed", *common, "--name", "dist", "--num-workers", "1"]):
+        proc = subprocess.run([sys.executable, "-m", "orchestrator.search", *argv], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    values = {**load_preset("smoke").search, "epochs": 2, "k": 2}
+    tuner = tune.Tuner(search_trainable, param_space={"search": values, "seed": 0, "run": "derive-test"},
+                       run_config=tune.RunConfig(name="search", storage_path=str(d / "sweep"), verbose=0))
+    (result,) = list(tuner.fit())
+    assert result.error is None, result.error
+    train_ckpt = sorted((d / "dist").glob("checkpoint_*/search.pt"))[-1]  # Ray Train's newest checkpoint_* folder
+    return {
+        "single": (d / "one" / "checkpoint.pt", parse_genotype((d / "one" / "genotype.json").read_text())),
+        "train": (train_ckpt, parse_genotype((d / "dist" / "genotype.json").read_text())),
+        "trial": (Path(result.checkpoint.path) / "state.pt", parse_genotype(result.metrics["final_genotype"])),
+    }
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["single", "train", "trial"])
+def test_derive_reads_the_projects_checkpoints_and_their_folders(project_checkpoints: dict, kind: str) -> None:
+    """The README's ``derive search.pt --json`` verbatim in the checkpoint's folder, then the folder itself and
+    the run's (or trial's) folder above it: each derives the genotype the run reported (PC-DARTS's rule)."""
+    from pcdarts_core.genotypes import parse_genotype
+
+    path, expected = project_checkpoints[kind]
+    targets = [(path.name, path.parent), (str(path.parent), ROOT)]
+    if kind != "single":  # the folder holding the checkpoint_* folders: the newest checkpoint
+        targets.append((str(path.parent.parent), ROOT))
+    for target, cwd in targets:
+        proc = _derive(target, cwd)
+        assert proc.returncode == 0, (target, proc.stderr)
+        assert parse_genotype(proc.stdout.strip().splitlines()[-1]) == expected, target
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_derive_from_a_damaged_or_empty_checkpoint_names_the_file(project_checkpoints: dict, tmp_path: Path) -> None:
+    from pcdarts_core.runtime import load_checkpoint
+
+    path, _ = project_checkpoints["single"]
+    truncated = tmp_path / "run" / "checkpoint.pt"
+    truncated.parent.mkdir()
+    truncated.write_bytes(path.read_bytes()[:1000])
+    # An HPO trial saved between two seeds holds no running search (orchestrator.trainable.hpo_trainable's format).
+    state = load_checkpoint(path)["searcher"]
+    torch.save({"format": "pcdarts-hpo/1", "index": 1, "completed": [], "searcher": None, "seed_time": 0.0},
+               tmp_path / "hpo.pt")
+    torch.save({"format": "pcdarts-hpo/1", "index": 0, "completed": [], "searcher": state, "seed_time": 1.0},
+               tmp_path / "hpo_running.pt")
+    cases = {str(truncated.parent): f"checkpoint {truncated} is truncated, corrupted",
+             str(tmp_path / "hpo.pt"): "holds no running search",
+             str(tmp_path): "a directory without a checkpoint"}
+    for target, message in cases.items():
+        proc = _derive(target, ROOT)
+        assert proc.returncode == 2, proc.stdout
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    running = _derive(str(tmp_path / "hpo_running.pt"), ROOT)
+    assert running.returncode == 0, running.stderr
+
+
+def test_derive_takes_pdarts_pruned_ops_from_the_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A P-DARTS search in its second stage has 5 ops per edge, different per edge: derive reads them from the
+    method state saved with the search (in-process: one subprocess fewer)."""
+    from pcdarts_core.config import search_config
+    from pcdarts_core.genotypes import derive_genotype, parse_genotype
+    from pcdarts_core.search import Searcher
+
+    torch.set_num_threads(1)
+    cfg = search_config("pdarts", "synthetic", epochs=3, options={"stage_epochs": [1, 1, 1]}, warmup_epochs=0,
+                        batch_size=8, init_channels=4, layers=5, image_size=16, steps_per_epoch=1, eval_steps=1,
+                        device="cpu", synthetic_samples=40)
+    searcher = Searcher(cfg)
+    searcher.run_epoch()
+    searcher.run_epoch()
+    net = searcher.net
+    assert net.alphas_normal.shape[1] == 5  # pruned in stage 2
+    torch.save(searcher.state_dict(), tmp_path / "pdarts.pt")
+    with pytest.raises(SystemExit) as exc:
+        run_cli(genotype_cli.main, ["derive", str(tmp_path / "pdarts.pt"), "--json"])
+    assert exc.value.code == 0
+    derived = parse_genotype(capsys.readouterr().out.strip().splitlines()[-1])
+    with torch.no_grad():
+        expected = derive_genotype(net.alphas_normal, net.alphas_reduce, net.betas_normal, net.betas_reduce,
+                                   net.edge_primitives["normal"], net.edge_primitives["reduce"])
+    assert derived == expected

@@ -21,7 +21,9 @@ def test_darts_supernet_uses_all_channels_and_no_betas():
     net = Searcher(cfg).net
     assert net.betas_normal is None and net.betas_reduce is None
     assert net.arch_parameters() == [net.alphas_normal, net.alphas_reduce]
-    assert all(m.k == 1 and m.bypass_pool is None for m in net.mixed_ops())
+    assert all(cell.k == 1 for cell in net.cells)
+    reference = Searcher(tiny_config("darts", execution="reference")).net
+    assert reference.mixed_ops() and all(m.k == 1 and m.bypass_pool is None for m in reference.mixed_ops())
     assert net.cell_weights()["normal"].edges is None
     assert tiny_config("darts", warmup_epochs=0).warmup_epochs == 0
     with pytest.raises(ValueError, match="k=1"):
@@ -105,3 +107,51 @@ def test_short_darts_search_learns_and_derives_a_genotype():
     assert after < before
     assert not history[0]["arch_active"] and history[-1]["arch_active"]
     check_genotype(history[-1]["genotype"])
+
+
+class BareStepContext:
+    """Exactly ``architect.StepContext``: a network, two optimizers and the loss, with no loop, data or checkpoints."""
+
+    def __init__(self, method: str, order: str):
+        self.config = tiny_config(method, order=order)
+        self.net = SearchNetwork(4, 10, 3, k=1, edge_norm=False)
+        self.criterion = nn.CrossEntropyLoss()
+        self.device = torch.device("cpu")
+        self.weight_optimizer = torch.optim.SGD(self.net.weight_parameters(), 0.05, momentum=0.9)
+        self.arch_optimizer = torch.optim.Adam(self.net.arch_parameters(), 0.01)
+
+    def to_device(self, batch):
+        return batch
+
+    def loss(self, batch, return_logits=False):
+        logits = self.net(batch[0])
+        loss = self.criterion(logits, batch[1])
+        return (loss, logits) if return_logits else loss
+
+    def backward(self, loss):
+        loss.backward()
+
+    def sync_grads(self, params):
+        pass
+
+    def unscale(self, optimizer):
+        pass
+
+    def step_optimizer(self, optimizer):
+        optimizer.step()
+
+
+@pytest.mark.parametrize("method,order", [("darts", "first"), ("darts", "second"), ("pdarts", "first")])
+def test_steps_need_only_the_step_context_not_a_searcher(method, order):
+    from pcdarts_core.methods import get_method
+
+    ctx = BareStepContext(method, order)
+    gen = torch.Generator().manual_seed(0)
+    batch = torch.randn(4, 3, 8, 8, generator=gen), torch.randint(0, 10, (4,), generator=gen)
+    arch = [p.detach().clone() for p in ctx.net.arch_parameters()]
+    weights = [p.detach().clone() for p in ctx.net.weight_parameters()]
+    m = get_method(method)
+    m.arch_step(ctx, batch, batch)
+    m.weight_step(ctx, batch)
+    assert any(not torch.equal(a, p) for a, p in zip(arch, ctx.net.arch_parameters()))
+    assert any(not torch.equal(w, p) for w, p in zip(weights, ctx.net.weight_parameters()))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from methods_testlib import check_genotype, search_and_probe, tiny_config
+from methods_testlib import check_genotype, record_op_calls, search_and_probe, tiny_config
 
 from pcdarts_core.config import search_config
 from pcdarts_core.genotypes import node_edge_slices
@@ -20,16 +20,6 @@ def searcher(**overrides) -> Searcher:
     return Searcher(tiny_config("entrannas", layers=5, **overrides))
 
 
-def record_op_calls(net) -> list[tuple[int, int, int]]:
-    """(cell, shared module, op) of every candidate op that runs."""
-    calls: list[tuple[int, int, int]] = []
-    for c, cell in enumerate(net.cells):
-        for m, mixed in enumerate(cell.mixed):
-            for o, op in enumerate(mixed.ops):
-                op.register_forward_hook(lambda mod, i, out, key=(c, m, o): calls.append(key))
-    return calls
-
-
 def test_engine_cells_are_the_first_and_the_reduction_cells():
     assert engine_cell_indices("auto", 8) == (0, 2, 5)
     assert engine_cell_indices("auto", 5) == (0, 1, 3)
@@ -40,11 +30,12 @@ def test_engine_cells_are_the_first_and_the_reduction_cells():
         search_config("entrannas", "cifar10", options={"engine_cells": "first"})
     net = searcher().net
     assert [cell.transit for cell in net.cells] == [False, False, True, False, True]
-    assert all(cell.feature_sharing and len(cell.mixed) == net.steps + 1 for cell in net.cells)
+    assert all(cell.feature_sharing and cell.n_units == net.steps + 1 for cell in net.cells)
 
 
-def test_transit_cells_run_only_the_derived_ops_and_engines_run_all_with_shared_features():
-    net = searcher().net
+@pytest.mark.parametrize("execution", ["fused", "reference"])
+def test_transit_cells_run_only_the_derived_ops_and_engines_run_all_with_shared_features(execution):
+    net = searcher(execution=execution).net
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in net.arch_parameters():
@@ -64,7 +55,9 @@ def test_transit_cells_run_only_the_derived_ops_and_engines_run_all_with_shared_
             assert derived == sorted((inp, op) for op, inp in getattr(genotype, cell.cell_type))
         else:
             # feature sharing: each source state computes each candidate op once for all its successors
-            assert ran == sorted((m, o) for m in range(net.steps + 1) for o in range(len(PRIMITIVES)))
+            # (fused execution never computes `none`: it contributes zero)
+            ops = [o for o, name in enumerate(PRIMITIVES) if execution == "reference" or name != "none"]
+            assert ran == sorted((m, o) for m in range(net.steps + 1) for o in ops)
 
 
 def test_dst_threshold_formula_and_pruning():

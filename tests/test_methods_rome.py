@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from methods_testlib import check_genotype, roundtrip, tiny_config, trace
+from methods_testlib import check_genotype, record_op_calls, roundtrip, tiny_config, trace
 
 from pcdarts_core.config import search_config
 from pcdarts_core.genotypes import node_edge_slices
@@ -76,19 +76,17 @@ def test_sampling_uses_torch_rng():
     assert draw(5) != draw(6)
 
 
-def test_only_the_sampled_ops_of_the_sampled_edges_run_and_memory_is_far_below_pcdarts():
-    searcher = rome_searcher()
+@pytest.mark.parametrize("execution", ["fused", "reference"])
+def test_only_the_sampled_ops_of_the_sampled_edges_run_and_memory_is_far_below_pcdarts(execution):
+    searcher = rome_searcher(execution=execution)
     net = searcher.net
-    calls = []
-    for cell in net.cells:
-        for e, mixed in enumerate(cell.mixed):
-            for o, op in enumerate(mixed.ops):
-                op.register_forward_hook(lambda m, i, out, key=(cell.cell_type, e, o): calls.append(key))
+    recorded = record_op_calls(net)
     x = torch.randn(8, 3, 8, 8)
     torch.manual_seed(0)
     weights = net.cell_weights()
     torch.manual_seed(0)
     net(x)
+    calls = [(net.cells[c].cell_type, e, o) for c, e, o in recorded]  # one unit per edge: unit = edge
     expected = []
     for cell in net.cells:
         cw = weights[cell.cell_type]
@@ -96,8 +94,8 @@ def test_only_the_sampled_ops_of_the_sampled_edges_run_and_memory_is_far_below_p
     assert sorted(calls) == sorted(expected) and len(calls) == 8 * len(net.cells)
     # activation memory held for backward, same C, depth and batch: PC-DARTS (K=4) and DARTS (K=1) supernets
     rome = saved_bytes(net, x)
-    pcdarts = saved_bytes(Searcher(tiny_config("pcdarts")).net, x)
-    darts = saved_bytes(Searcher(tiny_config("darts")).net, x)
+    pcdarts = saved_bytes(Searcher(tiny_config("pcdarts", execution=execution)).net, x)
+    darts = saved_bytes(Searcher(tiny_config("darts", execution=execution)).net, x)
     assert rome < 0.5 * pcdarts and rome < 0.2 * darts, (rome, pcdarts, darts)
 
 

@@ -57,14 +57,14 @@ def test_configurations_and_grid_make_groups():
 @pytest.mark.parametrize("sets, message", [
     (["search.kk=3"], "unknown search config key 'kk' (did you mean 'k'?)"),
     (["epochs=abc"], "epochs must be an integer"),
-    (["frobnicate.x=1"], "unknown top-level key(s) frobnicate"),
+    (["frobnicate.x=1"], "unknown top-level key 'frobnicate'"),
     (["failure.max_failures=-3"], "failure.max_failures"),
     (["evaluate.epochz=3"], "unknown evaluation config key 'epochz'"),
     (["evaluate.genotypes=[NOPE]"], "'NOPE' is neither a published genotype"),
     (["hpo.space.k={normal: [1, 2]}"], "unknown distribution 'normal'"),
     (["hpo.space.k={choice: [3]}"], "hpo.space.k=3"),
     (["hpo.seeds=[0]"], "at least 2 seeds"),
-    (["seeds=[0, 0]"], "'seeds' has duplicates"),
+    (["seeds=[0, 0]"], "seeds has duplicates"),
     (["resources.tpu=1"], "cpu and gpu"),
     (["warmup_epochs=5"], "warmup_epochs=5 must be in [0, epochs=2)"),
 ])

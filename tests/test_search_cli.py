@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from orchestrator.cli import run_cli
-from orchestrator.distributed import DistributedOptions, global_config, rank_config
+from orchestrator.distributed import DistributedOptions
+from orchestrator.run import global_config, rank_config
 from orchestrator.metrics import record_epoch
 from orchestrator.presets import CONFIG_DIR, load_preset
 from orchestrator.search import main
@@ -132,12 +133,6 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, capsys):
 
 
 def test_rome_runs_from_the_smoke_preset(tmp_path, capsys):
-    from pcdarts_core.methods import get_method
-
-    try:
-        get_method("rome")
-    except (ImportError, ValueError) as err:  # written separately
-        pytest.skip(f"rome not available: {err}")
     assert _cli("single", "--preset", "smoke", "--method", "rome", "--storage", str(tmp_path)) == 0
     run = tmp_path / "smoke-rome-synthetic-s0"
     parse_genotype((run / "genotype.json").read_text())

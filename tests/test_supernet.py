@@ -54,12 +54,16 @@ def test_reduction_cells_and_shapes():
 
 
 def test_partial_channels_run_ops_on_one_kth():
-    net = SearchNetwork(8, 10, 3, k=4)
+    net = SearchNetwork(8, 10, 3, k=4, execution="reference")
     mixed = net.cells[0].mixed[0]
     conv = mixed.ops[4].op[0].op[1]  # sep_conv_3x3's first depthwise conv
     assert conv.in_channels == 8 // 4
     # K=1: all channels
-    assert SearchNetwork(8, 10, 3, k=1, edge_norm=False).cells[0].mixed[0].ops[4].op[0].op[1].in_channels == 8
+    k1 = SearchNetwork(8, 10, 3, k=1, edge_norm=False, execution="reference")
+    assert k1.cells[0].mixed[0].ops[4].op[0].op[1].in_channels == 8
+    # fused: the same depthwise conv batched over the 4 edges that read state 0, C/K channels each
+    fused = SearchNetwork(8, 10, 3, k=4).cells[0].fused[0]["sep_conv_3x3"]
+    assert fused.units == [0, 2, 5, 9] and fused.body.op[0].op[1].in_channels == 4 * 8 // 4
 
 
 def test_channel_shuffle_interleaves_groups():
@@ -68,10 +72,13 @@ def test_channel_shuffle_interleaves_groups():
     assert channel_shuffle(x, 1).flatten().tolist() == list(range(8))
 
 
-def test_k1_cell_equals_weighted_sum_of_ops():
+@pytest.mark.parametrize("execution", ["reference", "fused"])
+def test_k1_cell_equals_weighted_sum_of_ops(execution):
     """DARTS's mixed op: sum_o softmax(alpha)_o * op_o(x) on every channel, no edge scaling."""
     torch.manual_seed(0)
-    net = SearchNetwork(4, 10, 3, k=1, edge_norm=False).eval()
+    net = SearchNetwork(4, 10, 3, k=1, edge_norm=False, execution="reference").eval()
+    under_test = SearchNetwork(4, 10, 3, k=1, edge_norm=False, execution=execution).eval()
+    under_test.load_state_dict(net.state_dict())
     cell = net.cells[0]
     weights = net.cell_weights()["normal"]
     assert weights.edges is None
@@ -82,7 +89,7 @@ def test_k1_cell_equals_weighted_sum_of_ops():
     states = [s0, s1]
     node0 = sum(sum(w * op(states[j]) for w, op in zip(torch.softmax(net.alphas_normal[j], -1), cell.mixed[j].ops))
                 for j in range(2))
-    out = cell(s, s, weights)
+    out = under_test.cells[0](s, s, weights)
     assert torch.allclose(out[:, :4], node0, atol=1e-6)
     assert expected.shape == s0.shape
 

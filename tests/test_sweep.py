@@ -18,62 +18,41 @@ import pytest
 
 from orchestrator import evaluate as evaluate_cli
 from orchestrator import sweep
-from orchestrator.trainable import failure_epoch
+from orchestrator import experiment
+from orchestrator.results import epoch_row
+
+from faults import FailAtEpoch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 # -- pure helpers (no Ray) -------------------------------------------------------------------------------------------
-def test_failure_hook_parsing():
-    env = {"PCDARTS_FAIL_AT_EPOCH": "2"}
-    assert failure_epoch(0, resumed=False, env={}) is None
-    assert failure_epoch(0, resumed=True, env=env) == 2
-    assert failure_epoch(1, resumed=False, env={**env, "PCDARTS_FAIL_SEEDS": "1,3"}) == 2
-    assert failure_epoch(2, resumed=False, env={**env, "PCDARTS_FAIL_SEEDS": "1,3"}) is None
-    assert failure_epoch(0, resumed=True, env={**env, "PCDARTS_FAIL_ONCE": "1"}) is None
-    with pytest.raises(ValueError, match="PCDARTS_FAIL_AT_EPOCH"):
-        failure_epoch(0, resumed=False, env={"PCDARTS_FAIL_AT_EPOCH": "soon"})
-
-
 def test_rows_from_results():
     config = {"search": {"method": "pcdarts", "dataset": "synthetic", "k": 4, "epochs": 2}, "seed": 3}
     result = {"epoch": 2, "val_acc": 0.5, "train_acc": 0.6, "val_loss": float("nan"), "genotype": "{}",
               "final_genotype": "G", "time_total_s": 12.0, "alphas_normal": [[0.1] * 8] * 14, "arch_loss": 1.5,
               "trial_id": "x", "pid": 7, "search_done": True}
-    row = sweep.stability_trial_row("t1", config, result, "done", ["k"])
+    row = experiment.stability_trial_row("t1", config, result, "done", ["k"])
     assert row["group"] == "method=pcdarts,k=4" and row["seed"] == 3 and row["genotype"] == "G"
     assert row["cfg_k"] == 4 and row["cfg_seed"] == 3 and row["val_loss"] is None and row["wall_time_s"] == 12.0
-    erow = sweep.epoch_row("t1", row["group"], 3, result)
+    erow = epoch_row("t1", row["group"], 3, result)
     assert erow["epoch"] == 2 and erow["arch_loss"] == 1.5 and "pid" not in erow and "search_done" not in erow
-    assert sweep.hpo_group({"method": "darts"}, {"arch_lr": 0.0012345678, "k": 2}) == "method=darts,arch_lr=0.001235,k=2"
+    assert experiment.hpo_group({"method": "darts"}, {"arch_lr": 0.0012345678, "k": 2}) == "method=darts,arch_lr=0.001235,k=2"
 
 
 def test_experiment_claim_refuses_changed_settings(tmp_path):
     from orchestrator.results import ResultStore
 
     store = ResultStore(str(tmp_path), "exp")
-    sweep.claim_experiment(store, "stability", {"seeds": [0, 1]})
-    sweep.claim_experiment(store, "stability", {"seeds": [0, 1]})  # the same: a resume
+    experiment.claim_experiment(store, "stability", {"seeds": [0, 1]})
+    experiment.claim_experiment(store, "stability", {"seeds": [0, 1]})  # the same: a resume
     with pytest.raises(ValueError, match="different settings \\(seeds differ\\)"):
-        sweep.claim_experiment(store, "stability", {"seeds": [0, 1, 2]})
+        experiment.claim_experiment(store, "stability", {"seeds": [0, 1, 2]})
     with pytest.raises(ValueError, match="is a stability run, not hpo"):
-        sweep.claim_experiment(store, "hpo", {"seeds": [0, 1]})
+        experiment.claim_experiment(store, "hpo", {"seeds": [0, 1]})
 
 
 # -- on Ray ----------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """One local Ray cluster (2 CPUs) for the module; yields its address for subprocess drivers."""
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    if started:
-        ray.shutdown()
-
-
 @pytest.fixture
 def quiet_tune(monkeypatch):
     """The sweep sets Tune's output environment in the driver process: restore it after the test."""
@@ -82,7 +61,9 @@ def quiet_tune(monkeypatch):
 
 
 def _table(path: Path, kind: str) -> list[dict]:
-    return pq.read_table(path / f"{kind}.parquet").to_pylist()
+    from orchestrator.results import ResultStore
+
+    return ResultStore(str(path.parent), path.name).read(kind).to_pylist()
 
 
 def _cli(module: str, *args: str, env: dict | None = None, timeout: int = 400) -> subprocess.CompletedProcess:
@@ -97,7 +78,7 @@ def test_smoke_sweep_end_to_end_with_evaluation(ray_cluster, quiet_tune, tmp_pat
     assert code == 0
     exp = tmp_path / "smoke"
     for kind in ("trials", "epochs", "stability", "evaluations"):
-        assert (exp / f"{kind}.parquet").is_file(), kind
+        assert (exp / f"{kind}.parquet").is_dir(), kind
 
     trials = _table(exp, "trials")
     assert len(trials) == 4 and {r["status"] for r in trials} == {"done"}
@@ -183,12 +164,12 @@ def test_killed_driver_resumes_without_duplicates(ray_cluster, tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_crashing_trial_is_retried_then_recorded_failed(ray_cluster, tmp_path):
-    env = {"PCDARTS_FAIL_AT_EPOCH": "2", "PCDARTS_FAIL_SEEDS": "1"}
-    proc = _cli("orchestrator.sweep", "stability", "--preset", "smoke", "--storage", str(tmp_path),
-                "--address", ray_cluster, "--set", "grid.k=[4]", env=env)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "retrying" in proc.stdout and "1 search(es) failed" in proc.stdout
+def test_crashing_trial_is_retried_then_recorded_failed(ray_cluster, quiet_tune, tmp_path, capsys):
+    preset = sweep.load_preset("smoke", ["grid.k=[4]"])
+    code = sweep.run_stability(preset, str(tmp_path), "smoke", None, callbacks=[FailAtEpoch(2, frozenset({1}))])
+    out = capsys.readouterr().out
+    assert code == 3, out  # some searches failed: exit status 3, not 0
+    assert "retrying" in out and "1 search(es) failed" in out
     trials = {r["seed"]: r for r in _table(tmp_path / "smoke", "trials")}
     assert trials[0]["status"] == "done" and trials[0]["error"] is None
     failed = trials[1]
@@ -220,4 +201,4 @@ def test_hpo_smoke_writes_study_and_results(ray_cluster, quiet_tune, tmp_path):
     assert len({r["trial_id"] for r in trials}) == len(trials)
     epochs = _table(exp, "epochs")
     assert len({(r["trial_id"], r["epoch"]) for r in epochs}) == len(epochs) >= 2 * len(trials)
-    assert (exp / "stability.parquet").is_file()
+    assert (exp / "stability.parquet").is_dir()

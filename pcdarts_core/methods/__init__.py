@@ -1,12 +1,15 @@
 """Search methods by name. Each module changes only the mechanism that defines its method.
 
-``get_method(name)`` imports ``pcdarts_core.methods.<module>`` lazily and returns its ``METHOD``.
+Importing this package registers every module's ``METHOD`` under its name in the registry of
+:mod:`pcdarts_core.config` (``pcdarts_core`` imports it, so the registry is full wherever configs are built);
+``get_method(name)`` returns it.
 """
 
 from __future__ import annotations
 
 import importlib
 
+from ..config import get_method, register_method
 from .base import SearchMethod
 
 #: method name -> module in this package
@@ -22,12 +25,8 @@ METHOD_MODULES: dict[str, str] = {
 METHOD_NAMES: tuple[str, ...] = tuple(METHOD_MODULES)
 
 
-def get_method(name: str) -> SearchMethod:
-    """The method called ``name``; ``ValueError`` naming the known methods otherwise."""
-    if name not in METHOD_MODULES:
-        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(METHOD_NAMES)}")
-    module = importlib.import_module(f"{__name__}.{METHOD_MODULES[name]}")
-    return module.METHOD
+for _name, _module in METHOD_MODULES.items():
+    register_method(_name, importlib.import_module(f"{__name__}.{_module}").METHOD)
 
 
 __all__ = ["METHOD_NAMES", "SearchMethod", "get_method"]

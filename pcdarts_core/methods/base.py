@@ -8,20 +8,31 @@ the lr schedule, or the final derivation.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, Sequence
 
 import torch
 from torch import nn
 
+from .. import architect
+from ..architect import StepContext
 from ..config import MethodOptions, SearchConfig
 from ..genotypes import Genotype
 from ..ops import PRIMITIVES
+from ..spaces import get_space
 from ..supernet import ArchWeighting, SearchNetwork
 
-if TYPE_CHECKING:
-    from ..search import Searcher
-
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class SearchContext(StepContext, Protocol):
+    """What the epoch-level hooks need beyond a step's :class:`~pcdarts_core.architect.StepContext`: the epoch,
+    the number of classes, and rebuilding the network with fresh optimizers (P-DARTS's stages). ``search.Searcher``
+    provides it."""
+
+    epoch: int
+    num_classes: int
+
+    def build_network(self, net: SearchNetwork | None = None) -> SearchNetwork: ...
 
 
 class SearchMethod:
@@ -45,11 +56,13 @@ class SearchMethod:
     def weighting(self, cfg: SearchConfig) -> ArchWeighting:
         return ArchWeighting()
 
+    def edge_primitives(self, cfg: SearchConfig) -> Sequence[str] | dict[str, list[tuple[str, ...]]]:
+        """The supernet's candidate ops: this method's set, restricted per edge by the search space (S1-S4)."""
+        return get_space(cfg.search_space).edge_primitives(self.primitives(cfg))
+
     def build_network(self, cfg: SearchConfig, num_classes: int) -> SearchNetwork:
-        return SearchNetwork(cfg.init_channels, num_classes, cfg.layers, k=cfg.k, edge_norm=cfg.edge_norm,
-                             primitives=self.primitives(cfg), channel_sampling=cfg.channel_sampling,
-                             stem="imagenet" if cfg.dataset == "imagenet" else "cifar",
-                             weighting=self.weighting(cfg), seed=cfg.seed)
+        """The search space's supernet (PC-DARTS's cells, or NAS-Bench-201's) with this method's weighting."""
+        return get_space(cfg.search_space).supernet(self, cfg, num_classes)
 
     # -- schedules -------------------------------------------------------------------------------------------
     def lr_factor(self, cfg: SearchConfig, epoch: int) -> float:
@@ -63,41 +76,37 @@ class SearchMethod:
         floor = cfg.lr_min / cfg.lr
         return floor + (1 - floor) * (1 + math.cos(math.pi * t / span)) / 2
 
-    def arch_active(self, searcher: "Searcher") -> bool:
+    def arch_active(self, ctx: SearchContext) -> bool:
         """Whether this epoch updates the arch: after ``warmup_epochs`` weights-only epochs (PC-DARTS Sec. 4.1)."""
-        return searcher.epoch >= searcher.config.warmup_epochs
+        return ctx.epoch >= ctx.config.warmup_epochs
 
-    def on_epoch_start(self, searcher: "Searcher", epoch: int) -> None:
+    def on_epoch_start(self, ctx: SearchContext, epoch: int) -> None:
         """Per-epoch schedules (temperatures, dropout rates, stage changes). Nothing for PC-DARTS."""
 
-    def epoch_metrics(self, searcher: "Searcher") -> dict[str, Any]:
+    def epoch_metrics(self, ctx: SearchContext) -> dict[str, Any]:
         """Extra per-epoch metrics of this method (temperature, stage, ...)."""
         return {}
 
     # -- steps -----------------------------------------------------------------------------------------------
-    def arch_step(self, searcher: "Searcher", train: Batch, val: Batch) -> float:
+    def arch_step(self, ctx: StepContext, train: Batch, val: Batch) -> float:
         """First-order (PC-DARTS default) or second-order (DARTS unrolled) update of the arch parameters."""
-        from ..architect import first_order_step, second_order_step
+        if ctx.config.order == "second":
+            return architect.second_order_step(ctx, train, val)
+        return architect.first_order_step(ctx, val)
 
-        if searcher.config.order == "second":
-            return second_order_step(searcher, train, val)
-        return first_order_step(searcher, val)
-
-    def weight_step(self, searcher: "Searcher", train: Batch) -> tuple[float, torch.Tensor]:
+    def weight_step(self, ctx: StepContext, train: Batch) -> tuple[float, torch.Tensor]:
         """One SGD step of the supernet weights; returns (loss, logits)."""
-        from ..architect import weight_step
-
-        return weight_step(searcher, train)
+        return architect.weight_step(ctx, train)
 
     # -- derivation and state --------------------------------------------------------------------------------
     def genotype(self, net: SearchNetwork) -> Genotype:
         return net.genotype()
 
-    def state(self, searcher: "Searcher") -> dict[str, Any]:
+    def state(self, ctx: SearchContext) -> dict[str, Any]:
         """What must be saved, beyond model and optimizers, to resume (e.g. the P-DARTS stage)."""
         return {}
 
-    def restore(self, searcher: "Searcher", state: dict[str, Any]) -> None:
+    def restore(self, ctx: SearchContext, state: dict[str, Any]) -> None:
         """Rebuild whatever ``state`` describes before the model's weights are loaded."""
 
     def criterion(self, cfg: SearchConfig) -> nn.Module:

@@ -16,12 +16,21 @@ EnTranNAS-DST's differentiable sparsification.
 
 Derivation: top-2 inputs and argmax op (PC-DARTS rule) without DST; with DST every input with q > 0, each with its
 argmax non-`none` op. All other settings are PC-DARTS's.
+
+What was checked where. EnTranNAS has no public code. Its text was looked up in the stored copies of the paper
+(search tool, pages corpus: ar5iv.labs.arxiv.org/html/2101.11342 and the SPIQA copy of 2101.11342v1), which give
+the abstract and introduction only. Confirmed there: Engine-cells are differentiable, Transit-cells only transit
+the sub-graph that architecture derivation picks; a feature-sharing strategy balances the ops' optimization and
+saves compute; the derivation is replaced by a differentiable sparsification that keeps the derived cell equal to
+the Engine-cell's and lets a node connect to any number of earlier nodes; the standard-space CIFAR-10 search costs
+0.06 GPU-day. Not confirmed (the method and experiment sections were not reachable): which cells are engines
+(``engine_cells='auto'`` is this project's choice), the exact sparsification formula and the thresholds'
+initialization (``threshold_init=0``, t_j = 0.5); both are options.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -113,10 +122,11 @@ class EnTranNas(SearchMethod):
         o: EnTranNasOptions = cfg.options  # type: ignore[assignment]
         engines = engine_cell_indices(o.engine_cells, cfg.layers)
         return SearchNetwork(cfg.init_channels, num_classes, cfg.layers, k=cfg.k, edge_norm=cfg.edge_norm,
-                             primitives=self.primitives(cfg), channel_sampling=cfg.channel_sampling,
+                             primitives=self.edge_primitives(cfg), channel_sampling=cfg.channel_sampling,
                              stem="imagenet" if cfg.dataset == "imagenet" else "cifar",
                              weighting=self.weighting(cfg), feature_sharing=o.feature_sharing,
-                             transit_cells=[i for i in range(cfg.layers) if i not in engines], seed=cfg.seed)
+                             transit_cells=[i for i in range(cfg.layers) if i not in engines], seed=cfg.seed,
+                             execution=cfg.execution)
 
     def genotype(self, net: SearchNetwork) -> Genotype:
         if isinstance(net.weighting, SparsifyWeighting):

@@ -17,26 +17,32 @@ from torch's RNG, so resume is exact. In eval mode nothing is sampled: the net r
 Derivation: per node the two inputs with the largest topology weight, the argmax op on each.
 
 Search settings (batch 64, lr 0.025 -> 0.001, arch lr 3e-4, no arch warm-up) are DARTS's, which ROME builds on.
+
+What was checked where. ROME has no public code. Its text was looked up in the stored copies of the paper (search
+tool, pages corpus: hf.librae.dpdns.org/papers/2011.11233.md and ar5iv.labs.arxiv.org/html/2011.11233), which
+give the abstract and introduction only; a review page (liner.com) gives Figure 1's caption. Confirmed there:
+single-path search (one sub-model per step), topology search disentangled from operation search, Gumbel-Top2
+edge sampling so that every node has in-degree 2, sub-networks run forward and backward independently and their
+gradients are accumulated before one update of the supernet. Not confirmed (the experimental sections were not
+reachable): K = 7, the temperature schedule and its ends, the search hyper-parameters and removing `none` from the
+op set; they stay options (``samples``, ``tau_max``, ``tau_min``) or DARTS's settings, as above.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..architect import frozen
+from ..architect import StepContext, frozen
 from ..config import MethodOptions, SearchConfig
 from ..genotypes import Genotype, derive_cell, node_edge_slices, normalized_betas
 from ..ops import PRIMITIVES
 from ..supernet import ArchWeighting, CellWeights, SearchNetwork
-from .base import Batch, SearchMethod
-
-if TYPE_CHECKING:
-    from ..search import Searcher
+from .base import Batch, SearchContext, SearchMethod
 
 ROME_PRIMITIVES: tuple[str, ...] = tuple(p for p in PRIMITIVES if p != "none")
 
@@ -125,43 +131,43 @@ class Rome(SearchMethod):
         frac = epoch / max(1, cfg.epochs - 1)
         return o.tau_max - (o.tau_max - o.tau_min) * min(1.0, frac)
 
-    def on_epoch_start(self, searcher: "Searcher", epoch: int) -> None:
-        weighting = searcher.net.weighting
+    def on_epoch_start(self, ctx: SearchContext, epoch: int) -> None:
+        weighting = ctx.net.weighting
         assert isinstance(weighting, GumbelTop2Weighting)
-        weighting.tau = self.temperature(searcher.config, epoch)
+        weighting.tau = self.temperature(ctx.config, epoch)
 
-    def epoch_metrics(self, searcher: "Searcher") -> dict[str, Any]:
-        return {"tau": self.temperature(searcher.config, searcher.epoch - 1)}
+    def epoch_metrics(self, ctx: SearchContext) -> dict[str, Any]:
+        return {"tau": self.temperature(ctx.config, ctx.epoch - 1)}
 
     # -- steps: gradient accumulation over K sampled sub-networks ---------------------------------------------
-    def arch_step(self, searcher: "Searcher", train: Batch, val: Batch) -> float:
-        net, opt, k = searcher.net, searcher.arch_optimizer, searcher.config.options.samples  # type: ignore[attr-defined]
+    def arch_step(self, ctx: StepContext, train: Batch, val: Batch) -> float:
+        net, opt, k = ctx.net, ctx.arch_optimizer, ctx.config.options.samples  # type: ignore[attr-defined]
         opt.zero_grad(set_to_none=True)
         total = 0.0
         with frozen(net.weight_parameters()):
             for _ in range(k):
-                loss = searcher.loss(val)
-                searcher.backward(loss / k)
+                loss = ctx.loss(val)
+                ctx.backward(loss / k)
                 total += float(loss.detach())
-        searcher.sync_grads(net.arch_parameters())
-        searcher.step_optimizer(opt)
+        ctx.sync_grads(net.arch_parameters())
+        ctx.step_optimizer(opt)
         return total / k
 
-    def weight_step(self, searcher: "Searcher", train: Batch) -> tuple[float, torch.Tensor]:
-        net, opt, k = searcher.net, searcher.weight_optimizer, searcher.config.options.samples  # type: ignore[attr-defined]
+    def weight_step(self, ctx: StepContext, train: Batch) -> tuple[float, torch.Tensor]:
+        net, opt, k = ctx.net, ctx.weight_optimizer, ctx.config.options.samples  # type: ignore[attr-defined]
         opt.zero_grad(set_to_none=True)
         total, logits_sum = 0.0, None
         with frozen(net.arch_parameters()):
             for _ in range(k):
-                loss, logits = searcher.loss(train, return_logits=True)
-                searcher.backward(loss / k)
+                loss, logits = ctx.loss(train, return_logits=True)
+                ctx.backward(loss / k)
                 total += float(loss.detach())
                 logits_sum = logits.detach() if logits_sum is None else logits_sum + logits.detach()
         params = net.weight_parameters()
-        searcher.sync_grads(params)
-        searcher.unscale(opt)
-        nn.utils.clip_grad_norm_(params, searcher.config.grad_clip)
-        searcher.step_optimizer(opt)
+        ctx.sync_grads(params)
+        ctx.unscale(opt)
+        nn.utils.clip_grad_norm_(params, ctx.config.grad_clip)
+        ctx.step_optimizer(opt)
         assert logits_sum is not None
         return total / k, logits_sum / k
 
