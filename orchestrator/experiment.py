@@ -334,7 +334,8 @@ def finish(store: ResultStore, counts: Mapping[str, int], what: str = "search(es
         if kind != "stability":
             store.compact(kind)
     write_stability(store, show)
-    # orchestrator.report adds its HTML report of the experiment here.
+    from .report import publish  # the HTML report of the experiment; its path is printed
+    publish(store)
     failed, unfinished = counts.get("failed", 0), counts.get("running", 0)
     if failed:
         where = store.uri("evaluations" if what.startswith("evaluation") else "trials")

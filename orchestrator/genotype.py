@@ -4,7 +4,8 @@
   multiply-adds of the evaluation network, as DARTS/PC-DARTS tables report them. ``--space nb201`` takes a
   NAS-Bench-201 string (``|nor_conv_3x3~0|+...``) and sizes the benchmark's network (C=16, N=5) on
   cifar10|cifar100|imagenet16-120, as the benchmark's ``params`` column.
-- ``show NAME_OR_FILE [--space S]``: both cells node by node (nb201: the cell's six edges).
+- ``show NAME_OR_FILE [--space S] [--svg FILE]``: both cells node by node (nb201: the cell's six edges), and
+  drawn into an SVG file.
 - ``derive FILE``: the PC-DARTS derivation rule applied to saved arch parameters: JSON, or any checkpoint this
   project writes (a single run's ``checkpoint.pt``, a Ray Train ``search.pt``, a sweep trial's ``state.pt``, or
   the folder holding one), loaded with ``weights_only=True``: nothing is unpickled.
@@ -162,6 +163,10 @@ def cmd_show(args: argparse.Namespace, console: Console) -> None:
         print_nb201_arch(genotype, console)
     else:
         print_genotype(genotype, console)
+    if args.svg:
+        from .drawing import write_genotype_svg
+
+        console.print(f"cell diagrams: {write_genotype_svg(genotype, args.svg, args.genotype)}", markup=False)
     if args.json:
         print(genotype.to_json())
 
@@ -345,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("genotype", metavar="NAME_OR_FILE")
     show.add_argument("--space", default="darts", choices=SPACE_NAMES, help="search space of the cell")
     show.add_argument("--json", action="store_true", help="last line of stdout: the genotype JSON")
+    show.add_argument("--svg", metavar="FILE", help="also draw the cells into an SVG file")
     derive = sub.add_parser("derive", help="derive a genotype from saved arch parameters (.json, a checkpoint "
                                            "of this project, or its folder)")
     derive.add_argument("file", metavar="FILE", help="a .json/.pt file or a checkpoint folder")

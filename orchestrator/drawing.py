@@ -1,0 +1,307 @@
+"""Cell diagrams: any cell as a graph (input nodes, intermediate nodes, (src, dst, op) edges, output), drawn with
+matplotlib as inline SVG, no graphviz needed.
+
+:class:`CellGraph` is the one thing the drawer knows. Converters make it from what the project stores:
+
+- :func:`darts_cell_graph`: one cell ('normal' or 'reduce') of a DARTS-space :class:`Genotype` (inputs
+  ``c_{k-2}``, ``c_{k-1}``; intermediate nodes 0..n-1; output ``c_{k}`` = concat of ``*_concat``);
+- :func:`edge_list_cell_graph`: a cell given as ``(src_node, dst_node, op)`` edges over numbered nodes, node 0
+  the input and the last node the output, as NAS-Bench-201 cells are (``none`` edges drawn faint and dotted);
+- :func:`cell_graphs`: every cell of a stored genotype text, whatever its space (DARTS JSON / ``Genotype(...)``
+  text, or an NB201 architecture string ``|op~0|+|op~0|op~1|+|...|``).
+
+Layout: inputs on the left, intermediate nodes left to right in topological order on a zig-zag, the output on
+the right; an edge is straight when that clears every other node, else it takes the gentlest arc (either side)
+that does, and its label slides along it away from nodes and other labels.
+Each edge carries its op as colour (one colour per op across the whole report, :func:`orchestrator.plots.op_color`)
+and as a short label.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Circle, FancyArrowPatch, FancyBboxPatch
+
+from pcdarts_core.genotypes import CELL_TYPES, Genotype, parse_genotype
+
+from .plots import INK, MUTED, figure_svg, op_color, op_label, styled
+
+Edge = tuple[str, str, str]
+
+#: op names drawn as absent edges (faint, dotted): the zero op
+ZERO_OPS = frozenset({"none"})
+
+
+@dataclass(frozen=True)
+class CellGraph:
+    """A cell: ``inputs`` and ``nodes`` (names, in topological order), ``edges`` (src, dst, op) and ``output``,
+    the nodes whose concatenation (or, for a single node, itself) is the cell's output."""
+
+    inputs: tuple[str, ...]
+    nodes: tuple[str, ...]
+    edges: tuple[Edge, ...]
+    output: tuple[str, ...]
+    output_name: str = "c_{k}"
+
+    def __post_init__(self) -> None:
+        known = set(self.inputs) | set(self.nodes)
+        if len(known) != len(self.inputs) + len(self.nodes):
+            raise ValueError("cell graph node names must be distinct")
+        order = {n: i for i, n in enumerate(self.inputs + self.nodes)}
+        for src, dst, op in self.edges:
+            if src not in known or dst not in self.nodes:
+                raise ValueError(f"cell graph edge {src}->{dst} ({op}) names an unknown node")
+            if order[src] >= order[dst]:
+                raise ValueError(f"cell graph edge {src}->{dst} goes backwards")
+        if not self.output or not set(self.output) <= known:
+            raise ValueError(f"cell graph output {list(self.output)} names unknown nodes")
+
+    def slots(self) -> list[tuple[str, str]]:
+        """Every edge the cell could have, in the supernet's order (the rows of its alphas): node by node, each
+        from every input and earlier node."""
+        states = self.inputs + self.nodes
+        return [(src, dst) for i, dst in enumerate(self.nodes) for src in states[:len(self.inputs) + i]]
+
+    def edge_key(self, src: str, dst: str) -> str:
+        """The edge's key in :mod:`orchestrator.stability`'s frequency tables: ``"<src state>-><dst node + 2>"``."""
+        return f"{(self.inputs + self.nodes).index(src)}->{self.nodes.index(dst) + 2}"
+
+
+# -- converters -------------------------------------------------------------------------------------------------
+def _darts_name(index: int) -> str:
+    """State ``index`` of a DARTS cell: 0/1 the inputs c_{k-2}/c_{k-1}, i >= 2 intermediate node i - 2."""
+    return {0: "c_{k-2}", 1: "c_{k-1}"}.get(index, str(index - 2))
+
+
+def darts_cell_graph(genotype: Genotype, cell: str) -> CellGraph:
+    """The ``cell`` ('normal' or 'reduce') of a DARTS-space genotype as a graph."""
+    if cell not in CELL_TYPES:
+        raise ValueError(f"cell must be one of {', '.join(CELL_TYPES)}, got {cell!r}")
+    nodes = genotype.nodes(cell)
+    edges = tuple((_darts_name(inp), _darts_name(node + 2), op) for node, pairs in enumerate(nodes)
+                  for op, inp in pairs)
+    concat = tuple(_darts_name(i) for i in getattr(genotype, f"{cell}_concat"))
+    return CellGraph(("c_{k-2}", "c_{k-1}"), tuple(str(i) for i in range(len(nodes))), edges, concat)
+
+
+def edge_list_cell_graph(edges: Iterable[tuple[int, int, str]], n_inputs: int = 1) -> CellGraph:
+    """A cell given as ``(src_node, dst_node, op)`` over nodes 0..N (the first ``n_inputs`` are inputs), its
+    output the last node: NAS-Bench-201's form (node 0 the input, node 3 the output)."""
+    edges = [(int(s), int(d), str(op)) for s, d, op in edges]
+    if not edges:
+        raise ValueError("a cell needs at least one edge")
+    last = max(d for _, d, _ in edges)
+    names = [str(i) for i in range(last + 1)]
+    return CellGraph(tuple(names[:n_inputs]), tuple(names[n_inputs:]),
+                     tuple((names[s], names[d], op) for s, d, op in edges), (names[last],), output_name="out")
+
+
+def nb201_edges(arch: str) -> list[tuple[int, int, str]]:
+    """The ``(src_node, dst_node, op)`` edges of an NB201 architecture string ``|op~0|+|op~0|op~1|+|...|``.
+
+    A seam for the search-space module's own parser: text is split, never evaluated; malformed text is a
+    ``ValueError``.
+    """
+    text = arch.strip()
+    edges = []
+    for dst, part in enumerate(text.split("+"), start=1):
+        part = part.strip()
+        if not (part.startswith("|") and part.endswith("|")) or len(part) < 3:
+            raise ValueError(f"NB201 architecture {arch!r}: node {dst} is not |op~input|...|")
+        for item in part[1:-1].split("|"):
+            op, sep, src = item.partition("~")
+            if not sep or not op or not src.isdigit() or int(src) >= dst:
+                raise ValueError(f"NB201 architecture {arch!r}: bad edge {item!r} into node {dst}")
+            edges.append((int(src), dst, op))
+    return edges
+
+
+def cell_graphs(genotype: Any) -> list[tuple[str, CellGraph]]:
+    """(cell name, graph) of every cell of a genotype (object or stored text): 'normal' and 'reduce' in the
+    DARTS space; one 'cell' for an architecture that lists its own ``edges()`` as ``(src, dst, op)`` (a
+    NAS-Bench-201 cell) or for an NB201 architecture string."""
+    if isinstance(genotype, str):
+        text = genotype.strip()
+        if text.startswith("|"):
+            return [("cell", edge_list_cell_graph(nb201_edges(text)))]
+        genotype = parse_genotype(text)
+    if callable(getattr(genotype, "edges", None)):
+        return [("cell", edge_list_cell_graph(genotype.edges()))]
+    return [(cell, darts_cell_graph(genotype, cell)) for cell in CELL_TYPES]
+
+
+# -- layout -----------------------------------------------------------------------------------------------------
+_DX, _DY = 2.0, 1.2
+_RADIUS = 0.3  # intermediate nodes (data units)
+
+
+def layout(graph: CellGraph) -> dict[str, tuple[float, float]]:
+    """Node positions: inputs stacked in the first column, then one column per intermediate node in topological
+    order on a zig-zag (so edges into one node arrive from different distances and their labels spread out), the
+    output (key ``"__output__"``) in a last column."""
+    pos: dict[str, tuple[float, float]] = {}
+    for i, name in enumerate(graph.inputs):
+        pos[name] = (0.0, ((len(graph.inputs) - 1) / 2 - i) * _DY * 1.6)
+    for i, name in enumerate(graph.nodes):
+        pos[name] = ((i + 1) * _DX, (_DY / 2 if i % 2 == 0 else -_DY / 2) if len(graph.nodes) > 1 else 0.0)
+    pos["__output__"] = ((len(graph.nodes) + 1) * _DX, 0.0)
+    return pos
+
+
+def _bend(pos: dict[str, tuple[float, float]], src: str, dst: str) -> float:
+    """arc3 ``rad`` of an edge: straight when that clears the other nodes, else the gentlest bend (either side)
+    that keeps farthest from them."""
+    others = [p for name, p in pos.items() if name not in (src, dst)]
+
+    def clearance(rad: float) -> float:
+        points = [_point_on_arc(pos[src], pos[dst], rad, t) for t in np.linspace(0.08, 0.92, 15)]
+        return min([math.hypot(x - a, y - b) for x, y in points for a, b in others] + [10.0])
+
+    best, best_clear = 0.0, -1.0
+    for rad in (0.0, 0.25, -0.25, 0.4, -0.4, 0.55, -0.55):
+        c = clearance(rad)
+        if c >= _RADIUS + 0.3:
+            return rad
+        if c > best_clear:
+            best, best_clear = rad, c
+    return best
+
+
+def _point_on_arc(p0: tuple[float, float], p1: tuple[float, float], rad: float, t: float = 0.5) -> tuple[float, float]:
+    """A point of matplotlib's arc3 quadratic Bezier (control point = midpoint + rad * (dy, -dx))."""
+    (x0, y0), (x1, y1) = p0, p1
+    cx, cy = (x0 + x1) / 2 + rad * (y1 - y0), (y0 + y1) / 2 - rad * (x1 - x0)
+    a, b, c = (1 - t) ** 2, 2 * (1 - t) * t, t ** 2
+    return a * x0 + b * cx + c * x1, a * y0 + b * cy + c * y1
+
+
+def _label_spot(pos: dict[str, tuple[float, float]], src: str, dst: str, rad: float,
+                taken: list[tuple[float, float]]) -> tuple[float, float]:
+    """Where along its edge an op label goes: the middle, else the first spot clear of nodes and other labels."""
+    best, best_clear = None, -1.0
+    for t in (0.5, 0.38, 0.62, 0.28, 0.72):
+        x, y = _point_on_arc(pos[src], pos[dst], rad, t)
+        clear = min([abs(x - a) / 0.95 + abs(y - b) / 0.32 for a, b in taken] +
+                    [math.hypot(x - a, y - b) / (_RADIUS + 0.35) for a, b in pos.values()] + [10.0])
+        if clear >= 1.0:
+            return x, y
+        if clear > best_clear:
+            best, best_clear = (x, y), clear
+    return best  # type: ignore[return-value]
+
+
+# -- drawing ----------------------------------------------------------------------------------------------------
+_BOX = (0.9, 0.46)  # inputs and output (width, height)
+_INCH = 0.45  # inches per data unit: every diagram at the same scale
+
+
+def node_label(name: str) -> str:
+    """A node name as matplotlib text: ``c_{k-1}`` as mathtext, plain names as they are."""
+    return f"${name}$" if "_" in name else name
+
+
+@styled
+def draw_cell(graph: CellGraph, title: str = "") -> Figure:
+    """A figure of the cell: nodes as circles, edges as arrows coloured and labelled by op."""
+    pos = layout(graph)
+    xs = [p[0] for p in pos.values()]
+    ys = [p[1] for p in pos.values()] + [_point_on_arc(pos[s], pos[d], _bend(pos, s, d))[1]
+                                        for s, d, _ in graph.edges]
+    x_lo, x_hi = min(xs) - 0.55, max(xs) + 0.55
+    y_lo, y_hi = min(ys) - 0.75, max(ys) + 0.75
+    top = 0.3 if title else 0.0
+    fig = Figure(figsize=((x_hi - x_lo) * _INCH, (y_hi - y_lo) * _INCH + top))
+    ax = fig.add_axes((0, 0, 1, 1 - top / ((y_hi - y_lo) * _INCH + top)))
+    ax.set_xlim(x_lo, x_hi)
+    ax.set_ylim(y_lo, y_hi)
+    ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9.5, color=INK, y=0.995, va="top")
+    boxed = set(graph.inputs) | {"__output__"}
+
+    def shrink(name: str) -> float:  # points from the node's centre to its outline
+        return (_BOX[0] / 2 if name in boxed else _RADIUS) * _INCH * 72 + 1
+
+    labels = []
+    for src, dst, op in graph.edges:
+        rad = _bend(pos, src, dst)
+        zero = op in ZERO_OPS
+        color = op_color(op)
+        ax.add_patch(FancyArrowPatch(pos[src], pos[dst], connectionstyle=f"arc3,rad={rad}", arrowstyle="-|>",
+                                     mutation_scale=10, lw=0.9 if zero else 1.7, color=color,
+                                     linestyle=":" if zero else "-", alpha=0.6 if zero else 0.95,
+                                     shrinkA=shrink(src), shrinkB=shrink(dst), zorder=1))
+        labels.append((_label_spot(pos, src, dst, rad, [p for p, *_ in labels]), op, color, zero))
+    for (x, y), op, color, zero in labels:
+        ax.text(x, y, op_label(op), fontsize=7.5, ha="center", va="center", color=MUTED if zero else color,
+                zorder=3, bbox={"boxstyle": "round,pad=0.12", "fc": "white", "ec": "none", "alpha": 0.9})
+    for name in graph.output:
+        ax.add_patch(FancyArrowPatch(pos[name], pos["__output__"], arrowstyle="-|>", mutation_scale=8, lw=0.8,
+                                     color=MUTED, linestyle="--", zorder=0, shrinkA=shrink(name),
+                                     shrinkB=shrink("__output__")))
+    for name in graph.inputs:
+        _node(ax, pos[name], node_label(name), "#dbe7f3", boxed=True)
+    for name in graph.nodes:
+        _node(ax, pos[name], name, "#f4f4f4")
+    _node(ax, pos["__output__"], node_label(graph.output_name), "#fdebd3", boxed=True)
+    return fig
+
+
+def _node(ax, xy: tuple[float, float], text: str, face: str, boxed: bool = False) -> None:
+    if boxed:
+        w, h = _BOX
+        ax.add_patch(FancyBboxPatch((xy[0] - w / 2, xy[1] - h / 2), w, h, boxstyle="round,pad=0,rounding_size=0.12",
+                                    fc=face, ec=INK, lw=0.8, zorder=2))
+    else:
+        ax.add_patch(Circle(xy, _RADIUS, fc=face, ec=INK, lw=0.8, zorder=2))
+    ax.text(xy[0], xy[1], text, fontsize=9, ha="center", va="center", color=INK, zorder=3)
+
+
+def cell_svg(graph: CellGraph, title: str = "", key: str = "cell") -> str:
+    """:func:`draw_cell` as inline SVG text."""
+    return figure_svg(draw_cell(graph, title), key)
+
+
+def genotype_svgs(text: Any, label: str = "", key: str = "cell") -> list[tuple[str, str]]:
+    """(cell name, SVG) of every cell of a genotype, titled ``"<label> <cell> cell"``."""
+    out = []
+    for cell, graph in cell_graphs(text):
+        name = "" if cell == "cell" else f"{cell} cell"
+        title = " — ".join(t for t in (label, name) if t)
+        out.append((cell, cell_svg(graph, title, key=f"{key}-{cell}")))
+    return out
+
+
+def svg_document(svgs: Sequence[str], gap: float = 6.0) -> str:
+    """Inline SVGs stacked top to bottom as one standalone SVG file (sizes read from their pt width/height)."""
+    sizes = []
+    for svg in svgs:
+        head = svg[:svg.index(">")]
+        w, h = (float(re.search(rf'\b{a}="([\d.]+)pt"', head).group(1)) for a in ("width", "height"))
+        sizes.append((w, h))
+    width = max((w for w, _ in sizes), default=0.0)
+    height = sum(h for _, h in sizes) + gap * max(0, len(sizes) - 1)
+    body, y = [], 0.0
+    for svg, (_, h) in zip(svgs, sizes):
+        head, rest = svg.split(">", 1)  # child sizes in the parent's user units (its viewBox is in pt)
+        head = re.sub(r'\b(width|height)="([\d.]+)pt"', r'\1="\2"', head).replace("<svg ", f'<svg x="0" y="{y:.1f}" ', 1)
+        body.append(f"{head}>{rest}")
+        y += h + gap
+    return ('<?xml version="1.0" encoding="utf-8" standalone="no"?>\n'
+            f'<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" '
+            f'width="{width:.1f}pt" height="{height:.1f}pt" viewBox="0 0 {width:.1f} {height:.1f}" version="1.1">'
+            + "".join(body) + "</svg>\n")
+
+
+def write_genotype_svg(genotype: Any, path: str, label: str = "") -> str:
+    """Every cell of a genotype as one standalone SVG file at ``path`` (``genotype show --svg``)."""
+    text = svg_document([svg for _, svg in genotype_svgs(genotype, label)])
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return path

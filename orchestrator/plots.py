@@ -1,0 +1,334 @@
+"""The stability report's charts (matplotlib, rendered to inline SVG): one look per op, heatmaps, accuracy forest
+plots, per-epoch line panels, op-probability small multiples and the accuracy-vs-stability Pareto front.
+
+Figures are built with :class:`matplotlib.figure.Figure` directly (no pyplot: no global figure state, safe in a
+sweep driver's threads) and saved as SVG with text kept as text, so the report stays small and sharp.
+Every function takes plain numbers and labels; what they mean is decided by :mod:`orchestrator.report`.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import re
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+INK = "#222222"
+MUTED = "#8a8a8a"
+GRID = "#e6e6e6"
+ACCENT = "#c0392b"
+
+#: one colour per op, the same in every figure: convolutions greens/blues/purples, pools greys-blue, the
+#: parameter-free skip in a warning orange (collapse is skips taking over), zero/noise greys
+_OP_COLORS = {
+    "none": "#b3b3b3",
+    "skip_connect": "#e67e22",
+    "max_pool_3x3": "#5d6d7e",
+    "avg_pool_3x3": "#85a1bb",
+    "sep_conv_3x3": "#27ae60",
+    "sep_conv_5x5": "#1e7d45",
+    "sep_conv_7x7": "#145a32",
+    "dil_conv_3x3": "#8e44ad",
+    "dil_conv_5x5": "#5b2c6f",
+    "sharp_sep_conv_3x3": "#16a085",
+    "sharp_sep_conv_5x5": "#0e6655",
+    "nor_conv_1x1": "#2e86c1",
+    "nor_conv_3x3": "#1b4f72",
+    "noise": "#a04000",
+}
+_FALLBACK = ("#d35400", "#2874a6", "#7d3c98", "#117a65", "#b7950b", "#922b21", "#566573")
+_OP_LABELS = {"skip_connect": "skip", "none": "none", "noise": "noise", "nor_conv_1x1": "conv 1x1",
+              "nor_conv_3x3": "conv 3x3"}
+
+SERIES_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+                 "#bcbd22", "#17becf")
+
+
+def op_color(op: str) -> str:
+    """The op's colour (a fixed one for known ops, a stable pick by name for others)."""
+    return _OP_COLORS.get(op) or _FALLBACK[zlib.crc32(op.encode()) % len(_FALLBACK)]
+
+
+def op_label(op: str) -> str:
+    """A short label: ``sep_conv_3x3`` -> ``sep 3x3``, ``skip_connect`` -> ``skip``."""
+    if op in _OP_LABELS:
+        return _OP_LABELS[op]
+    return re.sub(r"_(conv|pool)_", " ", op).replace("sharp_sep", "sharp").replace("_", " ")
+
+
+def series_color(i: int) -> str:
+    return SERIES_COLORS[i % len(SERIES_COLORS)]
+
+
+_RC = {"svg.fonttype": "none", "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "axes.edgecolor": "#555555",
+       "axes.linewidth": 0.6, "xtick.labelsize": 8, "ytick.labelsize": 8, "legend.fontsize": 8,
+       "axes.formatter.useoffset": False,
+       "legend.frameon": False, "axes.spines.top": False, "axes.spines.right": False, "axes.titlecolor": INK,
+       "text.color": INK, "axes.labelcolor": INK}
+
+
+def styled(build: Callable[..., Figure]) -> Callable[..., Figure]:
+    """Run a figure builder under the report's style (matplotlib reads most settings when artists are made)."""
+    @functools.wraps(build)
+    def wrapper(*args: Any, **kwargs: Any) -> Figure:
+        with matplotlib.rc_context(_RC):
+            return build(*args, **kwargs)
+
+    return wrapper
+
+
+def new_figure(width: float, height: float, constrained: bool = True) -> Figure:
+    """A figure; constrained layout unless the caller places its axes itself (it costs ~0.2 s per axes)."""
+    return Figure(figsize=(width, height), layout="constrained" if constrained else None)
+
+
+def figure_svg(fig: Figure, key: str) -> str:
+    """The figure as an inline ``<svg>`` element (no XML prolog, no date; ids salted by ``key`` so several SVGs
+    in one page never share an id)."""
+    buf = io.StringIO()
+    with matplotlib.rc_context({**_RC, "svg.hashsalt": key}):
+        fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None})
+    text = buf.getvalue()
+    text = re.sub(r"\s*<metadata>.*?</metadata>", "", text[text.index("<svg"):], count=1, flags=re.S)
+    # matplotlib names every group figure_1, patch_1, ...: unreferenced, and duplicates once several SVGs share
+    # a page. The ids that are referenced (clip paths, markers) are salted hashes without an _N suffix.
+    return re.sub(r'\sid="[A-Za-z][\w.]*_\d+"', "", text)
+
+
+def _style(ax) -> None:
+    ax.grid(True, color=GRID, lw=0.6)
+    ax.set_axisbelow(True)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+
+
+# -- heatmap ----------------------------------------------------------------------------------------------------
+@styled
+def heatmap(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], title: str, *, cmap: str = "Blues",
+            vmin: float = 0.0, vmax: float = 1.0, fmt: str = "{:.2f}", row_colors: Sequence[str] | None = None,
+            xlabel: str = "", ylabel: str = "", colorbar: str = "") -> Figure:
+    """A labelled heatmap with its values written in the cells (blank where zero)."""
+    m = np.asarray(matrix, dtype=float)
+    cell = 0.36 if max(m.shape) <= 20 else 0.2
+    fig = new_figure(max(3.4, 2.2 + cell * m.shape[1]), max(2.2, 1.2 + cell * m.shape[0]))
+    ax = fig.add_subplot()
+    image = ax.imshow(m, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(len(cols)), cols, rotation=50 if max(map(len, cols), default=0) > 3 else 0, ha="right"
+                  if max(map(len, cols), default=0) > 3 else "center", rotation_mode="anchor")
+    ax.set_yticks(range(len(rows)), rows)
+    if row_colors:
+        for tick, color in zip(ax.get_yticklabels(), row_colors):
+            tick.set_color(color)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    if max(m.shape) <= 24:
+        for (i, j), v in np.ndenumerate(m):
+            if np.isfinite(v) and v != 0:
+                light = (v - vmin) / ((vmax - vmin) or 1) > 0.55
+                ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=6.5,
+                        color="white" if light else INK)
+    bar = fig.colorbar(image, ax=ax, shrink=0.8, pad=0.02)
+    bar.ax.tick_params(labelsize=6)
+    if colorbar:
+        bar.set_label(colorbar, fontsize=7)
+    return fig
+
+
+# -- accuracy forest ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ForestRow:
+    """One row of a forest plot: its seeds' values as dots, the mean as a diamond, the CI as a bar."""
+
+    label: str
+    values: Sequence[float]
+    mean: float | None = None
+    ci: tuple[float, float] | None = None
+    best_minus_mean: float | None = None
+    color: str = "#1f77b4"
+    point_labels: Sequence[str] = ()
+
+
+@styled
+def forest(rows: Sequence[ForestRow], title: str, xlabel: str = "accuracy") -> Figure:
+    """Horizontal forest plot, one row per entry, top to bottom; best - mean written on the right."""
+    fig = new_figure(6.0, 1.0 + 0.36 * len(rows))
+    ax = fig.add_subplot()
+    _style(ax)
+    ax.grid(True, axis="x", color=GRID, lw=0.6)
+    ax.grid(False, axis="y")
+    rng = np.random.default_rng(0)
+    for i, row in enumerate(rows):
+        y = len(rows) - 1 - i
+        values = np.asarray([v for v in row.values if v is not None and np.isfinite(v)], dtype=float)
+        if values.size:
+            jitter = rng.uniform(-0.13, 0.13, values.size) if values.size > 1 else np.zeros(1)
+            ax.scatter(values, y + jitter, s=16, color=row.color, alpha=0.55, lw=0, zorder=2)
+        if row.ci is not None:
+            ax.plot(row.ci, (y, y), color=row.color, lw=3.2, alpha=0.45, solid_capstyle="round", zorder=3)
+        if row.mean is not None:
+            ax.scatter([row.mean], [y], marker="D", s=34, color=row.color, edgecolor="white", lw=0.8, zorder=4)
+        if row.best_minus_mean is not None:
+            ax.annotate(f"best−mean {row.best_minus_mean:+.3f}", (1.0, y), xycoords=("axes fraction", "data"),
+                        xytext=(4, 0), textcoords="offset points", va="center", fontsize=7.5, color=MUTED)
+    ax.set_yticks(range(len(rows)), [r.label for r in reversed(rows)])
+    ax.set_ylim(-0.6, len(rows) - 0.4)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, loc="left")
+    return fig
+
+
+# -- line panels -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Series:
+    label: str
+    x: Sequence[float]
+    y: Sequence[float]
+    color: str = "#1f77b4"
+    dashed: bool = False
+    marks: Sequence[float] = ()  # x positions to mark on this series (e.g. where the genotype stopped changing)
+
+
+@dataclass(frozen=True)
+class Panel:
+    title: str
+    ylabel: str
+    series: Sequence[Series]
+    hlines: Sequence[tuple[float, str]] = field(default_factory=tuple)
+    xlabel: str = "epoch"
+    ylim: tuple[float, float] | None = None
+
+
+@styled
+def line_panels(panels: Sequence[Panel], title: str = "", columns: int = 3) -> Figure:
+    """A grid of line charts sharing one legend (series labels of the first panel)."""
+    columns = max(1, min(columns, len(panels)))
+    nrows = -(-len(panels) // columns)
+    fig = new_figure(3.1 * columns + 0.9, 2.3 * nrows + (0.3 if title else 0))
+    axes = fig.subplots(nrows, columns, squeeze=False)
+    handles: dict[str, object] = {}
+    for ax, panel in zip(axes.flat, panels):
+        _style(ax)
+        for s in panel.series:
+            x, y = np.asarray(s.x, dtype=float), np.asarray(s.y, dtype=float)
+            (line,) = ax.plot(x, y, color=s.color, lw=1.3, ls="--" if s.dashed else "-", marker="o" if x.size < 3
+                              else None, ms=3, label=s.label)
+            if not s.dashed:
+                handles.setdefault(s.label, line)
+            for m in s.marks:
+                near = np.flatnonzero(x == m)
+                if near.size:
+                    ax.scatter([m], [y[near[0]]], marker="v", s=34, color=s.color, edgecolor=INK, lw=0.5,
+                               zorder=5)
+        for value, label in panel.hlines:
+            ax.axhline(value, color=ACCENT, lw=0.8, ls=":")
+            ax.annotate(label, (0.99, value), xycoords=("axes fraction", "data"), ha="right", va="bottom",
+                        fontsize=6, color=ACCENT)
+        if panel.ylim:
+            ax.set_ylim(*panel.ylim)
+        ax.set_title(panel.title, loc="left", fontsize=9)
+        ax.set_xlabel(panel.xlabel)
+        ax.set_ylabel(panel.ylabel)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=7)
+    if title:
+        fig.suptitle(title, x=0.01, ha="left", fontsize=10)
+    return fig
+
+
+# -- op probabilities per edge -----------------------------------------------------------------------------------
+@styled
+def op_probability_grid(epochs: np.ndarray, probs: np.ndarray, edges: Sequence[tuple[str, str]],
+                        ops: Sequence[str], title: str, chosen: Sequence[set[str]] = ()) -> Figure:
+    """Small multiples, one per edge laid out node by node (a row per target node): the probability of each op
+    over the epochs (``probs``: epochs x edges x ops). ``chosen[e]`` names the ops the final cell kept on edge
+    ``e``; their lines are drawn thick, and edges that kept nothing are greyed."""
+    targets = list(dict.fromkeys(dst for _, dst in edges))
+    per_row = [[e for e, (_, dst) in enumerate(edges) if dst == t] for t in targets]
+    columns = max(len(r) for r in per_row)
+    width, height = 1.55 * columns + 1.4, 1.15 * len(targets) + 0.6
+    fig = new_figure(width, height, constrained=False)
+    axes = fig.subplots(len(targets), columns, squeeze=False, sharex=True, sharey=True)
+    fig.subplots_adjust(left=0.75 / width, right=1 - 1.15 / width, bottom=0.5 / height, top=1 - 0.4 / height,
+                        wspace=0.12, hspace=0.45)
+    for r, row in enumerate(per_row):
+        for c in range(columns):
+            ax = axes[r, c]
+            if c >= len(row):
+                ax.set_visible(False)
+                continue
+            e = row[c]
+            kept = chosen[e] if chosen else set()
+            for k, op in enumerate(ops):
+                ax.plot(epochs, probs[:, e, k], color=op_color(op), lw=2.0 if op in kept else 0.9,
+                        alpha=1.0 if (op in kept or not chosen) else 0.55, label=op_label(op))
+            ax.set_ylim(0, max(0.3, float(np.nanmax(probs)) * 1.05) if probs.size else 1)
+            ax.set_title(f"{edges[e][0]} → {edges[e][1]}", fontsize=7, loc="left",
+                         color=INK if kept or not chosen else MUTED)
+            ax.tick_params(labelsize=6)
+            ax.grid(True, color=GRID, lw=0.5)
+            if chosen and not kept:
+                ax.set_facecolor("#f7f7f7")
+    handles = [Line2D([], [], color=op_color(op), lw=1.6) for op in ops]
+    fig.legend(handles, [op_label(op) for op in ops], loc="upper right", fontsize=7)
+    fig.suptitle(title, x=0.01, y=1 - 0.08 / height, ha="left", va="top", fontsize=9)
+    fig.supxlabel("epoch", fontsize=7, y=0.02)
+    fig.supylabel("softmax(α)", fontsize=7, x=0.01)
+    return fig
+
+
+# -- Pareto front ------------------------------------------------------------------------------------------------
+def pareto_mask(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Points not dominated when ``x`` is minimized and ``y`` maximized (NaNs never on the front)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    out = np.zeros(x.size, dtype=bool)
+    for i in np.flatnonzero(ok):
+        others = ok & (np.arange(x.size) != i)
+        dominated = others & (x <= x[i]) & (y >= y[i]) & ((x < x[i]) | (y > y[i]))
+        out[i] = not dominated.any()
+    return out
+
+
+@styled
+def pareto(x: Sequence[float], y: Sequence[float], labels: Sequence[str], title: str, xlabel: str, ylabel: str,
+           yerr: Sequence[tuple[float, float] | None] = ()) -> Figure:
+    """Scatter of configurations with the non-dominated ones (min x, max y) joined as a front and labelled."""
+    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    front = pareto_mask(xs, ys)
+    fig = new_figure(6.8, 4.2)
+    ax = fig.add_subplot()
+    _style(ax)
+    for i, err in enumerate(yerr):
+        if err is not None and np.isfinite(xs[i]):
+            ax.plot((xs[i], xs[i]), err, color=ACCENT if front[i] else MUTED, lw=1, alpha=0.4)
+    ax.scatter(xs[~front], ys[~front], s=28, color=MUTED, alpha=0.8, label="dominated", zorder=2)
+    ax.scatter(xs[front], ys[front], s=46, color=ACCENT, edgecolor="white", lw=0.8, label="Pareto front", zorder=3)
+    order = np.flatnonzero(front)[np.argsort(xs[front])]
+    if order.size > 1:
+        ax.step(xs[order], ys[order], where="post", color=ACCENT, lw=1, alpha=0.6, zorder=1)
+    at: dict[tuple[float, float], list[int]] = {}  # configurations at the same point share one label
+    for i in np.flatnonzero(np.isfinite(xs) & np.isfinite(ys)):
+        at.setdefault((float(xs[i]), float(ys[i])), []).append(int(i))
+    for (px, py), idx in at.items():
+        ax.annotate("\n".join(labels[i] for i in idx), (px, py), xytext=(5, 4), textcoords="offset points",
+                    fontsize=7, color=INK if front[idx[0]] else MUTED, va="bottom")
+    ax.margins(x=0.18, y=0.1)  # room for the labels of the outermost points
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, loc="left")
+    ax.legend(loc="best")
+    return fig

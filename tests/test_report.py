@@ -1,0 +1,320 @@
+"""The stability report: built from a real smoke sweep with evaluation, from a sweep that is still running and
+from an HPO study (real local Ray cluster, real Parquet), then opened in headless Chromium.
+
+Chromium (Debian's ``chromium``; ``.ci/run`` installs it where apt is available) loads each page from disk; the
+page's own script records every figure's laid-out size, which the dumped DOM shows, and Chromium's log shows
+any console message. Tests that need the browser skip only when no Chromium binary exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from orchestrator import drawing, report
+from orchestrator import evaluate as evaluate_cli
+from orchestrator import sweep
+from orchestrator.plots import pareto_mask
+from orchestrator.results import ResultStore
+from orchestrator.stability import stability_table
+
+ROOT = Path(__file__).resolve().parents[1]
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
+
+
+def _browser() -> str:
+    for name in BROWSERS:
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.skip("no Chromium binary (chromium, chromium-browser, google-chrome) on PATH: .ci/run installs Debian's "
+                "chromium where apt is available")
+
+
+def open_in_chromium(page: Path, tmp: Path) -> tuple[str, list[str]]:
+    """Load ``page`` headless; return (the DOM after load, the console messages Chromium logged)."""
+    proc = subprocess.run(
+        [_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+         f"--user-data-dir={tmp / 'chromium-profile'}", "--enable-logging=stderr", "--v=0",
+         "--virtual-time-budget=5000", "--window-size=1400,1000", "--dump-dom", page.resolve().as_uri()],
+        capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    console = [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
+    return proc.stdout, console
+
+
+def assert_renders(page: Path, tmp: Path) -> str:
+    """The page loads without console messages and every figure was laid out non-empty. Returns the DOM."""
+    source = page.read_text(encoding="utf-8")
+    n_figures = source.count('<figure class="fig')
+    assert n_figures > 0
+    dom, console = open_in_chromium(page, tmp)
+    assert console == [], console
+    assert f'data-figures="{n_figures}:{n_figures}"' in dom, re.findall(r'data-figures="[^"]*"', dom)
+    sizes = re.findall(r'<figure class="fig[^"]*" id="([^"]+)" data-size="(\d+)x(\d+):(\d+)"', dom)
+    assert len(sizes) == n_figures
+    empty = [fid for fid, w, h, marks in sizes if int(w) < 50 or int(h) < 30 or int(marks) == 0]
+    assert empty == [], empty
+    return dom
+
+
+def assert_self_contained(text: str) -> None:
+    """Nothing is loaded from anywhere: no external scripts, styles, images or fonts."""
+    assert not re.search(r'<(script|img|link|iframe)[^>]+(src|href)=', text)
+    assert "@import" not in text and "url(http" not in text
+    # SVG namespace declarations are names, not loads; any other absolute URL would be a load.
+    urls = set(re.findall(r'https?://[^\s"\'<>)]+', text)) - {"http://www.w3.org/2000/svg",
+                                                              "http://www.w3.org/1999/xlink"}
+    assert urls == set(), urls
+
+
+def figure_ids(text: str) -> set[str]:
+    return set(re.findall(r'<figure class="fig[^"]*" id="([^"]+)"', text))
+
+
+@contextlib.contextmanager
+def tune_env():
+    """The sweep sets Tune's output variables in this process: put them back afterwards."""
+    saved = {k: os.environ.get(k) for k in ("RAY_AIR_NEW_OUTPUT", "TUNE_DISABLE_STRICT_METRIC_CHECKING")}
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+# -- the browser check itself can fail ----------------------------------------------------------------------------
+def test_browser_check_sees_console_errors_and_empty_figures(tmp_path):
+    page = tmp_path / "bad.html"
+    page.write_text('<html><body><figure class="fig" id="f"><svg width="0" height="0"></svg></figure>'
+                    f'<script>{report.CHECK_SCRIPT}</script><script>console.error("boom")</script></body></html>')
+    dom, console = open_in_chromium(page, tmp_path)
+    assert any('"boom"' in line for line in console)
+    assert 'data-figures="1:0"' in dom
+    with pytest.raises(AssertionError):
+        assert_renders(page, tmp_path)
+
+
+# -- a finished smoke sweep with evaluation ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smoke(ray_cluster, tmp_path_factory):
+    """A smoke sweep (2 groups x 2 seeds) with evaluation, plus a published cell retrained under its protocol."""
+    root = tmp_path_factory.mktemp("report-smoke")
+    out = io.StringIO()
+    with tune_env(), contextlib.redirect_stdout(out):
+        assert sweep.main(["stability", "--preset", "smoke", "--storage", str(root), "--evaluate"]) == 0
+        assert evaluate_cli.main(["--from", "smoke", "--storage", str(root), "--genotype", "DARTS_V2",
+                                  "--seeds", "0"]) == 0
+    return root / "smoke", out.getvalue()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sweep_and_evaluate_write_the_report(smoke):
+    exp, printed = smoke
+    page = exp / report.REPORT_FILE
+    assert page.is_file()
+    assert printed.count(f"report: {page}") == 2  # once after the sweep, once after the evaluation
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_report_shows_every_figure_of_every_group(smoke):
+    exp, _ = smoke
+    text = (exp / report.REPORT_FILE).read_text(encoding="utf-8")
+    assert_self_contained(text)
+    assert "fig-error" not in text.replace(".fig-error{", "")
+    ids = figure_ids(text)
+    store = ResultStore(str(exp.parent), exp.name)
+    trials = store.read("trials")
+    table = stability_table(trials, store.read("epochs"), store.read("evaluations"))
+    groups = table.column("group").to_pylist()
+    assert groups == ["method=pcdarts,k=2", "method=pcdarts,k=4"]
+    assert {"ov-acc0", "ov-acc1", "ov-pareto", "ov-curves"} <= ids
+    for i, _ in enumerate(groups):
+        expected = {f"g{i}-acc", f"g{i}-dist", f"g{i}-curves"}
+        expected |= {f"g{i}-{what}-{cell}" for what in ("cons", "best", "freq", "alpha")
+                     for cell in ("normal", "reduce")}
+        assert expected <= ids, expected - ids
+        seed_cells = {x for x in ids if x.startswith(f"g{i}-s")}
+        assert len(seed_cells) == 2 * 2  # two seeds, two cells each
+    # The table shows stability.py's numbers; the baselines and the published cell are in the figures.
+    for row in table.to_pylist():
+        assert f"{row['val_acc_mean']:.3f} [{row['val_acc_ci_low']:.3f}, {row['val_acc_ci_high']:.3f}]" in text
+        assert f"{row['genotype_distance_mean']:.3f}" in text
+    assert ">random cells<" in text and ">published DARTS_V2<" in text
+    assert "Still running" not in text
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_report_renders_in_chromium(smoke, tmp_path):
+    exp, _ = smoke
+    dom = assert_renders(exp / report.REPORT_FILE, tmp_path)
+    assert "k=2" in dom and "k=4" in dom
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_report_command_writes_where_asked(smoke, tmp_path):
+    exp, _ = smoke
+    out = tmp_path / "sub" / "r.html"
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.report", str(exp), "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"report: {out}"
+    assert figure_ids(out.read_text(encoding="utf-8")) == figure_ids((exp / report.REPORT_FILE).read_text("utf-8"))
+
+
+def test_report_command_bad_input_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.report", "nothing", "--storage", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: no results of experiment 'nothing'")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_report_shows_benchmark_accuracies_where_looked_up(smoke, tmp_path):
+    """NB201 lookups arrive as bench_acc_<dataset> columns of the trials: each gets its own accuracy rows."""
+    exp, _ = smoke
+    source = ResultStore(str(exp.parent), exp.name)
+    copy = ResultStore(str(tmp_path), "bench")
+    trials = source.read("trials")
+    acc = [0.9 + 0.01 * i for i in range(trials.num_rows)]
+    copy.write_table("trials", trials.append_column("bench_acc_cifar10", pa.array(acc, pa.float64())))
+    for kind in ("epochs", "evaluations"):
+        copy.write_table(kind, source.read(kind))
+    page = Path(report.write_report(copy))
+    text = page.read_text(encoding="utf-8")
+    assert ">NB201 cifar10 test acc<" in text  # the across-groups forest
+    assert text.count(">NB201 cifar10 (2)<") == 2  # and one row in each group's forest
+    assert_renders(page, tmp_path)
+
+
+# -- a sweep that is still running ---------------------------------------------------------------------------------
+@pytest.mark.ray
+@pytest.mark.slow
+def test_report_of_a_running_sweep(ray_cluster, tmp_path):
+    storage = tmp_path / "results"
+    args = ["stability", "--preset", "smoke", "--storage", str(storage), "--address", ray_cluster,
+            "--set", "epochs=40", "--set", "grid.k=[4]", "--set", "hessian_every=1"]
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.sweep", *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        store = ResultStore(str(storage), "smoke")
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "the sweep ended before the report was built"
+            epochs = store.read("epochs")
+            if epochs.num_rows and len(set(epochs.column("trial_id").to_pylist())) == 2 and \
+                    min(_epochs_per_trial(epochs).values()) >= 2:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("no epochs written within 300 s")
+        page = tmp_path / "running.html"
+        built = subprocess.run([sys.executable, "-m", "orchestrator.report", str(storage / "smoke"), "--out",
+                                str(page)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.poll() is None, "the sweep finished while the report was built: not a running sweep"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert built.returncode == 0, built.stderr
+    text = page.read_text(encoding="utf-8")
+    assert "Still running" in text and 'class="pill running"' in text
+    assert "Running searches show the genotype of their latest epoch" in text
+    ids = figure_ids(text)
+    assert {"g0-curves", "g0-alpha-normal", "g0-alpha-reduce"} <= ids
+    assert "Hessian eigenvalue" in text  # recorded every epoch here: its panel is drawn
+    assert len([x for x in ids if x.startswith("g0-s")]) == 2 * 2  # both running seeds' current cells
+    assert_renders(page, tmp_path)
+
+
+def _epochs_per_trial(epochs: pa.Table) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for tid in epochs.column("trial_id").to_pylist():
+        out[tid] = out.get(tid, 0) + 1
+    return out
+
+
+# -- an HPO study ------------------------------------------------------------------------------------------------
+@pytest.mark.ray
+@pytest.mark.slow
+def test_hpo_study_report_has_the_pareto_front(ray_cluster, tmp_path):
+    out = io.StringIO()
+    with tune_env(), contextlib.redirect_stdout(out):
+        assert sweep.main(["hpo", "--preset", "smoke", "--storage", str(tmp_path)]) == 0
+    page = tmp_path / "smoke-hpo" / report.REPORT_FILE
+    assert f"report: {page}" in out.getvalue()
+    text = page.read_text(encoding="utf-8")
+    assert "HPO study" in text and "HPO Pareto front" in text
+    assert "ov-pareto" in figure_ids(text)
+    assert_renders(page, tmp_path)
+
+
+# -- pieces ----------------------------------------------------------------------------------------------------------
+def test_cell_graphs_of_darts_and_nb201_cells():
+    from pcdarts_core.genotypes import PUBLISHED
+
+    (n, normal), (r, reduce) = drawing.cell_graphs(PUBLISHED["PC_DARTS_CIFAR"])
+    assert (n, r) == ("normal", "reduce")
+    assert normal.inputs == ("c_{k-2}", "c_{k-1}") and normal.nodes == ("0", "1", "2", "3")
+    assert len(normal.edges) == 8 and normal.output == ("0", "1", "2", "3")
+    assert ("c_{k-2}", "0", "skip_connect") in normal.edges
+    arch = "|nor_conv_3x3~0|+|none~0|skip_connect~1|+|avg_pool_3x3~0|nor_conv_1x1~1|skip_connect~2|"
+    [(name, cell)] = drawing.cell_graphs(arch)
+    assert name == "cell" and cell.inputs == ("0",) and cell.nodes == ("1", "2", "3") and cell.output == ("3",)
+    assert ("1", "2", "skip_connect") in cell.edges and len(cell.edges) == 6
+    for bad in ("|nor_conv_3x3~1|", "|nor_conv_3x3~0|+|x|", "nor_conv_3x3~0"):
+        with pytest.raises(ValueError):
+            drawing.cell_graphs(bad)
+    with pytest.raises(ValueError, match="backwards"):
+        drawing.CellGraph(("a",), ("b", "c"), (("c", "b", "op"),), ("c",))
+
+
+def test_cell_svg_draws_every_edge_with_its_op():
+    arch = "|nor_conv_3x3~0|+|none~0|skip_connect~1|+|avg_pool_3x3~0|nor_conv_1x1~1|skip_connect~2|"
+    [(_, svg)] = drawing.genotype_svgs(arch, "nb201")
+    assert svg.startswith("<svg")
+    labels = re.findall(r"<text[^>]*>([^<]+)</text>", svg)
+    for label in ("conv 3x3", "none", "skip", "avg 3x3", "conv 1x1"):
+        assert label in " ".join(labels), (label, labels)
+
+
+def test_genotype_show_svg(tmp_path):
+    out = tmp_path / "cells.svg"
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.genotype", "show", "DARTS_V2", "--svg", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text(encoding="utf-8")
+    assert text.startswith("<?xml") and text.count("<svg") == 3  # a document holding both cells
+    assert "DARTS_V2 — normal cell" in text and "DARTS_V2 — reduce cell" in text
+    import xml.dom.minidom
+
+    xml.dom.minidom.parseString(text)  # well-formed
+
+
+def test_pareto_mask_and_short_labels():
+    mask = pareto_mask([0.1, 0.2, 0.3, 0.2, float("nan")], [0.5, 0.7, 0.6, 0.4, 0.9])
+    assert mask.tolist() == [True, True, False, False, False]
+    labels = report.short_labels(["method=darts,arch_lr=0.001,k=2", "method=darts,arch_lr=0.01,k=2"])
+    assert labels == {"method=darts,arch_lr=0.001,k=2": "arch_lr=0.001", "method=darts,arch_lr=0.01,k=2":
+                      "arch_lr=0.01"}
+    assert report.short_labels(['method=x,ops=["a","b"],k=1']) == {'method=x,ops=["a","b"],k=1':
+                                                                   'method=x,ops=["a","b"],k=1'}
