@@ -128,11 +128,12 @@ def check_storage(store: Any) -> None:
 
 
 def connect(address: str | None, verbose: bool = False) -> dict[str, float]:
-    """Join the cluster at ``address`` or start a local Ray sized to this machine (reusing this process's
+    """Join the cluster at ``address`` (or ``$RAY_ADDRESS``) or start a local Ray sized to this machine (reusing this process's
     connection when there is one); the driver's ``PCDARTS_*`` settings reach the job's workers. Returns the
     cluster's capacity (:func:`cluster_capacity`)."""
     import ray
 
+    address = cluster_address(address)
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"log_to_driver": verbose,
                                   "logging_level": logging.INFO if verbose else logging.WARNING,

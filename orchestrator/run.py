@@ -263,10 +263,7 @@ class StoreReporter(Reporter):
         data = self.store.read_file(CHECKPOINT_FILE)
         if data is None:
             return None
-        try:
-            return load_checkpoint(data)
-        except CheckpointError as err:
-            raise CheckpointError(f"{self.store.root}/{CHECKPOINT_FILE}: {err}") from None
+        return load_checkpoint(data, name=f"{self.store.root}/{CHECKPOINT_FILE}")
 
     def record_settings(self, run: SearchRun, finished: bool = False) -> None:
         """``search_config.json``: written only once this attempt has state that these settings describe."""
@@ -294,7 +291,7 @@ class StoreReporter(Reporter):
         self.compact()
 
     def failed(self, run: SearchRun | None, error: BaseException) -> None:
-        if run is None or run.rank != 0 or run.searcher.epoch == 0:
+        if run is None or run.rank != 0:
             return  # nothing ran: nothing to record (a corrected command starts clean)
         self._row(run, "failed", describe(error))
         self.compact()
@@ -370,6 +367,8 @@ def run_single(values: Mapping[str, Any], storage: str, name: str, *, resume: bo
         spec = make_spec(values, name=name, lr_reference_batch=lr_reference_batch)
         try:
             run = run_search(spec, StoreReporter(store, spec), echo=echo, callbacks=callbacks)
+        except CheckpointError:
+            raise  # an unreadable checkpoint.pt: bad input, named in one line (exit 2); nothing ran
         except Exception as err:  # noqa: BLE001 - the search failed (its row keeps the error); Ctrl-C passes
             raise RunFailed(f"search {name!r} failed: {describe(err)} (see {store.uri('trials')})") from None
     return RunResult(name, store.root, run.genotype(), run.searcher.epoch, run.resumed_from_epoch > 0)

@@ -259,7 +259,11 @@ class _SourcePlan:
         self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """((edges x slots) coefficient positions, edge indices, unit position of each edge) on ``device``."""
+        """((edges x slots) coefficient positions, edge indices, unit position of each edge) on ``device``.
+        Cached per device in eager mode; a compiled graph takes them as constants (a cache filled while tracing
+        would change the guards and recompile the next step)."""
+        if torch.compiler.is_compiling():
+            return self._index.to(device), self._edges.to(device), self._unit_pos.to(device)
         if device not in self._on:
             self._on[device] = (self._index.to(device), self._edges.to(device), self._unit_pos.to(device))
         return self._on[device]
@@ -322,6 +326,7 @@ class FusedCell(nn.Module):
         self.skip_dropout = 0.0
         self._plans: dict[Any, list[_SourcePlan | None]] = {}
         self._consts: dict[Any, torch.Tensor] = {}
+        self._plan(None, None)  # the whole cell's plan, built now: a compiled forward then never sees it change
         self.register_state_dict_post_hook(_save_per_edge_layout)
         self.register_load_state_dict_pre_hook(_load_per_edge_layout)
 
@@ -364,13 +369,13 @@ class FusedCell(nn.Module):
         return plan
 
     def _const(self, name: str, device: torch.device, n: int) -> torch.Tensor:
+        if name != "repeat":
+            raise KeyError(name)
+        if torch.compiler.is_compiling():  # a constant of the graph (see _SourcePlan.tensors)
+            return torch.arange(self.part, device=device).repeat(n)
         key = (name, device, n)
-        if key not in self._consts:
-            if name == "repeat":  # the first C/K channels, once per unit
-                t = torch.arange(self.part).repeat(n)
-            else:
-                raise KeyError(name)
-            self._consts[key] = t.to(device)
+        if key not in self._consts:  # the first C/K channels, once per unit
+            self._consts[key] = torch.arange(self.part).repeat(n).to(device)
         return self._consts[key]
 
     def _gather(self, x: torch.Tensor, units: tuple[int, ...], perms: list[torch.Tensor | None] | None) -> torch.Tensor:
