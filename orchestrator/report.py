@@ -21,7 +21,6 @@ The statistics are :mod:`orchestrator.stability`'s (``stability_table``, ``pairw
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import html
 import json
@@ -29,7 +28,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -37,7 +36,7 @@ import pyarrow as pa
 from pcdarts_core.genotypes import CELL_TYPES
 from pcdarts_core.ops import OPS, PRIMITIVES
 
-from .cli import fail, run_cli
+from .cli import Parser, run_cli, split_experiment
 from .drawing import CellGraph, cell_graphs, genotype_svgs, node_label
 from .plots import (ForestRow, Panel, Series, figure_svg, forest, heatmap, line_panels, op_color,
                     op_probability_grid, pareto, series_color)
@@ -766,31 +765,13 @@ def publish(store: ResultStore, say: Callable[[str], Any] = print) -> str | None
 
 
 # -- command line ----------------------------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        fail(f"{message} (see {self.prog} --help)")
-
-
-def split_experiment(experiment: str, storage: str | None) -> ResultStore:
-    """``EXPERIMENT`` is a name under ``--storage`` (default ``$PCDARTS_STORAGE`` or ``./results``) or, with a
-    slash, the experiment's folder or URI."""
-    if "/" in experiment or "://" in experiment:
-        path = experiment.rstrip("/")
-        if "://" not in path:
-            path = os.path.abspath(os.path.expanduser(path))
-        parent, _, name = path.rpartition("/")
-        return ResultStore(parent or "/", name)
-    root = storage or os.environ.get("PCDARTS_STORAGE") or "results"
-    return ResultStore(root, experiment)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _Parser(prog="python -m orchestrator.report", description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m orchestrator.report", description=__doc__.splitlines()[0])
     parser.add_argument("experiment", metavar="EXPERIMENT", help="experiment name (under --storage) or its folder")
     parser.add_argument("--storage", help="results root (default $PCDARTS_STORAGE or ./results)")
     parser.add_argument("--out", metavar="FILE", help=f"where to write the HTML (default EXPERIMENT/{REPORT_FILE})")
     args = parser.parse_args(argv)
-    store = split_experiment(args.experiment, args.storage)
+    store = ResultStore(*split_experiment(args.experiment, args.storage))
     if not any(store.exists(kind) for kind in ("trials", "epochs")):
         raise ValueError(f"no results of experiment {store.name!r} in {store.storage} (no trials or epochs yet)")
     print(f"report: {write_report(store, args.out)}")
