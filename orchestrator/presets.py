@@ -443,7 +443,8 @@ def load_preset(name_or_path: str = "local", sets: Sequence[str] = ()) -> Preset
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a sweep config must be a mapping")
     raw = apply_sets(copy.deepcopy(raw), sets)
-    return preset_from_dict(raw, default_name=path.stem, where=str(path))
+    # with --set, a bad value may be the override's: name both
+    return preset_from_dict(raw, default_name=path.stem, where=f"{path} with --set" if sets else str(path))
 
 
 def preset_from_dict(raw: Mapping[str, Any], default_name: str = "sweep", where: str = "config") -> Preset:
