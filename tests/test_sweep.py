@@ -126,8 +126,9 @@ def test_smoke_sweep_end_to_end_with_evaluation(ray_cluster, quiet_tune, tmp_pat
 @pytest.mark.ray
 @pytest.mark.slow
 def test_killed_driver_resumes_without_duplicates(ray_cluster, tmp_path):
+    EPOCHS = 30  # enough that the searches are still running after Tune's next state save (~10 s)
     args = ["stability", "--preset", "smoke", "--storage", str(tmp_path), "--address", ray_cluster,
-            "--set", "epochs=12", "--set", "grid.k=[4]"]
+            "--set", f"epochs={EPOCHS}", "--set", "grid.k=[4]"]
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.sweep", *args], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     epochs_file = tmp_path / "smoke" / "epochs.parquet"
@@ -156,7 +157,7 @@ def test_killed_driver_resumes_without_duplicates(ray_cluster, tmp_path):
     assert len(trials) == 2 and {r["status"] for r in trials} == {"done"}
     epochs = _table(tmp_path / "smoke", "epochs")
     keys = [(r["trial_id"], r["epoch"]) for r in epochs]
-    assert len(keys) == len(set(keys)) == 2 * 12
+    assert len(keys) == len(set(keys)) == 2 * EPOCHS
     # Searches that were running continued from a checkpoint rather than from scratch.
     assert any(r["resumed_from_epoch"] > 0 for r in epochs), sorted(
         (r["trial_id"], r["epoch"], r["resumed_from_epoch"]) for r in epochs)
