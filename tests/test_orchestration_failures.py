@@ -105,6 +105,16 @@ def test_unreachable_cluster_is_one_line_within_the_timeout(tmp_path, address, n
     assert not (tmp_path / "smoke").exists()
 
 
+def test_unreachable_object_storage_is_one_line_within_the_timeout(tmp_path):
+    """An S3 endpoint where nothing answers (a loopback port): one line naming the storage, well within bounds."""
+    env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y",
+           "AWS_EC2_METADATA_DISABLED": "true", "PCDARTS_CONNECT_TIMEOUT_S": "2"}
+    start = time.monotonic()
+    proc = _cli("orchestrator.sweep", "stability", "--preset", "smoke", "--storage", "s3://bucket/p", env=env)
+    _one_error_line(proc, 2, "storage s3://bucket/p did not answer within 2 s")
+    assert time.monotonic() - start < 60
+
+
 # -- the config boundary --------------------------------------------------------------------------------------------------
 def test_set_on_a_grid_key_replaces_the_axis():
     preset = load_preset("smoke", ["k=1"])
