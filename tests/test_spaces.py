@@ -213,6 +213,8 @@ def test_reduced_spaces_are_robustdarts():
     assert search_config("sharpdarts", "synthetic", search_space="s2").options.op_table == "auto"
     with pytest.raises(ValueError, match="own ops"):
         search_config("sharpdarts", "synthetic", search_space="nb201", options={"op_table": "sharpdarts"})
+    with pytest.raises(ValueError, match="feature sharing needs the same ops on every edge"):
+        search_config("entrannas", "synthetic", search_space="s1")  # refused when the config is built
     with pytest.raises(ValueError, match="unknown search_space 'foo'"):
         search_config("pcdarts", "synthetic", search_space="foo")
 

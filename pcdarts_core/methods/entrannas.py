@@ -113,6 +113,10 @@ class EnTranNas(SearchMethod):
         engine_cell_indices(o.engine_cells, cfg.layers)
         if o.dst and not cfg.edge_norm:
             raise ValueError("EnTranNAS-DST thresholds act on the edge importance: edge_norm must be true")
+        ops = self.edge_primitives(cfg)
+        if o.feature_sharing and isinstance(ops, dict) and any(len(set(edges)) > 1 for edges in ops.values()):
+            raise ValueError(f"EnTranNAS's feature sharing needs the same ops on every edge; search space "
+                             f"{cfg.search_space} has per-edge op sets: set options.feature_sharing: false")
 
     def weighting(self, cfg: SearchConfig) -> ArchWeighting:
         o: EnTranNasOptions = cfg.options  # type: ignore[assignment]
