@@ -20,7 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orchestrator.results import ResultStore, group_key, source_consensus, source_trial, to_table  # noqa: E402
-from orchestrator.stability import StabilityOptions, render_table, stability_table  # noqa: E402
+from orchestrator.stability import render_table, stability_table  # noqa: E402
+from pcdarts_core.stability import StabilityOptions  # noqa: E402
 from pcdarts_core.genotypes import Genotype  # noqa: E402
 
 OPS = ("max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3",

@@ -25,9 +25,8 @@ from rich.console import Console
 from rich.table import Table
 
 from pcdarts_core.config import eval_config
-from pcdarts_core.genotypes import CELL_TYPES, Genotype, derive_genotype, load_genotype
+from pcdarts_core.genotypes import CELL_TYPES, Genotype, genotype_from_arch, load_genotype
 from pcdarts_core.nb201_arch import NB201Arch
-from pcdarts_core.ops import PRIMITIVES, check_op_name
 from pcdarts_core.profile import count_madds, count_parameters
 from pcdarts_core.runtime import load_checkpoint
 from pcdarts_core.spaces import SPACE_NAMES, get_space
@@ -164,7 +163,7 @@ def cmd_show(args: argparse.Namespace, console: Console) -> None:
     else:
         print_genotype(genotype, console)
     if args.svg:
-        from .drawing import write_genotype_svg
+        from pcdarts_core.visualize import write_genotype_svg  # matplotlib only when drawing
 
         console.print(f"cell diagrams: {write_genotype_svg(genotype, args.svg, args.genotype)}", markup=False)
     if args.json:
@@ -254,69 +253,6 @@ def _from_state_dict(state: dict[str, Any], where: str) -> dict[str, Any]:
         if hits:
             out[key] = state[hits[0]]
     return out
-
-
-def _tensor(value: Any, name: str, dims: int) -> torch.Tensor:
-    try:
-        t = torch.as_tensor(value, dtype=torch.float32)
-    except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"{name} must be a {dims}-d array of numbers") from None
-    if t.dim() != dims or t.numel() == 0:
-        raise ValueError(f"{name} must be a non-empty {dims}-d array of numbers, got shape {list(t.shape)}")
-    if not torch.isfinite(t).all():
-        raise ValueError(f"{name} holds NaN or infinite values")
-    return t
-
-
-def _op_names(value: Any, n_ops: int, n_edges: int, what: str) -> list[str] | list[list[str]]:
-    """One op list for all edges, or one per edge (P-DARTS's pruned stages); every name must be a known op."""
-    if not isinstance(value, (list, tuple)) or not value:
-        raise ValueError(f"{what} must be a non-empty list of op names")
-    if all(isinstance(v, str) for v in value):
-        names = [str(v) for v in value]
-        _check_row(names, n_ops, what)
-        return names
-    if not all(isinstance(v, (list, tuple)) and all(isinstance(n, str) for n in v) for v in value):
-        raise ValueError(f"{what} must be a list of op names or one such list per edge")
-    rows = [[str(n) for n in v] for v in value]
-    if len(rows) != n_edges:
-        raise ValueError(f"{what} gives op names for {len(rows)} edges, the alphas have {n_edges}")
-    for row in rows:
-        _check_row(row, n_ops, what)
-    return rows
-
-
-def _check_row(names: list[str], n_ops: int, what: str) -> None:
-    if len(names) != n_ops:
-        raise ValueError(f"{what} names {len(names)} ops but the alphas have {n_ops} columns")
-    for name in names:
-        check_op_name(name)
-
-
-def genotype_from_arch(data: dict[str, Any]) -> Genotype:
-    """Validate saved alphas/betas/primitives and apply ``derive_genotype`` (PC-DARTS Sec. 3.3)."""
-    alphas = {c: _tensor(data[f"alphas_{c}"], f"alphas_{c}", 2) for c in CELL_TYPES}
-    if alphas["normal"].shape != alphas["reduce"].shape:
-        raise ValueError(f"alphas_normal {list(alphas['normal'].shape)} and alphas_reduce "
-                         f"{list(alphas['reduce'].shape)} differ in shape")
-    n_edges, n_ops = alphas["normal"].shape
-    betas: dict[str, torch.Tensor | None] = {}
-    for c in CELL_TYPES:
-        raw = data.get(f"betas_{c}")
-        betas[c] = None if raw is None else _tensor(raw, f"betas_{c}", 1)
-        if betas[c] is not None and betas[c].shape[0] != n_edges:  # type: ignore[union-attr]
-            raise ValueError(f"betas_{c} has {betas[c].shape[0]} entries, the alphas have {n_edges} edges")  # type: ignore[union-attr]
-    if (betas["normal"] is None) != (betas["reduce"] is None):
-        raise ValueError("give both betas_normal and betas_reduce, or neither")
-    prims = data.get("primitives", list(PRIMITIVES))
-    if isinstance(prims, dict):
-        if set(prims) != set(CELL_TYPES):
-            raise ValueError("primitives given per cell type must have exactly the keys 'normal' and 'reduce'")
-        p_normal = _op_names(prims["normal"], n_ops, n_edges, "primitives['normal']")
-        p_reduce = _op_names(prims["reduce"], n_ops, n_edges, "primitives['reduce']")
-    else:
-        p_normal = p_reduce = _op_names(prims, n_ops, n_edges, "primitives")
-    return derive_genotype(alphas["normal"], alphas["reduce"], betas["normal"], betas["reduce"], p_normal, p_reduce)
 
 
 def cmd_derive(args: argparse.Namespace, console: Console) -> None:

@@ -1,105 +1,26 @@
-"""The stability report's charts (matplotlib, rendered to inline SVG): one look per op, heatmaps, accuracy forest
-plots, per-epoch line panels, op-probability small multiples and the accuracy-vs-stability Pareto front.
-
-Figures are built with :class:`matplotlib.figure.Figure` directly (no pyplot: no global figure state, safe in a
-sweep driver's threads) and saved as SVG with text kept as text, so the report stays small and sharp.
-Every function takes plain numbers and labels; what they mean is decided by :mod:`orchestrator.report`.
+"""The stability report's charts (matplotlib, inline SVG, in the style and op colours of
+:mod:`pcdarts_core.visualize`): heatmaps, accuracy forest plots, per-epoch line panels, op-probability small
+multiples and the accuracy-vs-stability Pareto front. Every function takes plain numbers and labels; what they
+mean is decided by :mod:`orchestrator.report`.
 """
 
 from __future__ import annotations
 
-import functools
-import io
-import re
-import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
-import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-INK = "#222222"
-MUTED = "#8a8a8a"
-GRID = "#e6e6e6"
-ACCENT = "#c0392b"
-
-#: one colour per op, the same in every figure: convolutions greens/blues/purples, pools greys-blue, the
-#: parameter-free skip in a warning orange (collapse is skips taking over), zero/noise greys
-_OP_COLORS = {
-    "none": "#b3b3b3",
-    "skip_connect": "#e67e22",
-    "max_pool_3x3": "#5d6d7e",
-    "avg_pool_3x3": "#85a1bb",
-    "sep_conv_3x3": "#27ae60",
-    "sep_conv_5x5": "#1e7d45",
-    "sep_conv_7x7": "#145a32",
-    "dil_conv_3x3": "#8e44ad",
-    "dil_conv_5x5": "#5b2c6f",
-    "sharp_sep_conv_3x3": "#16a085",
-    "sharp_sep_conv_5x5": "#0e6655",
-    "nor_conv_1x1": "#2e86c1",
-    "nor_conv_3x3": "#1b4f72",
-    "noise": "#a04000",
-}
-_FALLBACK = ("#d35400", "#2874a6", "#7d3c98", "#117a65", "#b7950b", "#922b21", "#566573")
-_OP_LABELS = {"skip_connect": "skip", "none": "none", "noise": "noise", "nor_conv_1x1": "conv 1x1",
-              "nor_conv_3x3": "conv 3x3"}
+from pcdarts_core.visualize import ACCENT, GRID, INK, MUTED, new_figure, op_color, op_label, styled
 
 SERIES_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
                  "#bcbd22", "#17becf")
 
 
-def op_color(op: str) -> str:
-    """The op's colour (a fixed one for known ops, a stable pick by name for others)."""
-    return _OP_COLORS.get(op) or _FALLBACK[zlib.crc32(op.encode()) % len(_FALLBACK)]
-
-
-def op_label(op: str) -> str:
-    """A short label: ``sep_conv_3x3`` -> ``sep 3x3``, ``skip_connect`` -> ``skip``."""
-    if op in _OP_LABELS:
-        return _OP_LABELS[op]
-    return re.sub(r"_(conv|pool)_", " ", op).replace("sharp_sep", "sharp").replace("_", " ")
-
-
 def series_color(i: int) -> str:
     return SERIES_COLORS[i % len(SERIES_COLORS)]
-
-
-_RC = {"svg.fonttype": "none", "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "axes.edgecolor": "#555555",
-       "axes.linewidth": 0.6, "xtick.labelsize": 8, "ytick.labelsize": 8, "legend.fontsize": 8,
-       "axes.formatter.useoffset": False,
-       "legend.frameon": False, "axes.spines.top": False, "axes.spines.right": False, "axes.titlecolor": INK,
-       "text.color": INK, "axes.labelcolor": INK}
-
-
-def styled(build: Callable[..., Figure]) -> Callable[..., Figure]:
-    """Run a figure builder under the report's style (matplotlib reads most settings when artists are made)."""
-    @functools.wraps(build)
-    def wrapper(*args: Any, **kwargs: Any) -> Figure:
-        with matplotlib.rc_context(_RC):
-            return build(*args, **kwargs)
-
-    return wrapper
-
-
-def new_figure(width: float, height: float, constrained: bool = True) -> Figure:
-    """A figure; constrained layout unless the caller places its axes itself (it costs ~0.2 s per axes)."""
-    return Figure(figsize=(width, height), layout="constrained" if constrained else None)
-
-
-def figure_svg(fig: Figure, key: str) -> str:
-    """The figure as an inline ``<svg>`` element (no XML prolog, no date; ids salted by ``key`` so several SVGs
-    in one page never share an id)."""
-    buf = io.StringIO()
-    with matplotlib.rc_context({**_RC, "svg.hashsalt": key}):
-        fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None})
-    text = buf.getvalue()
-    text = re.sub(r"\s*<metadata>.*?</metadata>", "", text[text.index("<svg"):], count=1, flags=re.S)
-    # matplotlib names every group figure_1, patch_1, ...: unreferenced, and duplicates once several SVGs share
-    # a page. The ids that are referenced (clip paths, markers) are salted hashes without an _N suffix.
-    return re.sub(r'\sid="[A-Za-z][\w.]*_\d+"', "", text)
 
 
 def _style(ax) -> None:

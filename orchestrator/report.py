@@ -28,6 +28,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -37,12 +38,14 @@ from pcdarts_core.genotypes import CELL_TYPES
 from pcdarts_core.ops import OPS, PRIMITIVES
 
 from .cli import Parser, run_cli, split_experiment
-from .drawing import CellGraph, cell_graphs, genotype_svgs, node_label
-from .plots import (ForestRow, Panel, Series, figure_svg, forest, heatmap, line_panels, op_color,
-                    op_probability_grid, pareto, series_color)
+from pcdarts_core.stability import (Summary, cross_distances, encode, frequencies_from_json, pairwise_distances,
+                                    stopped_changing_epoch, summarize)
+
+from pcdarts_core.visualize import CellGraph, cell_graphs, figure_svg, genotype_svgs, node_label, op_color
+
+from .plots import ForestRow, Panel, Series, forest, heatmap, line_panels, op_probability_grid, pareto, series_color
 from .results import ResultStore, parse_source
-from .stability import (Summary, cross_distances, encode, frequencies_from_json, pairwise_distances,
-                        stability_table, stopped_changing_epoch, summarize)
+from .stability import stability_table
 
 REPORT_FILE = "report.html"
 #: per-seed cell diagrams shown open; more seeds than this are folded (still in the page)
@@ -467,62 +470,10 @@ def pareto_figure(exp: Experiment, labels: Mapping[str, str]) -> Any:
 
 
 # -- HTML -------------------------------------------------------------------------------------------------------
-CSS = """
-:root{--ink:#222;--muted:#777;--line:#e3e3e3;--bg:#f6f7f9;--card:#fff;--accent:#c0392b;--ok:#2e7d32;--run:#e08e0b}
-*{box-sizing:border-box}
-body{margin:0;font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;color:var(--ink);
-background:var(--bg)}
-header{background:#1f2a36;color:#fff;padding:18px 28px}
-header h1{margin:0 0 4px;font-size:22px;font-weight:600}
-header .meta{color:#c9d3dd;font-size:13px}
-header code{background:#33414f;color:#dfe6ee}
-header .pill{display:inline-block;padding:1px 9px;border-radius:10px;margin-right:6px;font-size:12px;background:#33414f}
-.pill.done{background:var(--ok)}.pill.running{background:var(--run)}.pill.failed{background:var(--accent)}
-nav{position:sticky;top:0;z-index:2;background:#fff;border-bottom:1px solid var(--line);padding:6px 28px;
-font-size:13px;white-space:nowrap;overflow-x:auto}
-nav a{color:#1f5f99;text-decoration:none;margin-right:14px}
-main{padding:8px 28px 40px;max-width:1500px}
-section{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:14px 18px;margin:16px 0}
-h2{font-size:18px;margin:2px 0 4px}
-h3{font-size:14px;margin:16px 0 2px;color:#333}
-p.q{margin:0 0 8px;color:var(--muted);font-size:13px}
-.banner{background:#fff4e0;border:1px solid #f0c36d;border-radius:6px;padding:8px 12px;margin:12px 0}
-.fig-error{background:#fdecea;border:1px solid #f5b7b1;border-radius:6px;padding:6px 10px;margin:8px 0;
-font-size:12px;color:#922}
-.figs{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}
-figure.fig{margin:6px 0;padding:0;display:table}
-figure.fig figcaption{display:table-caption;caption-side:bottom}
-figure.fig svg{max-width:100%;height:auto;display:block}
-figcaption{font-size:12px;color:var(--muted);margin-top:2px}
-table.stats{border-collapse:collapse;font-size:12.5px;margin:6px 0}
-table.stats th,table.stats td{border-bottom:1px solid var(--line);padding:4px 8px;text-align:right;white-space:nowrap}
-table.stats th{background:#fafafa;font-weight:600;color:#444}
-table.stats td.l,table.stats th.l{text-align:left}
-table.stats tr.running td{color:var(--run)} table.stats tr.failed td{color:var(--accent)}
-.keys{display:flex;flex-wrap:wrap;gap:10px;margin:6px 0 4px}
-.key{background:var(--bg);border-radius:6px;padding:6px 10px;min-width:120px}
-.key b{display:block;font-size:17px}.key span{font-size:11.5px;color:var(--muted)}
-.seedcard{border:1px solid var(--line);border-radius:6px;padding:6px 8px}
-.seedcard h4{margin:0 0 2px;font-size:13px}
-details summary{cursor:pointer;color:#1f5f99;margin:8px 0}
-code{font-size:12px;background:#f1f1f1;padding:1px 4px;border-radius:3px}
-footer{color:var(--muted);font-size:12px;padding:0 28px 30px}
-"""
-
-#: Marks every figure with its laid-out size once the page has loaded (``data-size="WxH"``) and the body with the
-#: count of figures that have a non-empty drawing: a headless browser's DOM dump shows them.
-CHECK_SCRIPT = """
-window.addEventListener('load', function () {
-  var figs = document.querySelectorAll('figure.fig'), ok = 0;
-  figs.forEach(function (f) {
-    var g = f.querySelector('svg'), r = g ? g.getBoundingClientRect() : {width: 0, height: 0};
-    var marks = g ? g.querySelectorAll('path,text,use,image').length : 0;
-    f.setAttribute('data-size', Math.round(r.width) + 'x' + Math.round(r.height) + ':' + marks);
-    if (r.width > 0 && r.height > 0 && marks > 0) ok += 1;
-  });
-  document.body.setAttribute('data-figures', figs.length + ':' + ok);
-});
-"""
+#: the page's stylesheet, and a script that marks every figure with its laid-out size once the page has loaded
+#: (``data-size``) and the body with the count of non-empty figures (``data-figures``), which the tests read
+CSS = (Path(__file__).parent / "report.css").read_text(encoding="utf-8")
+CHECK_SCRIPT = (Path(__file__).parent / "report.js").read_text(encoding="utf-8")
 
 
 def _keys(items: Iterable[tuple[str, str]]) -> str:

@@ -21,8 +21,8 @@ from pcdarts_core.config import eval_config
 from pcdarts_core.genotypes import parse_genotype
 from pcdarts_core.runtime import CheckpointError, claim_device_share, load_checkpoint, save_checkpoint
 from pcdarts_core.train import Trainer, train_eval
+from pcdarts_core.stability import pairwise_distance_mean
 
-from .stability import pairwise_distance_mean
 from .run import Reporter, RunCallback, SearchRun, describe, make_spec, run_search
 
 CHECKPOINT_FILE = "state.pt"

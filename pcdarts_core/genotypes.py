@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .nb201_arch import JSON_KEY as NB201_JSON_KEY
 from .nb201_arch import NB201Arch, arch_from_dict, consensus_arch, parse_arch
-from .ops import OPS, PRIMITIVES
+from .ops import OPS, PRIMITIVES, check_op_name
 
 Edge = tuple[str, int]
 CELL_TYPES = ("normal", "reduce")
@@ -250,12 +250,23 @@ def normalized_betas(betas: torch.Tensor, steps: int = 4) -> torch.Tensor:
     return torch.cat([F.softmax(betas[s], dim=-1) for s in node_edge_slices(steps)])
 
 
-def _edge_op_names(primitives: Sequence[str] | Sequence[Sequence[str]], n_edges: int) -> list[list[str]]:
-    if primitives and isinstance(primitives[0], str):
-        return [list(primitives)] * n_edges  # type: ignore[list-item]
-    if len(primitives) != n_edges:
-        raise ValueError(f"need op names for {n_edges} edges, got {len(primitives)}")
-    return [list(p) for p in primitives]  # type: ignore[arg-type]
+def _edge_op_names(primitives: Any, n_edges: int, n_ops: int, what: str = "primitives") -> list[list[str]]:
+    """One op list for all edges, or one per edge (P-DARTS's pruned stages): ``n_ops`` known op names each."""
+    is_names = lambda v: isinstance(v, (list, tuple)) and v and all(isinstance(n, str) for n in v)  # noqa: E731
+    if is_names(primitives):
+        rows = [list(primitives)] * n_edges
+    elif isinstance(primitives, (list, tuple)) and primitives and all(is_names(p) for p in primitives):
+        if len(primitives) != n_edges:
+            raise ValueError(f"{what} gives op names for {len(primitives)} edges, the alphas have {n_edges}")
+        rows = [list(p) for p in primitives]
+    else:
+        raise ValueError(f"{what} must be a non-empty list of op names, or one such list per edge")
+    for row in {tuple(r) for r in rows}:
+        if len(row) != n_ops:
+            raise ValueError(f"{what} names {len(row)} ops but the alphas have {n_ops} columns")
+        for name in row:
+            check_op_name(name)
+    return rows
 
 
 def edge_op_weights(alphas: torch.Tensor, betas: torch.Tensor | None = None, steps: int = 4) -> torch.Tensor:
@@ -272,7 +283,7 @@ def derive_cell(weights: torch.Tensor, op_names: Sequence[str] | Sequence[Sequen
 
     Ties go to the lower input index and the earlier op, as in the official ``_parse`` (stable sort).
     """
-    names = _edge_op_names(op_names, weights.shape[0])
+    names = _edge_op_names(op_names, weights.shape[0], weights.shape[1])
     if not bool(torch.isfinite(weights).all()):
         raise ValueError("cannot derive a cell from arch weights that are NaN or infinite (the search diverged)")
     gene: list[Edge] = []
@@ -307,6 +318,41 @@ def derive_genotype(alphas_normal: torch.Tensor, alphas_reduce: torch.Tensor,
                          primitives if primitives_reduce is None else primitives_reduce, steps)
     concat = tuple(range(2, 2 + steps))
     return Genotype(tuple(normal), concat, tuple(reduce), concat)
+
+
+def _array(value: Any, name: str, dims: int) -> torch.Tensor:
+    try:
+        t = torch.as_tensor(value, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name} must be a {dims}-d array of numbers") from None
+    if t.dim() != dims or t.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty {dims}-d array of numbers, got shape {list(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} holds NaN or infinite values")
+    return t
+
+
+def genotype_from_arch(data: Any) -> Genotype:
+    """:func:`derive_genotype` of saved, untrusted arch parameters: ``alphas_normal``/``alphas_reduce``, optional
+    ``betas_*`` and ``primitives`` (one op list, one per edge, or ``{normal: ..., reduce: ...}``), each checked."""
+    alphas = {c: _array(data[f"alphas_{c}"], f"alphas_{c}", 2) for c in CELL_TYPES}
+    if alphas["normal"].shape != alphas["reduce"].shape:
+        raise ValueError(f"alphas_normal {list(alphas['normal'].shape)} and alphas_reduce "
+                         f"{list(alphas['reduce'].shape)} differ in shape")
+    n_edges = alphas["normal"].shape[0]
+    betas = {c: None if data.get(f"betas_{c}") is None else _array(data[f"betas_{c}"], f"betas_{c}", 1)
+             for c in CELL_TYPES}
+    for c, b in betas.items():
+        if b is not None and b.shape[0] != n_edges:
+            raise ValueError(f"betas_{c} has {b.shape[0]} entries, the alphas have {n_edges} edges")
+    if (betas["normal"] is None) != (betas["reduce"] is None):
+        raise ValueError("give both betas_normal and betas_reduce, or neither")
+    prims = data.get("primitives", list(PRIMITIVES))
+    if isinstance(prims, dict) and set(prims) != set(CELL_TYPES):
+        raise ValueError("primitives given per cell type must have exactly the keys 'normal' and 'reduce'")
+    per_cell = prims if isinstance(prims, dict) else {c: prims for c in CELL_TYPES}
+    return derive_genotype(alphas["normal"], alphas["reduce"], betas["normal"], betas["reduce"], per_cell["normal"],
+                           per_cell["reduce"])
 
 
 def _steps_for(n_edges: int) -> int:

@@ -22,7 +22,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from orchestrator import drawing, report
+from orchestrator import report
+from pcdarts_core import visualize as drawing
 from orchestrator import evaluate as evaluate_cli
 from orchestrator import sweep
 from orchestrator.plots import pareto_mask

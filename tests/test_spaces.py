@@ -9,7 +9,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from orchestrator.stability import genotype_stats, stability_table
+from orchestrator.stability import stability_table
+from pcdarts_core.stability import genotype_stats
 from pcdarts_core.config import eval_config, search_config
 from pcdarts_core.genotypes import PUBLISHED, Genotype, genotype_distance, parse_genotype
 from pcdarts_core.methods import METHOD_NAMES

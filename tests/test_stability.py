@@ -10,10 +10,10 @@ import pyarrow as pa
 import pytest
 
 from orchestrator.results import ResultStore, SCHEMAS
-from orchestrator.stability import (StabilityOptions, _GenotypeCache, _stop_epochs, best_minus_mean, bootstrap_ci,
-                                    consensus, genotype_stats, is_collapsed, n_distinct, pairwise_distance_mean,
-                                    pairwise_distances, render_table, selection_frequencies, skip_counts,
-                                    stability_table, stopped_changing_epoch, summarize)
+from orchestrator.stability import _GenotypeCache, _stop_epochs, render_table, stability_table
+from pcdarts_core.stability import (StabilityOptions, best_minus_mean, bootstrap_ci, consensus, genotype_stats,
+                                    is_collapsed, n_distinct, pairwise_distance_mean, pairwise_distances,
+                                    selection_frequencies, skip_counts, stopped_changing_epoch, summarize)
 from pcdarts_core.genotypes import PUBLISHED, Genotype, genotype_distance, parse_genotype
 
 BASE = PUBLISHED["PC_DARTS_CIFAR"]
@@ -282,23 +282,23 @@ def test_render_table_fits_120_columns():
 
 
 def test_fast_paths_agree_with_the_strict_parser():
-    from orchestrator.stability import _fast_genotype, _json_key, canonical_key
+    from pcdarts_core.stability import canonical_key, genotype_json_key, parse_genotype_json
 
     rng = random.Random(3)
     genos = [random_genotype(rng, repeat=True) for _ in range(20)] + list(PUBLISHED.values())
     for g in genos:
-        assert _fast_genotype(g.to_json()) == g
-        assert _json_key(g.to_json()) == canonical_key(g)
-    assert _json_key(str(BASE)) is None  # official text form: left to the full parser
+        assert parse_genotype_json(g.to_json()) == g
+        assert genotype_json_key(g.to_json()) == canonical_key(g)
+    assert genotype_json_key(str(BASE)) is None  # official text form: left to the full parser
     bad = [BASE.to_json().replace("sep_conv_3x3", "sep_conv_9x9"),  # unknown op
            BASE.to_json().replace('"reduce_counts": [2, 2, 2, 2]', '"reduce_counts": [2, 2, 2, 1]'),
            BASE.to_json().replace('["skip_connect", 0]', '["skip_connect", true]'),
            BASE.to_json().replace('["skip_connect", 0]', '["skip_connect", 7]'),
            "{not json"]
     for text in bad:
-        assert _json_key(text) is None
+        assert genotype_json_key(text) is None
         with pytest.raises(ValueError):
-            _fast_genotype(text) or parse_genotype(text)
+            parse_genotype_json(text) or parse_genotype(text)
 
 
 def test_bad_epoch_genotype_is_reported():

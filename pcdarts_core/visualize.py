@@ -1,5 +1,6 @@
-"""Cell diagrams: any cell as a graph (input nodes, intermediate nodes, (src, dst, op) edges, output), drawn with
-matplotlib as inline SVG, no graphviz needed.
+"""Pictures of searched cells: any cell as a graph (input nodes, intermediate nodes, (src, dst, op) edges, output),
+drawn with matplotlib as SVG (no graphviz needed), and the one colour and short label of each op that every
+figure of the project uses (the report's charts take them from here).
 
 :class:`CellGraph` is the one thing the drawer knows. Converters make it from what the project stores:
 
@@ -13,24 +14,102 @@ matplotlib as inline SVG, no graphviz needed.
 Layout: inputs on the left, intermediate nodes left to right in topological order on a zig-zag, the output on
 the right; an edge is straight when that clears every other node, else it takes the gentlest arc (either side)
 that does, and its label slides along it away from nodes and other labels.
-Each edge carries its op as colour (one colour per op across the whole report, :func:`orchestrator.plots.op_color`)
-and as a short label.
+Figures are built with :class:`matplotlib.figure.Figure` directly (no pyplot: no global figure state, safe in a
+sweep driver's threads) and saved as SVG with text kept as text.
 """
 
 from __future__ import annotations
 
+import functools
+import io
 import math
 import re
+import zlib
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Circle, FancyArrowPatch, FancyBboxPatch
 
-from pcdarts_core.genotypes import CELL_TYPES, Genotype, parse_genotype
+from .genotypes import CELL_TYPES, Genotype, parse_genotype
+from .nb201_arch import parse_arch
 
-from .plots import INK, MUTED, figure_svg, op_color, op_label, styled
+INK = "#222222"
+MUTED = "#8a8a8a"
+GRID = "#e6e6e6"
+ACCENT = "#c0392b"
+
+#: one colour per op, the same in every figure: convolutions greens/blues/purples, pools greys-blue, the
+#: parameter-free skip in a warning orange (collapse is skips taking over), zero/noise greys
+_OP_COLORS = {
+    "none": "#b3b3b3",
+    "skip_connect": "#e67e22",
+    "max_pool_3x3": "#5d6d7e",
+    "avg_pool_3x3": "#85a1bb",
+    "sep_conv_3x3": "#27ae60",
+    "sep_conv_5x5": "#1e7d45",
+    "sep_conv_7x7": "#145a32",
+    "dil_conv_3x3": "#8e44ad",
+    "dil_conv_5x5": "#5b2c6f",
+    "sharp_sep_conv_3x3": "#16a085",
+    "sharp_sep_conv_5x5": "#0e6655",
+    "nor_conv_1x1": "#2e86c1",
+    "nor_conv_3x3": "#1b4f72",
+    "noise": "#a04000",
+}
+_FALLBACK = ("#d35400", "#2874a6", "#7d3c98", "#117a65", "#b7950b", "#922b21", "#566573")
+_OP_LABELS = {"skip_connect": "skip", "none": "none", "noise": "noise", "nor_conv_1x1": "conv 1x1",
+              "nor_conv_3x3": "conv 3x3"}
+
+
+def op_color(op: str) -> str:
+    """The op's colour (a fixed one for known ops, a stable pick by name for others)."""
+    return _OP_COLORS.get(op) or _FALLBACK[zlib.crc32(op.encode()) % len(_FALLBACK)]
+
+
+def op_label(op: str) -> str:
+    """A short label: ``sep_conv_3x3`` -> ``sep 3x3``, ``skip_connect`` -> ``skip``."""
+    if op in _OP_LABELS:
+        return _OP_LABELS[op]
+    return re.sub(r"_(conv|pool)_", " ", op).replace("sharp_sep", "sharp").replace("_", " ")
+
+
+_RC = {"svg.fonttype": "none", "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "axes.edgecolor": "#555555",
+       "axes.linewidth": 0.6, "xtick.labelsize": 8, "ytick.labelsize": 8, "legend.fontsize": 8,
+       "axes.formatter.useoffset": False,
+       "legend.frameon": False, "axes.spines.top": False, "axes.spines.right": False, "axes.titlecolor": INK,
+       "text.color": INK, "axes.labelcolor": INK}
+
+
+def styled(build: Callable[..., Figure]) -> Callable[..., Figure]:
+    """Run a figure builder under the report's style (matplotlib reads most settings when artists are made)."""
+    @functools.wraps(build)
+    def wrapper(*args: Any, **kwargs: Any) -> Figure:
+        with matplotlib.rc_context(_RC):
+            return build(*args, **kwargs)
+
+    return wrapper
+
+
+def new_figure(width: float, height: float, constrained: bool = True) -> Figure:
+    """A figure; constrained layout unless the caller places its axes itself (it costs ~0.2 s per axes)."""
+    return Figure(figsize=(width, height), layout="constrained" if constrained else None)
+
+
+def figure_svg(fig: Figure, key: str) -> str:
+    """The figure as an inline ``<svg>`` element (no XML prolog, no date; ids salted by ``key`` so several SVGs
+    in one page never share an id)."""
+    buf = io.StringIO()
+    with matplotlib.rc_context({**_RC, "svg.hashsalt": key}):
+        fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None})
+    text = buf.getvalue()
+    text = re.sub(r"\s*<metadata>.*?</metadata>", "", text[text.index("<svg"):], count=1, flags=re.S)
+    # matplotlib names every group figure_1, patch_1, ...: unreferenced, and duplicates once several SVGs share
+    # a page. The ids that are referenced (clip paths, markers) are salted hashes without an _N suffix.
+    return re.sub(r'\sid="[A-Za-z][\w.]*_\d+"', "", text)
+
 
 Edge = tuple[str, str, str]
 
@@ -102,26 +181,6 @@ def edge_list_cell_graph(edges: Iterable[tuple[int, int, str]], n_inputs: int = 
                      tuple((names[s], names[d], op) for s, d, op in edges), (names[last],), output_name="out")
 
 
-def nb201_edges(arch: str) -> list[tuple[int, int, str]]:
-    """The ``(src_node, dst_node, op)`` edges of an NB201 architecture string ``|op~0|+|op~0|op~1|+|...|``.
-
-    A seam for the search-space module's own parser: text is split, never evaluated; malformed text is a
-    ``ValueError``.
-    """
-    text = arch.strip()
-    edges = []
-    for dst, part in enumerate(text.split("+"), start=1):
-        part = part.strip()
-        if not (part.startswith("|") and part.endswith("|")) or len(part) < 3:
-            raise ValueError(f"NB201 architecture {arch!r}: node {dst} is not |op~input|...|")
-        for item in part[1:-1].split("|"):
-            op, sep, src = item.partition("~")
-            if not sep or not op or not src.isdigit() or int(src) >= dst:
-                raise ValueError(f"NB201 architecture {arch!r}: bad edge {item!r} into node {dst}")
-            edges.append((int(src), dst, op))
-    return edges
-
-
 def cell_graphs(genotype: Any) -> list[tuple[str, CellGraph]]:
     """(cell name, graph) of every cell of a genotype (object or stored text): 'normal' and 'reduce' in the
     DARTS space; one 'cell' for an architecture that lists its own ``edges()`` as ``(src, dst, op)`` (a
@@ -129,7 +188,7 @@ def cell_graphs(genotype: Any) -> list[tuple[str, CellGraph]]:
     if isinstance(genotype, str):
         text = genotype.strip()
         if text.startswith("|"):
-            return [("cell", edge_list_cell_graph(nb201_edges(text)))]
+            return [("cell", edge_list_cell_graph(parse_arch(text).edges()))]
         genotype = parse_genotype(text)
     if callable(getattr(genotype, "edges", None)):
         return [("cell", edge_list_cell_graph(genotype.edges()))]
