@@ -151,18 +151,13 @@ class ParamSpec(Section):
     def tune_domain(self) -> Any:
         from ray import tune
 
-        if self.kind == "loguniform":
-            return tune.loguniform(*self.values)
-        if self.kind == "uniform":
-            return tune.uniform(*self.values)
         if self.kind == "int":
             return tune.randint(self.values[0], self.values[1] + 1)  # Tune's upper bound is exclusive
-        return tune.choice(list(self.values))
+        return tune.choice(list(self.values)) if self.kind == "choice" else getattr(tune, self.kind)(*self.values)
 
     @classmethod
     def of(cls, name: str, spec: Any, search: Mapping[str, Any]) -> ParamSpec:
-        """From ``{kind: [low, high]}`` or ``{choice: [...]}``; every bound or choice must make a valid search
-        config on top of ``search``."""
+        """From ``{kind: [low, high]}`` or ``{choice: [...]}``, each bound or choice a valid setting in ``search``."""
         where = f"space.{name}"
         if not isinstance(spec, dict) or len(spec) != 1:
             raise ValueError(f"{where} must be one of {{loguniform: [lo, hi]}}, {{uniform: [lo, hi]}}, "
@@ -214,15 +209,10 @@ class HpoSpec(Section):
             raise ValueError("space cannot tune 'seed': seeds are what stability is measured over")
         return [ParamSpec.of(str(name), spec, info.context["search"]) for name, spec in space.items()]
 
-    @field_validator("seeds")
-    @classmethod
-    def _two_seeds(cls, seeds: tuple[int, ...]) -> tuple[int, ...]:
-        if len(seeds) < 2:
-            raise ValueError("seeds needs at least 2 seeds: stability is measured between seeds")
-        return seeds
-
     @model_validator(mode="after")
-    def _grace_period(self) -> HpoSpec:
+    def _enough_seeds(self) -> HpoSpec:
+        if len(self.seeds) < 2:
+            raise ValueError("seeds needs at least 2 seeds: stability is measured between seeds")
         if self.grace_period > len(self.seeds):
             raise ValueError(f"grace_period ({self.grace_period}) exceeds the {len(self.seeds)} seeds")
         return self
@@ -413,8 +403,7 @@ def load_preset(name_or_path: str = "local", sets: Sequence[str] = ()) -> Preset
 
 
 def preset_from_dict(raw: Mapping[str, Any], default_name: str = "sweep", where: str = "config") -> Preset:
-    """A validated preset from its mapping (empty keys take their defaults); errors start with ``where``."""
-    try:
+    try:  # an empty key (None) takes its default
         preset = Preset.parse({"name": default_name, **{k: v for k, v in raw.items() if v is not None}}, "")
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
