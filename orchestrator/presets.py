@@ -197,7 +197,14 @@ class HpoSpec(Section):
     sampler: Literal["tpe", "nsga2", "random"] = "tpe"  # tpe: multi-objective TPE
     seed: Int = Field(0, ge=0)  # the sampler's seed
     resources: Resources
-    study_storage: str | None = Field(None, pattern="://")  # an Optuna URL; default sqlite under the experiment
+    study_storage: str | None = None  # an Optuna storage URL; default: sqlite under the experiment dir
+
+    @field_validator("study_storage")
+    @classmethod
+    def _storage_url(cls, url: str | None) -> str | None:
+        if url is not None and "://" not in url:
+            raise ValueError("study_storage must be an Optuna storage URL such as sqlite:///path/study.db")
+        return url
 
     @field_validator("space", mode="before")
     @classmethod
