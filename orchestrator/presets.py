@@ -138,6 +138,60 @@ class EvaluateSpec(Section):
         return self
 
 
+class DistributedOptions(Section):
+    """The ``distributed:`` section of a preset (and the CLI flags that override it)."""
+
+    num_workers: int | tuple[int, int] = 1  # an int, or (min, max) for an elastic worker group
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0, le=1024)  # Ray CPUs per worker; torch uses that many threads
+    max_failures: int = Field(3, ge=-1)  # worker-group restarts from the last checkpoint (-1: forever)
+    lr_reference_batch: int | None = Field(None, ge=1)  # lr was tuned for this global batch: scale linearly
+    checkpoints_to_keep: int = Field(2, ge=1)
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _workers(cls, value: Any) -> int | tuple[int, int]:
+        """``4``, ``"4"``, ``[2, 8]`` or ``"2-8"`` (elastic: at least 2, at most 8 workers)."""
+        if isinstance(value, str) and any(sep in value for sep in "-:,"):
+            value = [p.strip() for p in value.replace(":", "-").replace(",", "-").split("-")]
+        if isinstance(value, (list, tuple)):
+            if len(value) != 2 or not all(str(v).isdigit() for v in value):
+                raise ValueError(f"num_workers must be N or [MIN, MAX], got {value!r}")
+            low, high = int(value[0]), int(value[1])
+            if not 1 <= low <= high:
+                raise ValueError(f"num_workers range must satisfy 1 <= MIN <= MAX, got {low}-{high}")
+            return (low, high) if low != high else low
+        if isinstance(value, bool) or not str(value).lstrip("-").isdigit():
+            raise ValueError(f"num_workers must be an integer, got {value!r}")
+        if int(value) < 1:
+            raise ValueError(f"num_workers must be >= 1, got {value}")
+        return int(value)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
+    @property
+    def elastic(self) -> bool:
+        return not isinstance(self.num_workers, int)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | None = None, **overrides: Any) -> "DistributedOptions":
+        """Validated options from a preset's section; ``overrides`` that are not None win (CLI flags)."""
+        return cls.parse({**dict(values or {}), **{k: v for k, v in overrides.items() if v is not None}},
+                         "distributed")
+
+    def scaling_config(self) -> Any:
+        from ray.train import ScalingConfig
+
+        return ScalingConfig(num_workers=self.num_workers, use_gpu=self.use_gpu,
+                             resources_per_worker={"CPU": self.cpus_per_worker, **({"GPU": 1} if self.use_gpu else {})})
+
+
 PARAM_KINDS = ("loguniform", "uniform", "int", "choice")
 
 
@@ -250,6 +304,7 @@ class Preset(Section):
         for group in self.groups():
             search_config_from_dict({**group, "seed": self.seeds[0]})
         self.failure_spec()
+        DistributedOptions.from_mapping(self.distributed)
         if self.evaluate:
             self.evaluation()
         if self.hpo:
