@@ -280,6 +280,12 @@ def _runs(positions: list[int]) -> list[tuple[int, int]]:
     return out
 
 
+def _channels_last_grad(grad: torch.Tensor) -> torch.Tensor:
+    """The gradient of a batched op's output, channels-last: the contraction hands each op a strided slice of its
+    own gradient, on which oneDNN's NHWC BatchNorm and convolution backward are much slower than on a copy."""
+    return grad.contiguous(memory_format=torch.channels_last)
+
+
 class FusedCell(nn.Module):
     """The cell of :class:`SearchCell`, computed state by state instead of edge by edge.
 
@@ -412,6 +418,8 @@ class FusedCell(nn.Module):
                 y = op(given[0], a, n)
             if noise and op.identity:
                 y = y * (noise[units[0]] if n == 1 else torch.cat([noise[u] for u in units], 1))
+            if y.requires_grad and y.device.type == "cpu" and not torch.compiler.is_compiling():
+                y.register_hook(_channels_last_grad)
             outputs.append(y)
         if outputs:
             stacked = outputs[0] if len(outputs) == 1 else torch.cat(outputs, 1)
