@@ -125,10 +125,13 @@ def test_smoke_sweep_end_to_end_with_evaluation(smoke_sweep, capsys, monkeypatch
 @pytest.mark.ray
 @pytest.mark.slow
 def test_killed_driver_resumes_without_duplicates(ray_cluster, tmp_path):
-    EPOCHS = 30  # enough that the searches are still running after Tune's next state save (~10 s)
+    EPOCHS = 16  # enough that the searches are still running after Tune's next state save (~1 s, see below)
     args = ["stability", "--preset", "smoke", "--storage", str(tmp_path), "--address", ray_cluster,
             "--set", f"epochs={EPOCHS}", "--set", "grid.k=[4]"]
+    # Tune saves its experiment state every TUNE_GLOBAL_CHECKPOINT_S seconds (by default at first every 10 s):
+    # every second here, so that the driver can be killed soon after the searches' first checkpoints.
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.sweep", *args], cwd=ROOT,
+                            env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     epochs_file = tmp_path / "smoke" / "epochs.parquet"
     deadline = time.monotonic() + 300
@@ -140,7 +143,7 @@ def test_killed_driver_resumes_without_duplicates(ray_cluster, tmp_path):
             if epochs_file.exists() and any(r["epoch"] >= 2 for r in pq.read_table(epochs_file).to_pylist()):
                 seen = time.time()
             continue
-        # Then wait for Tune to save its experiment state once more (every ~10 s), so it names those checkpoints.
+        # Then wait for Tune to save its experiment state once more, so it names those checkpoints.
         states = list((tmp_path / "smoke" / "search").glob("experiment_state-*.json"))
         if states and max(p.stat().st_mtime for p in states) > seen + 0.5:
             break
