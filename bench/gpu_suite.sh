@@ -37,7 +37,8 @@ CUDA=$($PY -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is
   echo "- Command: bench/gpu_suite.sh $OUT"
 } > "$OUT/summary.md"
 
-stage tests 170 "$PY" -m pytest tests/test_gpu.py -m gpu -q -rs -p no:cacheprovider --timeout 160
+# -n 0: one process (the suite's two xdist workers would only add a start-up here)
+stage tests 170 "$PY" -m pytest tests/test_gpu.py -m gpu -q -rs -p no:cacheprovider --timeout 160 -n 0
 if [ -n "$CUDA" ]; then
   stage search 200 "$PY" bench/gpu_search.py --out "$OUT" --timeout 120
   stage pack 95 "$PY" bench/gpu_pack.py --out "$OUT" --seconds 8 --timeout 60

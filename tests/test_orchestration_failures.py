@@ -152,7 +152,7 @@ def test_settings_record_is_written_with_state(tmp_path):
 
 
 # -- a killed driver leaves no Ray processes behind ----------------------------------------------------------------------
-def test_local_ray_of_a_killed_driver_is_ended_by_the_next_run():
+def test_local_ray_of_a_killed_driver_is_ended_by_the_next_run(monkeypatch):
     import psutil
 
     from orchestrator.cluster import reap_orphans
@@ -162,8 +162,11 @@ def test_local_ray_of_a_killed_driver_is_ended_by_the_next_run():
     import tempfile
 
     ray_tmp = tempfile.mkdtemp(prefix="pr", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
+    # The driver's record of its Ray (and so the reaping below) lives in a temp folder of this test's own: a
+    # command another xdist worker runs meanwhile reaps only the records in its temp folder, never this one.
     driver = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "RAY_TMPDIR": ray_tmp})
+                              env={**os.environ, "RAY_TMPDIR": ray_tmp, "TMPDIR": ray_tmp})
+    monkeypatch.setattr(tempfile, "tempdir", ray_tmp)
     try:
         assert "up" in iter(lambda: driver.stdout.readline().strip(), "")  # after the dashboard's line
         ray_procs = psutil.Process(driver.pid).children(recursive=True)

@@ -8,9 +8,6 @@ any console message. Tests that need the browser skip only when no Chromium bina
 
 from __future__ import annotations
 
-import contextlib
-import io
-import os
 import re
 import shutil
 import signal
@@ -23,12 +20,10 @@ import pyarrow as pa
 import pytest
 
 from orchestrator import report
-from pcdarts_core import visualize as drawing
-from orchestrator import evaluate as evaluate_cli
-from orchestrator import sweep
 from orchestrator.plots import pareto_mask
 from orchestrator.results import ResultStore
 from orchestrator.stability import stability_table
+from pcdarts_core import visualize as drawing
 
 ROOT = Path(__file__).resolve().parents[1]
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
@@ -84,20 +79,6 @@ def figure_ids(text: str) -> set[str]:
     return set(re.findall(r'<figure class="fig[^"]*" id="([^"]+)"', text))
 
 
-@contextlib.contextmanager
-def tune_env():
-    """The sweep sets Tune's output variables in this process: put them back afterwards."""
-    saved = {k: os.environ.get(k) for k in ("RAY_AIR_NEW_OUTPUT", "TUNE_DISABLE_STRICT_METRIC_CHECKING")}
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 # -- the browser check itself can fail ----------------------------------------------------------------------------
 def test_browser_check_sees_console_errors_and_empty_figures(tmp_path):
     page = tmp_path / "bad.html"
@@ -112,15 +93,11 @@ def test_browser_check_sees_console_errors_and_empty_figures(tmp_path):
 
 # -- a finished smoke sweep with evaluation ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def smoke(ray_cluster, tmp_path_factory):
-    """A smoke sweep (2 groups x 2 seeds) with evaluation, plus a published cell retrained under its protocol."""
-    root = tmp_path_factory.mktemp("report-smoke")
-    out = io.StringIO()
-    with tune_env(), contextlib.redirect_stdout(out):
-        assert sweep.main(["stability", "--preset", "smoke", "--storage", str(root), "--evaluate"]) == 0
-        assert evaluate_cli.main(["--from", "smoke", "--storage", str(root), "--genotype", "DARTS_V2",
-                                  "--seeds", "0"]) == 0
-    return root / "smoke", out.getvalue()
+def smoke(smoke_sweep):
+    """The session's smoke sweep (2 groups x 2 seeds) with evaluation, plus two random cells and a published one
+    retrained under its protocol (tests/conftest.py): (its folder, what the sweep and the evaluate command
+    printed)."""
+    return smoke_sweep["exp"], smoke_sweep["sweep_out"] + smoke_sweep["evaluate_out"]
 
 
 @pytest.mark.ray
@@ -257,12 +234,10 @@ def _epochs_per_trial(epochs: pa.Table) -> dict[str, int]:
 # -- an HPO study ------------------------------------------------------------------------------------------------
 @pytest.mark.ray
 @pytest.mark.slow
-def test_hpo_study_report_has_the_pareto_front(ray_cluster, tmp_path):
-    out = io.StringIO()
-    with tune_env(), contextlib.redirect_stdout(out):
-        assert sweep.main(["hpo", "--preset", "smoke", "--storage", str(tmp_path)]) == 0
-    page = tmp_path / "smoke-hpo" / report.REPORT_FILE
-    assert f"report: {page}" in out.getvalue()
+def test_hpo_study_report_has_the_pareto_front(smoke_hpo, tmp_path):
+    exp, printed = smoke_hpo  # the session's HPO study (tests/conftest.py)
+    page = exp / report.REPORT_FILE
+    assert f"report: {page}" in printed
     text = page.read_text(encoding="utf-8")
     assert "HPO study" in text and "HPO Pareto front" in text
     assert "ov-pareto" in figure_ids(text)

@@ -16,8 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator import evaluate as evaluate_cli
-from orchestrator import sweep
+from orchestrator import progress, sweep
 from orchestrator import experiment
 from orchestrator.results import epoch_row
 
@@ -73,32 +72,33 @@ def _cli(module: str, *args: str, env: dict | None = None, timeout: int = 400) -
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_smoke_sweep_end_to_end_with_evaluation(ray_cluster, quiet_tune, tmp_path, capsys):
-    code = sweep.main(["stability", "--preset", "smoke", "--storage", str(tmp_path), "--evaluate"])
-    assert code == 0
-    exp = tmp_path / "smoke"
+def test_smoke_sweep_end_to_end_with_evaluation(smoke_sweep, capsys, monkeypatch):
+    """``sweep stability --preset smoke --evaluate``, then ``evaluate`` adding cells (the session's smoke sweep,
+    which the report's tests read too)."""
+    exp = smoke_sweep["exp"]
+    after_sweep = smoke_sweep["after_sweep"]
     for kind in ("trials", "epochs", "stability", "evaluations"):
-        assert (exp / f"{kind}.parquet").is_dir(), kind
+        assert after_sweep[kind] is not None, kind
 
-    trials = _table(exp, "trials")
+    trials = after_sweep["trials"]
     assert len(trials) == 4 and {r["status"] for r in trials} == {"done"}
     assert {(r["group"], r["seed"]) for r in trials} == {
         (f"method=pcdarts,k={k}", s) for k in (2, 4) for s in (0, 1)}
     assert all(r["genotype"].startswith("{") and 0 <= r["val_acc"] <= 1 and r["epochs_done"] == 2 for r in trials)
     assert all(r["cfg_dataset"] == "synthetic" and r["error"] is None for r in trials)
 
-    epochs = _table(exp, "epochs")
+    epochs = after_sweep["epochs"]
     assert len(epochs) == 8 and len({(r["trial_id"], r["epoch"]) for r in epochs}) == 8
     row = epochs[0]
     assert len(row["alphas_normal"]) == 14 and len(row["alphas_normal"][0]) == 8 and len(row["betas_normal"]) == 14
     assert row["genotype"] and row["arch_entropy"] > 0 and row["n_skip_normal"] is not None
 
-    stability = _table(exp, "stability")
+    stability = after_sweep["stability"]
     assert [r["group"] for r in stability] == ["method=pcdarts,k=2", "method=pcdarts,k=4"]
     assert all(r["n_seeds"] == 2 and r["genotype_distance_mean"] is not None for r in stability)
     assert all(r["n_evaluated"] == 1 and r["n_consensus_evals"] == 1 for r in stability)
 
-    evaluations = _table(exp, "evaluations")
+    evaluations = after_sweep["evaluations"]
     sources = sorted(r["source"] for r in evaluations)
     assert len(evaluations) == 5 and {r["status"] for r in evaluations} == {"done"}
     assert sum(s.startswith("trial:") for s in sources) == 2  # top-1 of each group
@@ -107,16 +107,15 @@ def test_smoke_sweep_end_to_end_with_evaluation(ray_cluster, quiet_tune, tmp_pat
     assert all(r["test_acc"] is not None and r["params"] > 0 for r in evaluations)
 
     # The evaluate command adds a random cell and a published one; done evaluations are not rerun.
-    capsys.readouterr()
-    code = evaluate_cli.main(["--from", "smoke", "--storage", str(tmp_path), "--random", "2",
-                              "--genotype", "DARTS_V2", "--seeds", "0"])
-    assert code == 0
-    assert "(1 already done)" in capsys.readouterr().out
+    assert "(1 already done)" in smoke_sweep["evaluate_out"]
     evaluations = _table(exp, "evaluations")
     assert len(evaluations) == 7 and len({r["eval_id"] for r in evaluations}) == 7
     assert {"random:1", "published:DARTS_V2"} <= {r["source"] for r in evaluations}
 
-    # Status/summary read the Parquet files back.
+    # Status/summary read the Parquet files back, on a console wide enough for the tables: pytest imports readline,
+    # which puts COLUMNS=80 in the environment its child processes (xdist workers too) start with.
+    monkeypatch.setenv("COLUMNS", "140")
+    monkeypatch.setattr(progress, "_console", None)
     assert sweep.main(["status", str(exp)]) == 0
     out = capsys.readouterr().out
     assert "4 done, 0 running, 0 failed" in out and "method=pcdarts,k=4" in out
@@ -126,10 +125,13 @@ def test_smoke_sweep_end_to_end_with_evaluation(ray_cluster, quiet_tune, tmp_pat
 @pytest.mark.ray
 @pytest.mark.slow
 def test_killed_driver_resumes_without_duplicates(ray_cluster, tmp_path):
-    EPOCHS = 30  # enough that the searches are still running after Tune's next state save (~10 s)
+    EPOCHS = 16  # enough that the searches are still running after Tune's next state save (~1 s, see below)
     args = ["stability", "--preset", "smoke", "--storage", str(tmp_path), "--address", ray_cluster,
             "--set", f"epochs={EPOCHS}", "--set", "grid.k=[4]"]
+    # Tune saves its experiment state every TUNE_GLOBAL_CHECKPOINT_S seconds (by default at first every 10 s):
+    # every second here, so that the driver can be killed soon after the searches' first checkpoints.
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.sweep", *args], cwd=ROOT,
+                            env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     epochs_file = tmp_path / "smoke" / "epochs.parquet"
     deadline = time.monotonic() + 300
@@ -141,7 +143,7 @@ def test_killed_driver_resumes_without_duplicates(ray_cluster, tmp_path):
             if epochs_file.exists() and any(r["epoch"] >= 2 for r in pq.read_table(epochs_file).to_pylist()):
                 seen = time.time()
             continue
-        # Then wait for Tune to save its experiment state once more (every ~10 s), so it names those checkpoints.
+        # Then wait for Tune to save its experiment state once more, so it names those checkpoints.
         states = list((tmp_path / "smoke" / "search").glob("experiment_state-*.json"))
         if states and max(p.stat().st_mtime for p in states) > seen + 0.5:
             break
@@ -183,11 +185,11 @@ def test_crashing_trial_is_retried_then_recorded_failed(ray_cluster, quiet_tune,
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_hpo_smoke_writes_study_and_results(ray_cluster, quiet_tune, tmp_path):
+def test_hpo_smoke_writes_study_and_results(smoke_hpo):
+    """``sweep hpo --preset smoke`` (the session's study, which the report's tests read too)."""
     import optuna
 
-    assert sweep.main(["hpo", "--preset", "smoke", "--storage", str(tmp_path)]) == 0
-    exp = tmp_path / "smoke-hpo"
+    exp, _ = smoke_hpo
     db = exp / "optuna.db"
     assert db.is_file()
     study = optuna.load_study(study_name="smoke-hpo", storage=f"sqlite:///{db}")
