@@ -250,20 +250,20 @@ def normalized_betas(betas: torch.Tensor, steps: int = 4) -> torch.Tensor:
     return torch.cat([F.softmax(betas[s], dim=-1) for s in node_edge_slices(steps)])
 
 
-def _edge_op_names(primitives: Any, n_edges: int, n_ops: int, what: str = "primitives") -> list[list[str]]:
+def _edge_op_names(primitives: Any, n_edges: int, n_ops: int) -> list[list[str]]:
     """One op list for all edges, or one per edge (P-DARTS's pruned stages): ``n_ops`` known op names each."""
     is_names = lambda v: isinstance(v, (list, tuple)) and v and all(isinstance(n, str) for n in v)  # noqa: E731
     if is_names(primitives):
         rows = [list(primitives)] * n_edges
     elif isinstance(primitives, (list, tuple)) and primitives and all(is_names(p) for p in primitives):
         if len(primitives) != n_edges:
-            raise ValueError(f"{what} gives op names for {len(primitives)} edges, the alphas have {n_edges}")
+            raise ValueError(f"primitives gives op names for {len(primitives)} edges, the alphas have {n_edges}")
         rows = [list(p) for p in primitives]
     else:
-        raise ValueError(f"{what} must be a non-empty list of op names, or one such list per edge")
+        raise ValueError("primitives must be a non-empty list of op names, or one such list per edge")
     for row in {tuple(r) for r in rows}:
         if len(row) != n_ops:
-            raise ValueError(f"{what} names {len(row)} ops but the alphas have {n_ops} columns")
+            raise ValueError(f"primitives names {len(row)} ops but the alphas have {n_ops} columns")
         for name in row:
             check_op_name(name)
     return rows

@@ -34,7 +34,6 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Circle, FancyArrowPatch, FancyBboxPatch
 
 from .genotypes import CELL_TYPES, Genotype, parse_genotype
-from .nb201_arch import parse_arch
 
 INK = "#222222"
 MUTED = "#8a8a8a"
@@ -186,10 +185,7 @@ def cell_graphs(genotype: Any) -> list[tuple[str, CellGraph]]:
     DARTS space; one 'cell' for an architecture that lists its own ``edges()`` as ``(src, dst, op)`` (a
     NAS-Bench-201 cell) or for an NB201 architecture string."""
     if isinstance(genotype, str):
-        text = genotype.strip()
-        if text.startswith("|"):
-            return [("cell", edge_list_cell_graph(parse_arch(text).edges()))]
-        genotype = parse_genotype(text)
+        genotype = parse_genotype(genotype)  # an NB201 string gives an NB201Arch, which lists its edges()
     if callable(getattr(genotype, "edges", None)):
         return [("cell", edge_list_cell_graph(genotype.edges()))]
     return [(cell, darts_cell_graph(genotype, cell)) for cell in CELL_TYPES]
