@@ -1,29 +1,10 @@
-"""Data-parallel search on Ray Train (V2): the same loop as every search (:func:`orchestrator.run.run_search`) on
-each of N ``TorchTrainer`` workers, with :class:`TrainReporter`.
+"""Data-parallel search on Ray Train (V2): the loop every search runs (:func:`orchestrator.run.run_search`) on each
+of N ``TorchTrainer`` workers, with :class:`TrainReporter`; the core does the data-parallel arithmetic.
 
-The core (``pcdarts_core.search``) does the data-parallel arithmetic with plain ``torch.distributed``: both levels'
-gradients are averaged over ranks in one bucket, BatchNorm statistics are averaged before validation, metrics are
-summed, every rank draws the same channel subsets, and each rank reads its own shard through a
-``DistributedSampler``. This module supplies everything around it:
-
-- **Global batch.** ``batch_size`` in a config is the *global* batch. Each of N ranks gets ``batch_size // N``
-  (:func:`orchestrator.run.rank_config`), so the run computes the same thing on 1 or 8 workers, and the lr stays
-  the one configured for that global batch. When N does not divide the batch (an elastic group that came up
-  smaller), each rank takes the floor and the lr is scaled linearly to the batch actually processed.
-- **lr scaling.** ``distributed.lr_reference_batch: B0`` in a preset declares that ``lr`` (and ``lr_min``) were tuned
-  for a global batch of ``B0``; a run at global batch ``B`` uses ``lr * B / B0`` (Goyal et al.'s linear scaling
-  rule). The core's linear warm-up (``lr_warmup_epochs``, 5 on ImageNet) ramps up to that lr.
-- **Checkpoints.** Rank 0 reports one checkpoint per epoch through ``ray.train.report``; the other ranks report the
-  same metrics without one. A restarted worker group (``FailureConfig(max_failures)``) or a rerun of the same
-  command resumes from ``ray.train.get_checkpoint()``. Checkpoints are ``torch.save`` dicts of tensors and plain
-  values, read back with ``weights_only=True``.
-- **Results.** From the CLI, rank 0 also writes the run's rows and ``genotype.json`` under ``<storage>/<name>/``
-  (:class:`orchestrator.run.StoreReporter`). Inside a sweep (:func:`distributed_search_trial`) nothing is written
-  here: rank 0's metrics go to Tune, and the sweep driver records them.
-- **Dashboard.** Runs appear in the Train view (``RAY_TRAIN_ENABLE_STATE_TRACKING=1`` is set unless already set:
-  Ray 2.60 tracks Train V2 runs only with it) and rank 0 records :mod:`orchestrator.metrics` every epoch.
-- **Consistency check.** After every epoch the ranks all-gather a fingerprint of their parameters and buffers
-  and stop with an error if any rank differs from rank 0 in a single bit.
+Rank 0 reports one checkpoint per epoch (``torch.save``, read with ``weights_only=True``); a restarted worker group
+or a rerun resumes from it. From the CLI rank 0 also writes the run's results (``run.StoreReporter``); inside a
+sweep (:func:`distributed_search_trial`) the driver does. The README's *Data-parallel search on Ray Train* has
+the global batch, the lr scaling, fault tolerance and the dashboard.
 """
 
 from __future__ import annotations
@@ -37,13 +18,14 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from pcdarts_core.config import global_config, rank_config
 from pcdarts_core.runtime import load_checkpoint
 
-from .cluster import check_storage, cluster_capacity, connect
+from .cluster import cluster_capacity, connect
 from .presets import DistributedOptions
-from .results import ExperimentLock, ResultStore
-from .run import (Echo, Reporter, RunCallback, RunFailed, RunResult, SearchRun, StoreReporter,
-                  finished_result, global_config, make_spec, rank_config, recorded_settings, run_search, serialize)
+from .results import ResultStore
+from .run import (CONFIG_FILE, Echo, Reporter, RunCallback, RunFailed, RunResult, SearchRun, StoreReporter,
+                  finished_result, make_spec, run_named, run_search, serialize)
 
 RAY_CHECKPOINT_FILE = "search.pt"  # inside each Ray Train checkpoint directory
 
@@ -163,41 +145,31 @@ def run_distributed(values: Mapping[str, Any], opts: DistributedOptions, storage
     """The same search on ``opts.num_workers`` Ray Train workers (``TorchTrainer``, gloo on CPUs, NCCL on GPUs)."""
     cfg = global_config(values, opts.lr_reference_batch)
     rank_config(cfg, opts.max_workers)  # every worker count of the group must get at least one sample
-    store = ResultStore(storage, name)
-    check_storage(store)
-    with ExperimentLock(store):
-        return _run_distributed(values, cfg, opts, store, resume, echo, address, callbacks)
 
+    def launch(store: ResultStore, spec: dict[str, Any], resuming: bool) -> RunResult:
+        import ray.train
+        from ray.train import RunConfig
 
-def _run_distributed(values: Mapping[str, Any], cfg: Any, opts: DistributedOptions, store: ResultStore, resume: bool,
-                     echo: Echo | None, address: str | None, callbacks: Sequence[RunCallback]) -> RunResult:
-    import ray.train
-    from ray.train import RunConfig
+        connect(address)
+        check_resources(opts, cluster_capacity())
+        if echo:
+            echo(f"{'resuming' if resuming else 'starting'} {name}: {opts.num_workers} worker(s)"
+                 f"{' with a GPU each' if opts.use_gpu else ''}, global batch {cfg.batch_size}, lr {cfg.lr:g}")
+        try:
+            trainer({"spec": spec, "storage": storage, "callbacks": list(callbacks)}, opts,
+                    RunConfig(name=name, storage_path=storage)).fit()
+        except ray.train.TrainingFailedError as err:
+            detail = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+            message = " ".join(detail[:1] + detail[-1:]) if detail else type(err).__name__
+            raise RunFailed(f"distributed search {name!r} failed after {opts.max_failures} restart(s): {message}") \
+                from None
+        result = finished_result(store, store.read_json(CONFIG_FILE), cfg, None)
+        if result is None:
+            raise RunFailed(f"distributed search {name!r} ended without writing its genotype")
+        return dataclasses.replace(result, resumed=resuming)
 
-    storage, name = store.storage, store.name
-    connect(address)
-    check_resources(opts, cluster_capacity())
-    meta = recorded_settings(store, cfg, resume)
-    done = finished_result(store, meta, cfg, echo)
-    if done is not None:
-        return done
-    spec = make_spec(values, name=name, lr_reference_batch=opts.lr_reference_batch)
-    fit = trainer({"spec": spec, "storage": store.storage, "callbacks": list(callbacks)}, opts,
-                  RunConfig(name=name, storage_path=storage))
-    if echo:
-        echo(f"{'resuming' if meta else 'starting'} {name}: {opts.num_workers} worker(s)"
-             f"{' with a GPU each' if opts.use_gpu else ''}, global batch {cfg.batch_size}, lr {cfg.lr:g}")
-    try:
-        fit.fit()
-    except ray.train.TrainingFailedError as err:
-        detail = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-        message = " ".join(detail[:1] + detail[-1:]) if detail else type(err).__name__
-        raise RunFailed(f"distributed search {name!r} failed after {opts.max_failures} restart(s): {message}") \
-            from None
-    result = finished_result(store, store.read_json("search_config.json"), cfg, None)
-    if result is None:
-        raise RunFailed(f"distributed search {name!r} ended without writing its genotype")
-    return dataclasses.replace(result, resumed=meta is not None)
+    return run_named(values, storage, name, launch, resume=resume, lr_reference_batch=opts.lr_reference_batch,
+                     echo=echo)
 
 
 # -- inside a Tune sweep ---------------------------------------------------------------------------------------------
@@ -205,18 +177,9 @@ TRIAL_DISTRIBUTED_KEY = "distributed"
 
 
 def distributed_search_trial(config: Mapping[str, Any], callbacks: Sequence[RunCallback] = ()) -> None:
-    """A Tune function trainable whose trial is a data-parallel search (Ray Train V2 inside Tune).
-
-    ``config`` is what the sweep's ``search_trainable`` gets, ``{"search": {SearchConfig fields}, "seed": s}``,
-    plus ``"distributed": {...}`` (the preset's section). It fits a ``TorchTrainer`` whose rank 0 reports every
-    epoch to this trial through ``TuneReportCallback`` (the same keys as any search trial). The Train run keeps its
-    checkpoints in the trial's directory (``<trial dir>/distributed-search``): a restarted trial resumes from its
-    last epoch. Nothing is written to the sweep's Parquet store here; the sweep driver records the results.
-
-    Tune reserves only the trial's own resources (``tune.with_resources``; ``{"cpu": 0}`` is refused by Tune, a
-    small fraction works); Ray Train reserves the workers' CPUs/GPUs itself, so bound the number of concurrent
-    trials with ``max_concurrent_trials``.
-    """
+    """A Tune trainable whose trial is a data-parallel search: ``config`` is a search trial's plus
+    ``"distributed"`` (the preset's section); rank 0 reports to the trial (``TuneReportCallback``) and keeps its
+    checkpoints in the trial's directory. Ray Train reserves the workers itself: bound ``max_concurrent_trials``."""
     import ray.tune
     from ray.train import RunConfig
     from ray.tune.integration.ray_train import TuneReportCallback

@@ -1,26 +1,14 @@
-"""One search from a config to its end: the loop that every place a search runs calls.
+"""One search from a config to its end: :func:`run_search`, the loop that every place a search runs calls.
 
-``python -m orchestrator.search single`` (one process), each Ray Train worker of a data-parallel search and each
-trial of a sweep call :func:`run_search`; they differ only in their :class:`Reporter`, which says where a run
-resumes from, where each epoch goes (a checkpoint and metrics) and what happens at the end:
-
-- :class:`StoreReporter` (this module): the run writes its own results under ``<storage>/<name>/``:
-  ``checkpoint.pt`` after every epoch (one process), ``epochs.parquet``/``trials.parquet`` rows,
-  ``genotype.json`` and the settings record ``search_config.json`` (written only with state it describes);
-- ``orchestrator.trainable.TuneReporter``: ``tune.report`` with a checkpoint; the sweep driver writes the rows;
-- ``orchestrator.distributed.TrainReporter``: ``ray.train.report`` (rank 0 with a checkpoint).
-
-Data-parallel arithmetic (gradient and BatchNorm all-reduce) is the core's; the loop adds the CPU time of all
-ranks, a bit-exact cross-rank consistency check, and the keys every reporter sends (``seed``, ``epochs_total``,
-``search_done``, ``final_genotype``, ``resumed_from_epoch``, ``world_size``, ``step_time_s``, ``wall_time_s``).
-
-``batch_size`` is the *global* batch: each of N ranks gets ``batch_size // N`` (:func:`rank_config`); with
-``lr_reference_batch`` the lr is scaled linearly from that batch (:func:`global_config`).
+The single run (this module's :class:`StoreReporter`), each sweep trial (``trainable.TuneReporter``) and each Ray
+Train worker (``distributed.TrainReporter``) differ only in their :class:`Reporter`: where a run resumes from,
+where each epoch goes, what happens at the end. The loop adds to the core's metrics the CPU time of all ranks, a
+bit-exact cross-rank check and the keys every reporter sends. ``batch_size`` is the global batch (each of N
+ranks gets ``batch_size // N``); ``lr_reference_batch`` scales the lr linearly from that batch.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import math
@@ -29,12 +17,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
-import torch.distributed as dist
 
-from pcdarts_core.config import SearchConfig, search_config_from_dict
+from pcdarts_core.config import SearchConfig, global_config, rank_config
 from pcdarts_core.genotypes import Genotype, parse_genotype
-from pcdarts_core.runtime import CheckpointError, all_reduce_sum, distributed_world, load_checkpoint
-from pcdarts_core.search import RESUMABLE_DIFFERENCES, Searcher
+from pcdarts_core.runtime import CheckpointError, all_reduce_sum, distributed_world, load_checkpoint, ranks_identical
+from pcdarts_core.search import Searcher, incompatible_settings
 
 from .cluster import check_storage
 from .metrics import record_epoch
@@ -60,65 +47,6 @@ def describe(error: BaseException) -> str:
     if isinstance(error, KeyboardInterrupt):
         return "interrupted"
     return text if isinstance(error, ValueError) and text else f"{type(error).__name__}: {text}".rstrip(": ")
-
-
-# -- configs: global batch, per-rank batch, lr scaling -------------------------------------------------------------
-def global_config(values: Mapping[str, Any], lr_reference_batch: int | None = None) -> SearchConfig:
-    """The run's config (``batch_size`` = global batch), with ``lr``/``lr_min`` scaled linearly from
-    ``lr_reference_batch`` to ``batch_size`` when one is given."""
-    cfg = search_config_from_dict(values)
-    if lr_reference_batch:
-        scale = cfg.batch_size / lr_reference_batch
-        if scale != 1.0:
-            cfg = dataclasses.replace(cfg, lr=cfg.lr * scale, lr_min=cfg.lr_min * scale)
-    return cfg
-
-
-def rank_config(cfg: SearchConfig, world_size: int, device: str | None = None) -> SearchConfig:
-    """What one of ``world_size`` ranks runs: ``batch_size // world_size`` samples per step, and the lr scaled by
-    (batch actually processed) / (global batch), which is 1 whenever ``world_size`` divides the batch."""
-    if world_size < 1:
-        raise ValueError(f"world size must be >= 1, got {world_size}")
-    per_rank = cfg.batch_size // world_size
-    if per_rank < 1:
-        raise ValueError(f"batch_size={cfg.batch_size} (global) is smaller than the {world_size} data-parallel "
-                         f"workers: each needs at least one sample per step")
-    changes: dict[str, Any] = {}
-    if world_size > 1:
-        changes["batch_size"] = per_rank
-        scale = per_rank * world_size / cfg.batch_size
-        if scale != 1.0:
-            changes.update(lr=cfg.lr * scale, lr_min=cfg.lr_min * scale)
-    if device is not None and device != cfg.device:
-        changes["device"] = device
-    return dataclasses.replace(cfg, **changes) if changes else cfg
-
-
-def incompatible_settings(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
-    """Config keys whose values differ and that a resumed run may not change (the core's rule)."""
-    saved, now = _plain(saved), _plain(now)
-    return sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_DIFFERENCES and saved.get(k) != now.get(k))
-
-
-# -- cross-rank consistency ------------------------------------------------------------------------------------------
-def rank_fingerprint(net: torch.nn.Module, arch: list[torch.Tensor]) -> torch.Tensor:
-    """Every arch parameter in full, then (sum, sum of squares) of every parameter and floating buffer."""
-    parts = [p.detach().reshape(-1).double() for p in arch]
-    tensors = list(net.parameters()) + [b for b in net.buffers() if b.dtype.is_floating_point]
-    device = tensors[0].device if tensors else torch.device("cpu")
-    stats = [torch.stack([t.detach().double().sum(), t.detach().double().square().sum()]) for t in tensors]
-    return torch.cat([p.to(device) for p in parts] + stats) if parts or stats else torch.zeros(1, device=device)
-
-
-def ranks_identical(net: torch.nn.Module, arch: list[torch.Tensor]) -> bool:
-    """True when every rank's fingerprint equals rank 0's bit for bit (trivially True alone)."""
-    _, world = distributed_world()
-    if world == 1:
-        return True
-    mine = rank_fingerprint(net, arch)
-    gathered = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(gathered, mine)
-    return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
 # -- the run -------------------------------------------------------------------------------------------------------
@@ -180,11 +108,6 @@ class SearchRun:
     def genotype(self) -> Genotype:
         return self.searcher.final_genotype()
 
-    def steps_per_epoch(self) -> int:
-        steps = len(self.searcher.train_loader)
-        cap = self.config.steps_per_epoch
-        return min(steps, cap) if cap is not None else steps
-
     def epochs(self, callbacks: Sequence[RunCallback] = ()) -> Iterator[dict[str, Any]]:
         while not self.searcher.done:
             for callback in callbacks:
@@ -193,8 +116,7 @@ class SearchRun:
             metrics = self.searcher.run_epoch()
             # CPU seconds the epoch took in all ranks together (throughput per CPU-second survives a busy machine)
             (cpu_time,) = all_reduce_sum([time.process_time() - cpu_start], self.searcher.device)
-            in_sync = ranks_identical(self.searcher.net, list(self.searcher.net.arch_parameters()))
-            if not in_sync:
+            if not ranks_identical(self.searcher.net, list(self.searcher.net.arch_parameters())):
                 raise RuntimeError(f"data-parallel ranks diverged in epoch {metrics['epoch']}: parameters differ "
                                    "between ranks (a bug: every rank must apply the same averaged gradients)")
             self.wall_time_s += float(metrics.get("epoch_time_s") or 0.0)
@@ -203,8 +125,9 @@ class SearchRun:
             # measured it itself).
             metrics.setdefault("step_time_s", self.config.batch_size * self.world / throughput if throughput else None)
             done = self.searcher.done
-            metrics.update(trial_id=self.spec["trial_id"], world_size=self.world, ranks_identical=in_sync,
-                           resumed_from_epoch=self.resumed_from_epoch, steps=self.steps_per_epoch(),
+            metrics.update(trial_id=self.spec["trial_id"], world_size=self.world, ranks_identical=True,
+                           resumed_from_epoch=self.resumed_from_epoch,
+                           steps=min(len(self.searcher.train_loader), self.config.steps_per_epoch or 2**62),
                            cpu_time_s=cpu_time, wall_time_s=self.wall_time_s,
                            seed=self.global_config.seed, epochs_total=self.global_config.epochs, search_done=done,
                            final_genotype=self.genotype().to_json() if done else metrics.get("genotype"))
@@ -349,6 +272,22 @@ def finished_result(store: ResultStore, meta: Mapping[str, Any] | None, cfg: Sea
                      int(meta.get("epochs_done") or cfg.epochs), True)
 
 
+def run_named(values: Mapping[str, Any], storage: str, name: str, launch: Callable[..., RunResult], *,
+              resume: bool = False, lr_reference_batch: int | None = None, echo: Echo | None = print) -> RunResult:
+    """A run that writes its own results under ``<storage>/<name>/`` (one process, or Ray Train): one writer at a
+    time, refused with settings that may not resume it, a finished run just reports its result; otherwise
+    ``launch(store, spec, resuming)`` runs it."""
+    cfg = global_config(values, lr_reference_batch)
+    store = ResultStore(storage, name)
+    check_storage(store)
+    with ExperimentLock(store):
+        meta = recorded_settings(store, cfg, resume)
+        done = finished_result(store, meta, cfg, echo)
+        if done is not None:
+            return done
+        return launch(store, make_spec(values, name=name, lr_reference_batch=lr_reference_batch), meta is not None)
+
+
 def run_single(values: Mapping[str, Any], storage: str, name: str, *, resume: bool = False,
                lr_reference_batch: int | None = None, echo: Echo | None = print,
                callbacks: Sequence[RunCallback] = ()) -> RunResult:
@@ -357,21 +296,17 @@ def run_single(values: Mapping[str, Any], storage: str, name: str, *, resume: bo
 
     cfg = global_config(values, lr_reference_batch)
     check_dataset(cfg.dataset, cfg.data_dir)  # before anything is written (a distributed run checks on workers)
-    store = ResultStore(storage, name)
-    check_storage(store)
-    with ExperimentLock(store):
-        meta = recorded_settings(store, cfg, resume)
-        done = finished_result(store, meta, cfg, echo)
-        if done is not None:
-            return done
-        spec = make_spec(values, name=name, lr_reference_batch=lr_reference_batch)
+
+    def launch(store: ResultStore, spec: dict[str, Any], resuming: bool) -> RunResult:
         try:
             run = run_search(spec, StoreReporter(store, spec), echo=echo, callbacks=callbacks)
         except CheckpointError:
             raise  # an unreadable checkpoint.pt: bad input, named in one line (exit 2); nothing ran
         except Exception as err:  # noqa: BLE001 - the search failed (its row keeps the error); Ctrl-C passes
             raise RunFailed(f"search {name!r} failed: {describe(err)} (see {store.uri('trials')})") from None
-    return RunResult(name, store.root, run.genotype(), run.searcher.epoch, run.resumed_from_epoch > 0)
+        return RunResult(name, store.root, run.genotype(), run.searcher.epoch, run.resumed_from_epoch > 0)
+
+    return run_named(values, storage, name, launch, resume=resume, lr_reference_batch=lr_reference_batch, echo=echo)
 
 
 # -- small helpers ------------------------------------------------------------------------------------------------

@@ -8,15 +8,16 @@ finished, 2 bad input or an unreachable cluster/storage, 3 some searches failed,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from .cli import EXIT_INTERRUPTED, Parser, check_name, resolve_storage, run_cli, split_experiment
 from .cluster import check_storage, cluster_address, connect, local_resources
-from .experiment import (REUSE_ACTORS, TUNE_DIRS, ParquetResults, abs_data_dir, claim_experiment,
-                         experiment_uri, finish, read_claim, reconcile_stability, render_baselines, run_config,
-                         run_tuner, stability_trial_row, trial_dirname, tune_resources)
+from .experiment import (REUSE_ACTORS, TUNE_DIRS, ParquetResults, abs_data_dir, claim_experiment, experiment_uri,
+                         finish, read_claim, reconcile_stability, render_baselines, run_config, run_tuner,
+                         trial_dirname, tune_resources)
 from .presets import Preset, check_data, check_resources, load_preset
 from .progress import TuneProgress, console
 from .results import ExperimentLock, ResultStore
@@ -24,36 +25,22 @@ from .results import ExperimentLock, ResultStore
 DEFAULT_CONFIG = "stability"
 
 
-def preflight(preset: Preset, address: str | None, per_trial: Iterable[Mapping[str, float]]) -> None:
-    """Before Ray starts: the data is there and one trial fits this machine (when Ray will run here)."""
+@contextlib.contextmanager
+def locked_experiment(preset: Preset, storage: str, name: str, address: str | None,
+               per_trial: Sequence[Mapping[str, float]], verbose: bool) -> Iterator[tuple[ResultStore, dict]]:
+    """Check the data and that a trial fits (before Ray starts, when Ray runs here), then hold the experiment's
+    lock with Ray connected: yields the store and the cluster's capacity."""
     if not (address or "").startswith("ray://"):
         check_data(preset)
-    if not address:
-        available = local_resources()
+    for res in per_trial if not address else ():
+        check_resources(res, local_resources())
+    store = ResultStore(storage, name)
+    check_storage(store)
+    with ExperimentLock(store):
+        available = connect(address, verbose)
         for res in per_trial:
             check_resources(res, available)
-
-
-# -- stability ---------------------------------------------------------------------------------------------------
-def stability_settings(preset: Preset) -> dict[str, Any]:
-    """What defines a stability sweep's trials (a resumed sweep must match): its groups and seeds."""
-    return {"groups": [abs_data_dir(g) for g in preset.groups()], "group_keys": preset.group_keys(),
-            "seeds": list(preset.seeds), "distributed": dict(preset.distributed)}
-
-
-def distributed_trials(preset: Preset) -> tuple[Any, Any] | None:
-    """(options, trainable) when the preset's ``distributed:`` section makes every search a data-parallel Ray
-    Train run inside its Tune trial (``orchestrator.distributed.distributed_search_trial``), else None."""
-    if not preset.distributed:
-        return None
-    from .distributed import DistributedOptions, distributed_search_trial
-
-    return DistributedOptions.from_mapping(preset.distributed), distributed_search_trial
-
-
-def total_epochs(preset: Preset) -> int:
-    return sum(int(preset.search_config(group, seed=preset.seeds[0]).epochs) for group in preset.groups()) \
-        * len(preset.seeds)
+        yield store, available
 
 
 def with_callbacks(trainable: Any, callbacks: Sequence[Any]) -> Any:
@@ -63,50 +50,50 @@ def with_callbacks(trainable: Any, callbacks: Sequence[Any]) -> Any:
     return tune.with_parameters(trainable, callbacks=list(callbacks)) if callbacks else trainable
 
 
+def tune_config(max_concurrent: int, **kwargs: Any) -> Any:
+    from ray import tune
+
+    return tune.TuneConfig(max_concurrent_trials=max_concurrent or None, trial_dirname_creator=trial_dirname,
+                           reuse_actors=REUSE_ACTORS, **kwargs)
+
+
+# -- stability ---------------------------------------------------------------------------------------------------
 def run_stability(preset: Preset, storage: str, name: str, address: str | None, evaluate: bool = False,
                   verbose: bool = False, callbacks: Sequence[Any] = ()) -> int:
     from ray import tune
 
     from .trainable import search_trainable
 
-    failure = preset.failure_spec()
     evaluation = preset.evaluation() if (evaluate or preset.evaluate) else None
     evaluate_after = evaluation is not None and (evaluate or evaluation.after_sweep)
     per_trial = [preset.resources] + ([evaluation.resources] if evaluate_after else [])
-    dist = distributed_trials(preset)
-    preflight(preset, address, per_trial)
-    store = ResultStore(storage, name)
-    check_storage(store)
-    with ExperimentLock(store):
-        available = connect(address, verbose)
-        for res in per_trial:
-            check_resources(res, available)
-        if dist is not None:
-            from .distributed import check_resources as check_workers
+    groups, seeds, grid_keys = [abs_data_dir(g) for g in preset.groups()], list(preset.seeds), preset.group_keys()
+    with locked_experiment(preset, storage, name, address, per_trial, verbose) as (store, available):
+        trainable, space, workers = search_trainable, {}, ""
+        if preset.distributed:  # every search a data-parallel Ray Train run inside its Tune trial
+            from .distributed import DistributedOptions, check_resources as check_workers, distributed_search_trial
 
-            check_workers(dist[0], available)
-        claim_experiment(store, "stability", stability_settings(preset), preset.raw)
-
+            opts = DistributedOptions.from_mapping(preset.distributed)
+            check_workers(opts, available)
+            trainable, space = distributed_search_trial, {"distributed": dict(preset.distributed)}
+            workers = f", each on {opts.num_workers} Ray Train worker(s)"
+        claim_experiment(store, "stability", {"groups": groups, "group_keys": grid_keys, "seeds": seeds,
+                                              "distributed": dict(preset.distributed)}, preset.raw)
         exp = experiment_uri(storage, name)
-        grid_keys = preset.group_keys()
-        n_trials = len(preset.groups()) * len(preset.seeds)
-        trainable = tune.with_resources(with_callbacks(dist[1] if dist else search_trainable, callbacks),
-                                        tune_resources(preset.resources))
-        extra_space = {"distributed": dict(preset.distributed)} if dist else {}
-        console().print(f"[bold]{name}[/]: {len(preset.groups())} configuration(s) x {len(preset.seeds)} seed(s) "
-                        f"= {n_trials} searches" + (f", each on {dist[0].num_workers} Ray Train worker(s)" if dist
-                                                     else "") + f"; results in {exp}")
+        trainable = tune.with_resources(with_callbacks(trainable, callbacks), tune_resources(preset.resources))
+        n_trials = len(groups) * len(seeds)
+        console().print(f"[bold]{name}[/]: {len(groups)} configuration(s) x {len(seeds)} seed(s) = {n_trials} "
+                        f"searches{workers}; results in {exp}")
+        epochs = sum(preset.search_config(g, seed=seeds[0]).epochs for g in preset.groups()) * len(seeds)
 
         def make_tuner() -> Any:
             recorders = [ParquetResults(storage, name, "stability", grid_keys),
-                         TuneProgress("search", n_trials, total_epochs(preset))]
-            return tune.Tuner(
-                trainable,
-                param_space={"search": tune.grid_search([abs_data_dir(g) for g in preset.groups()]),
-                             "seed": tune.grid_search(list(preset.seeds)), **extra_space},
-                tune_config=tune.TuneConfig(max_concurrent_trials=preset.max_concurrent_trials or None,
-                                            trial_dirname_creator=trial_dirname, reuse_actors=REUSE_ACTORS),
-                run_config=run_config(TUNE_DIRS["stability"], exp, recorders, failure, verbose))
+                         TuneProgress("search", n_trials, epochs)]
+            return tune.Tuner(trainable, param_space={"search": tune.grid_search(groups),
+                                                      "seed": tune.grid_search(seeds), **space},
+                              tune_config=tune_config(preset.max_concurrent_trials),
+                              run_config=run_config(TUNE_DIRS["stability"], exp, recorders, preset.failure_spec(),
+                                                    verbose))
 
         start = time.perf_counter()
         grid = run_tuner(trainable, f"{exp}/{TUNE_DIRS['stability']}", make_tuner, verbose)
@@ -149,23 +136,11 @@ def study_url(spec: Any, storage: str, name: str) -> str:
     return f"sqlite:///{experiment_uri(storage, name)}/optuna.db"
 
 
+SAMPLERS = {"tpe": "TPESampler", "nsga2": "NSGAIISampler", "random": "RandomSampler"}
+
+
 def run_hpo(preset: Preset, storage: str, name: str, address: str | None, verbose: bool = False,
             callbacks: Sequence[Any] = ()) -> int:
-    spec = preset.hpo_spec()
-    preflight(preset, address, [spec.resources])
-    store = ResultStore(storage, name)
-    url = study_url(spec, storage, name)
-    settings = {"search": abs_data_dir(preset.search), "hpo": dict(preset.hpo)}
-    check_storage(store)
-    with ExperimentLock(store):
-        available = connect(address, verbose)
-        check_resources(spec.resources, available)
-        claim_experiment(store, "hpo", settings, preset.raw)
-        return _run_hpo(preset, store, spec, url, available, verbose, callbacks)
-
-
-def _run_hpo(preset: Preset, store: ResultStore, spec: Any, url: str, available: Mapping[str, float], verbose: bool,
-             callbacks: Sequence[Any]) -> int:
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -173,59 +148,53 @@ def _run_hpo(preset: Preset, store: ResultStore, spec: Any, url: str, available:
 
     from .trainable import HPO_PROGRESS, HPO_RUNNING_ACC, OBJECTIVE_ACC, OBJECTIVE_DISTANCE, hpo_trainable
 
-    storage, name, failure = store.storage, store.name, preset.failure_spec()
-    # The objectives arrive with a configuration's last seed only; earlier results carry the ASHA metric.
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    spec = preset.hpo_spec()
+    url = study_url(spec, storage, name)
+    with locked_experiment(preset, storage, name, address, [spec.resources], verbose) as (store, available):
+        claim_experiment(store, "hpo", {"search": abs_data_dir(preset.search), "hpo": dict(preset.hpo)}, preset.raw)
+        # The objectives arrive with a configuration's last seed only; earlier results carry the ASHA metric.
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        exp = experiment_uri(storage, name)
+        trainable = tune.with_resources(with_callbacks(hpo_trainable, callbacks), tune_resources(spec.resources))
+        epochs = int(preset.search_config(seed=0).epochs)
+        console().print(f"[bold]{name}[/]: Optuna ({spec.sampler}, 2 objectives: {OBJECTIVE_ACC} max, "
+                        f"{OBJECTIVE_DISTANCE} min) x {spec.num_samples} configurations x {len(spec.seeds)} seeds; "
+                        f"study {url}")
 
-    exp = experiment_uri(storage, name)
-    path = f"{exp}/{TUNE_DIRS['hpo']}"
-    trainable = tune.with_resources(with_callbacks(hpo_trainable, callbacks), tune_resources(spec.resources))
-    epochs = int(preset.search_config(seed=0).epochs)
-    console().print(f"[bold]{name}[/]: Optuna ({spec.sampler}, 2 objectives: {OBJECTIVE_ACC} max, "
-                    f"{OBJECTIVE_DISTANCE} min) x {spec.num_samples} configurations x {len(spec.seeds)} seeds; "
-                    f"study {url}")
+        def make_tuner() -> Any:
+            if url.startswith("sqlite:///"):
+                os.makedirs(os.path.dirname(url[len("sqlite:///"):]), exist_ok=True)
+            sampler = getattr(optuna.samplers, SAMPLERS[spec.sampler])(seed=spec.seed)
+            searcher = _optuna_search_class()(metric=[OBJECTIVE_ACC, OBJECTIVE_DISTANCE], mode=["max", "min"],
+                                              sampler=sampler, study_name=name,
+                                              storage=optuna.storages.RDBStorage(url))
+            limit = spec.max_concurrent_trials or max(1, int(available.get("CPU", 1) //
+                                                             max(float(spec.resources.get("cpu", 1)), 1e-9)))
+            scheduler = (ASHAScheduler(time_attr=HPO_PROGRESS, metric=HPO_RUNNING_ACC, mode="max",
+                                       max_t=len(spec.seeds), grace_period=spec.grace_period,
+                                       reduction_factor=spec.reduction_factor)
+                         if spec.scheduler == "asha" else FIFOScheduler())
+            recorders = [ParquetResults(storage, name, "hpo"),
+                         TuneProgress("hpo", spec.num_samples, spec.num_samples * len(spec.seeds) * epochs,
+                                      metric=OBJECTIVE_ACC, epoch_key="hpo_epochs_done")]
+            return tune.Tuner(
+                trainable, param_space={"search": abs_data_dir(preset.search), "seeds": list(spec.seeds),
+                                        "params": {p.name: p.tune_domain() for p in spec.space}},
+                tune_config=tune_config(0, search_alg=ConcurrencyLimiter(searcher, max_concurrent=limit),
+                                        scheduler=scheduler, num_samples=spec.num_samples),
+                run_config=run_config(TUNE_DIRS["hpo"], exp, recorders, preset.failure_spec(), verbose))
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-    def make_tuner() -> Any:
-        if url.startswith("sqlite:///"):
-            os.makedirs(os.path.dirname(url[len("sqlite:///"):]), exist_ok=True)
-        study_storage = optuna.storages.RDBStorage(url)
-        sampler = {"tpe": lambda: optuna.samplers.TPESampler(seed=spec.seed),
-                   "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=spec.seed),
-                   "random": lambda: optuna.samplers.RandomSampler(seed=spec.seed)}[spec.sampler]()
-        searcher = _optuna_search_class()(metric=[OBJECTIVE_ACC, OBJECTIVE_DISTANCE], mode=["max", "min"],
-                                          sampler=sampler, study_name=name, storage=study_storage)
-        per_trial_cpu = max(float(spec.resources.get("cpu", 1)), 1e-9)
-        limit = spec.max_concurrent_trials or max(1, int(available.get("CPU", 1) // per_trial_cpu))
-        if spec.scheduler == "asha":
-            scheduler: Any = ASHAScheduler(time_attr=HPO_PROGRESS, metric=HPO_RUNNING_ACC, mode="max",
-                                           max_t=len(spec.seeds), grace_period=spec.grace_period,
-                                           reduction_factor=spec.reduction_factor)
-        else:
-            scheduler = FIFOScheduler()
-        recorders = [ParquetResults(storage, name, "hpo"),
-                     TuneProgress("hpo", spec.num_samples, spec.num_samples * len(spec.seeds) * epochs,
-                                  metric=OBJECTIVE_ACC, epoch_key="hpo_epochs_done")]
-        return tune.Tuner(
-            trainable,
-            param_space={"search": abs_data_dir(preset.search), "seeds": list(spec.seeds),
-                         "params": {p.name: p.tune_domain() for p in spec.space}},
-            tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=limit),
-                                        scheduler=scheduler, num_samples=spec.num_samples,
-                                        trial_dirname_creator=trial_dirname, reuse_actors=REUSE_ACTORS),
-            run_config=run_config(TUNE_DIRS["hpo"], exp, recorders, failure, verbose))
-
-    start = time.perf_counter()
-    grid = run_tuner(trainable, path, make_tuner, verbose)
-    results = [(r.error, dict(r.metrics or {})) for r in grid]
-    unfinished = sum(1 for err, m in results if err is None and not m.get("done"))
-    unfinished += max(0, spec.num_samples - len(results))  # never created before an interruption
-    failed = sum(1 for err, _ in results if err is not None)
-    console().print(f"hpo: {len(results)} configurations in {time.perf_counter() - start:.0f} s")
-    code = finish(store, {"failed": failed, "running": unfinished}, what="configuration(s)")
-    render_pareto(url, name)
-    return code
+        start = time.perf_counter()
+        grid = run_tuner(trainable, f"{exp}/{TUNE_DIRS['hpo']}", make_tuner, verbose)
+        results = [(r.error, dict(r.metrics or {})) for r in grid]
+        unfinished = sum(1 for err, m in results if err is None and not m.get("done"))
+        unfinished += max(0, spec.num_samples - len(results))  # never created before an interruption
+        failed = sum(1 for err, _ in results if err is not None)
+        console().print(f"hpo: {len(results)} configurations in {time.perf_counter() - start:.0f} s")
+        code = finish(store, {"failed": failed, "running": unfinished}, what="configuration(s)")
+        render_pareto(url, name)
+        return code
 
 
 def render_pareto(url: str, name: str) -> None:
@@ -233,7 +202,6 @@ def render_pareto(url: str, name: str) -> None:
     import optuna
     from rich.table import Table
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         study = optuna.load_study(study_name=name, storage=url)
     except KeyError:
@@ -244,41 +212,17 @@ def render_pareto(url: str, name: str) -> None:
     for col in ["#", "state", *[n.split("/")[-1] for n in names], "val acc mean", "genotype dist"]:
         table.add_column(col, justify="right")
     for t in study.trials:
-        values = t.values or [None, None]
         cells = [f"{t.number}{'*' if t.number in front else ''}", t.state.name.lower()]
         cells += [f"{t.params[n]:.4g}" if isinstance(t.params.get(n), float) else str(t.params.get(n, "-"))
                   for n in names]
-        cells += ["-" if v is None else f"{v:.4f}" for v in values]
-        table.add_row(*cells)
+        table.add_row(*cells, *["-" if v is None else f"{v:.4f}" for v in t.values or [None, None]])
     console().print(table)
 
 
 # -- status / summary ----------------------------------------------------------------------------------------------
-def status_from_tune(storage: str, name: str) -> Any:
-    """Trials rows built from Tune's experiment state (a run that has not written Parquet yet)."""
-    from ray.tune import ExperimentAnalysis
-
-    store = ResultStore(storage, name)
-    claim = read_claim(store) or {}
-    kind = claim.get("kind", "stability")
-    path = f"{experiment_uri(storage, name)}/{TUNE_DIRS.get(kind, 'search')}"
-    try:
-        analysis = ExperimentAnalysis(path)
-    except Exception:  # noqa: BLE001 - nothing there (yet)
-        return []
-    grid_keys = list((claim.get("settings") or {}).get("group_keys", []))
-    rows = []
-    for trial in analysis.trials:
-        status = {"TERMINATED": "done", "ERROR": "failed"}.get(trial.status, "running")
-        if kind == "stability":
-            rows.append(stability_trial_row(trial.trial_id, trial.config, trial.last_result, status, grid_keys))
-    return rows
-
-
 def show_status(storage: str, name: str, per_trial: bool) -> int:
     from rich.table import Table
 
-    from .results import to_table
     from .stability import render_table, stability_table
 
     store = ResultStore(storage, name)
@@ -286,18 +230,12 @@ def show_status(storage: str, name: str, per_trial: bool) -> int:
     if claim is None and not store.exists("trials"):
         raise ValueError(f"no experiment {name!r} in {storage}")
     trials = store.read("trials")
-    source = "Parquet"
     if trials.num_rows == 0:
-        rows = status_from_tune(storage, name)
-        if not rows:
-            console().print(f"{name}: no trial has reported yet")
-            return 0
-        trials = to_table("trials", rows)
-        source = "Tune experiment state"
+        console().print(f"{name}: no trial has reported yet")
+        return 0
     statuses = trials.column("status").to_pylist()
-    counts = {s: statuses.count(s) for s in ("done", "running", "failed")}
-    console().print(f"[bold]{name}[/] ({(claim or {}).get('kind', '?')}, from {source}): {counts['done']} done, "
-                    f"{counts['running']} running, {counts['failed']} failed")
+    console().print(f"[bold]{name}[/] ({(claim or {}).get('kind', '?')}, from Parquet): {statuses.count('done')} "
+                    f"done, {statuses.count('running')} running, {statuses.count('failed')} failed")
     if per_trial:
         table = Table(title="Trials")
         for col in ("trial", "group", "seed", "status", "epochs", "val acc", "wall s", "error"):
@@ -316,40 +254,32 @@ def show_status(storage: str, name: str, per_trial: bool) -> int:
 
 
 # -- command line --------------------------------------------------------------------------------------------------
-def _run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help=f"sweep config: a YAML file (default tune_configs/{DEFAULT_CONFIG}.yaml)")
-    p.add_argument("--preset", help="a preset name in tune_configs/ (smoke, local, cifar10, ...)")
-    p.add_argument("--storage", help=f"results root: a directory or s3://bucket/prefix (default "
-                                     f"$PCDARTS_STORAGE or ./results)")
-    p.add_argument("--name", help="experiment name (default: the preset's name); the same name resumes")
-    p.add_argument("--address", help="Ray cluster to join: auto, ray://HEAD:10001 or HEAD:6379 "
-                                     "(default: start Ray on this machine)")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a preset value: search.k=8 (or k=8), seeds=[0,1], evaluate.epochs=3")
-    p.add_argument("--verbose", action="store_true", help="Tune's own progress output and the workers' logs")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m orchestrator.sweep", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    st = sub.add_parser("stability", help="many seeded searches per configuration; the stability table")
-    _run_options(st)
-    st.add_argument("--evaluate", action="store_true",
-                    help="then retrain the found genotypes (the preset's evaluate: section) and a random baseline")
-    hpo = sub.add_parser("hpo", help="multi-objective Optuna over search settings (accuracy and stability)")
-    _run_options(hpo)
+    runs = {"stability": "many seeded searches per configuration; the stability table",
+            "hpo": "multi-objective Optuna over search settings (accuracy and stability)"}
+    for cmd, text in runs.items():
+        p = sub.add_parser(cmd, help=text)
+        p.add_argument("--config", help=f"sweep config: a YAML file (default tune_configs/{DEFAULT_CONFIG}.yaml)")
+        p.add_argument("--preset", help="a preset name in tune_configs/ (smoke, local, cifar10, ...)")
+        p.add_argument("--storage", help="results root: a directory or s3://bucket/prefix (default "
+                                         "$PCDARTS_STORAGE or ./results)")
+        p.add_argument("--name", help="experiment name (default: the preset's name); the same name resumes")
+        p.add_argument("--address", help="Ray cluster to join: auto, ray://HEAD:10001 or HEAD:6379 "
+                                         "(default: start Ray on this machine)")
+        p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a preset value: search.k=8 (or k=8), seeds=[0,1], evaluate.epochs=3")
+        p.add_argument("--verbose", action="store_true", help="Tune's own progress output and the workers' logs")
+        if cmd == "stability":
+            p.add_argument("--evaluate", action="store_true", help="then retrain the found genotypes (the "
+                           "preset's evaluate: section) and a random baseline")
     for cmd in ("status", "summary"):
         p = sub.add_parser(cmd, help="the stability table of an experiment" +
                            (" and its trials" if cmd == "status" else ""))
         p.add_argument("experiment", help="experiment name (under --storage) or its folder")
-        p.add_argument("--storage", help=f"results root (default $PCDARTS_STORAGE or ./results)")
+        p.add_argument("--storage", help="results root (default $PCDARTS_STORAGE or ./results)")
     return parser
-
-
-def resolve_preset(args: argparse.Namespace) -> Preset:
-    if args.config and args.preset:
-        raise ValueError("give either --config FILE or --preset NAME, not both")
-    return load_preset(args.config or args.preset or DEFAULT_CONFIG, args.sets)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -357,14 +287,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("status", "summary"):
         storage, name = split_experiment(args.experiment, args.storage)
         return show_status(storage, name, per_trial=args.command == "status")
-    preset = resolve_preset(args)
-    storage = resolve_storage(args.storage)
+    if args.config and args.preset:
+        raise ValueError("give either --config FILE or --preset NAME, not both")
+    preset = load_preset(args.config or args.preset or DEFAULT_CONFIG, args.sets)
+    storage, address = resolve_storage(args.storage), cluster_address(args.address)
     if args.command == "stability":
         name = check_name(args.name or preset.name)
-        return run_stability(preset, storage, name, cluster_address(args.address), evaluate=args.evaluate,
-                             verbose=args.verbose)
-    name = check_name(args.name or f"{preset.name}-hpo")
-    return run_hpo(preset, storage, name, cluster_address(args.address), verbose=args.verbose)
+        return run_stability(preset, storage, name, address, evaluate=args.evaluate, verbose=args.verbose)
+    return run_hpo(preset, storage, check_name(args.name or f"{preset.name}-hpo"), address, verbose=args.verbose)
 
 
 if __name__ == "__main__":

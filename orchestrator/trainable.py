@@ -1,19 +1,15 @@
 """Ray Tune function trainables: one search, one evaluation (retraining a genotype), one HPO configuration.
 
-A search trial is :func:`orchestrator.run.run_search` with :class:`TuneReporter`: it reports once per epoch
-through :func:`ray.tune.report` with a checkpoint of the full loop state (model, optimizers, epoch, every RNG),
-read back with ``weights_only=True``. A trial that Tune restarts (a crash retried under
-``FailureConfig(max_failures)``, or a sweep resumed after Ctrl-C) continues from :func:`ray.tune.get_checkpoint`:
-on CPU exactly the run that was never interrupted. Torch threads are set to the trial's CPU share.
-``callbacks`` (:class:`orchestrator.run.RunCallback`, bound with ``tune.with_parameters``) reach the loop: tests
-install fault injectors that way.
+Each reports once per epoch through :func:`ray.tune.report` with a checkpoint of its whole state (read back with
+``weights_only=True``), so a trial Tune restarts continues exactly from :func:`ray.tune.get_checkpoint`. Loop
+``callbacks`` (bound with ``tune.with_parameters``) are how tests inject faults.
 """
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -188,9 +184,3 @@ def hpo_trainable(config: dict[str, Any], callbacks: Sequence[RunCallback] = ())
         run_search(_trial_spec({**values, "seed": seeds[i]}), HpoReporter(seeds, i, completed, resume),
                    callbacks=callbacks)
 
-
-TRAINABLES: dict[str, Callable[..., None]] = {
-    "search": search_trainable,
-    "evaluate": eval_trainable,
-    "hpo": hpo_trainable,
-}

@@ -387,3 +387,31 @@ DATASET_EVAL_DEFAULTS: dict[str, dict[str, Any]] = {
     "synthetic": {"init_channels": 8, "layers": 5, "epochs": 10, "batch_size": 64, "lr": 0.05, "cutout": 0,
                   "drop_path": 0.1},
 }
+
+
+def global_config(values: Mapping[str, Any], lr_reference_batch: int | None = None) -> SearchConfig:
+    """A data-parallel run's config (``batch_size`` = global batch), with ``lr``/``lr_min`` scaled linearly from
+    ``lr_reference_batch`` to ``batch_size`` when one is given (Goyal et al.'s rule)."""
+    cfg = search_config_from_dict(values)
+    scale = cfg.batch_size / lr_reference_batch if lr_reference_batch else 1.0
+    return dataclasses.replace(cfg, lr=cfg.lr * scale, lr_min=cfg.lr_min * scale) if scale != 1.0 else cfg
+
+
+def rank_config(cfg: SearchConfig, world_size: int, device: str | None = None) -> SearchConfig:
+    """What one of ``world_size`` ranks runs: ``batch_size // world_size`` samples per step, and the lr scaled by
+    (batch actually processed) / (global batch), which is 1 whenever ``world_size`` divides the batch."""
+    if world_size < 1:
+        raise ValueError(f"world size must be >= 1, got {world_size}")
+    per_rank = cfg.batch_size // world_size
+    if per_rank < 1:
+        raise ValueError(f"batch_size={cfg.batch_size} (global) is smaller than the {world_size} data-parallel "
+                         f"workers: each needs at least one sample per step")
+    changes: dict[str, Any] = {}
+    if world_size > 1:
+        changes["batch_size"] = per_rank
+        scale = per_rank * world_size / cfg.batch_size
+        if scale != 1.0:
+            changes.update(lr=cfg.lr * scale, lr_min=cfg.lr_min * scale)
+    if device is not None and device != cfg.device:
+        changes["device"] = device
+    return dataclasses.replace(cfg, **changes) if changes else cfg

@@ -149,6 +149,21 @@ def all_reduce_sum(values: Sequence[float], device: torch.device) -> list[float]
     return t.tolist()
 
 
+def ranks_identical(net: torch.nn.Module, arch: Sequence[torch.Tensor]) -> bool:
+    """True when every rank's fingerprint (the arch parameters in full, then sum and sum of squares of every
+    parameter and floating buffer) equals rank 0's bit for bit (trivially True alone)."""
+    if distributed_world()[1] == 1:
+        return True
+    tensors = list(net.parameters()) + [b for b in net.buffers() if b.dtype.is_floating_point]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    mine = torch.cat([p.detach().reshape(-1).double().to(device) for p in arch] +
+                     [torch.stack([t.detach().double().sum(), t.detach().double().square().sum()]) for t in tensors]
+                     + [torch.zeros(1, device=device)])
+    gathered = [torch.empty_like(mine) for _ in range(distributed_world()[1])]
+    dist.all_gather(gathered, mine)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
 def claim_device_share(gpu: float, device: torch.device | None = None) -> float | None:
     """Keep a process that holds ``gpu`` of one GPU (a trial with ``resources: {gpu: 0.25}``) inside its share of
     that GPU's memory: the caching allocator may take at most that fraction, so a search too big for its share

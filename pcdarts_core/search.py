@@ -12,9 +12,10 @@ draws the same channel subsets, so all ranks keep identical weights and arch par
 
 from __future__ import annotations
 
+import json
 import math
 import time
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -37,6 +38,12 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 #: config fields that may differ between a run and its resumption (where it runs, not what it computes)
 RESUMABLE_DIFFERENCES = {"device", "num_workers", "data_dir", "epochs", "amp", "channels_last", "nb201_benchmark",
                          "compile"}
+
+
+def incompatible_settings(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """Config keys whose values differ (compared as JSON) and that a resumed run may not change."""
+    saved, now = (json.loads(json.dumps(dict(c), default=str)) for c in (saved, now))
+    return sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_DIFFERENCES and saved.get(k) != now.get(k))
 
 
 class Searcher:
@@ -269,8 +276,7 @@ class Searcher:
 
         if state.get("format") != "pcdarts-search/1":
             raise CheckpointError("not a search checkpoint of this project (format mismatch)")
-        saved, now = state["config"], self.config.to_dict()
-        changed = sorted(k for k in now if k not in RESUMABLE_DIFFERENCES and saved.get(k) != now[k])
+        changed = incompatible_settings(state["config"], self.config.to_dict())
         if changed:
             raise ValueError(f"cannot resume: the checkpoint was made with different settings ({', '.join(changed)})")
         self.method.restore(self, state["method"])

@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from orchestrator.run import global_config, rank_config, ranks_identical
+from pcdarts_core.config import global_config, rank_config
+from pcdarts_core.runtime import ranks_identical
 from pcdarts_core import data as data_lib
 from pcdarts_core.search import Searcher
 

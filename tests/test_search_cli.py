@@ -18,7 +18,7 @@ import yaml
 
 from orchestrator.cli import run_cli
 from orchestrator.distributed import DistributedOptions
-from orchestrator.run import global_config, rank_config
+from pcdarts_core.config import global_config, rank_config
 from orchestrator.presets import CONFIG_DIR, load_preset
 from orchestrator.search import main
 from pcdarts_core.genotypes import parse_genotype
