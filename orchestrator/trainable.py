@@ -162,15 +162,9 @@ class HpoReporter(Reporter):
 
 
 def hpo_trainable(config: dict[str, Any], callbacks: Sequence[RunCallback] = ()) -> None:
-    """One Optuna configuration over several seeds, run one after the other in this trial.
-
-    ``config = {"search": base settings, "params": the sampled settings, "seeds": [...]}``. Every epoch of every
-    seed is reported (with a checkpoint of the completed seeds and the running search), carrying
-    ``seed_progress`` (seeds done + fraction of the current one) and ``acc_so_far`` (mean final val_acc of the
-    completed seeds, the current seed's current val_acc counted provisionally) for ASHA. After the last seed the
-    two objectives are reported: ``hpo_val_acc_mean`` and ``hpo_genotype_distance`` (mean pairwise distance of
-    the seeds' genotypes). A trial stopped early never reports them, which Optuna records as pruned.
-    """
+    """One Optuna configuration (``config``: ``search`` base settings, sampled ``params``, ``seeds``), its seeds
+    searched one after the other; every epoch reported with ASHA's progress and running accuracy, the two
+    objectives after the last seed (a trial stopped early never reports them: Optuna records it pruned)."""
     seeds = [int(s) for s in config["seeds"]]
     values = {**config["search"], **config["params"]}
     set_threads_from_trial()
