@@ -1,9 +1,7 @@
 """Live terminal progress of a Tune experiment with ``rich``: trials running/done/failed, best so far, ETA.
 
-:class:`TuneProgress` (a Tune callback on the driver) counts *epochs* over all trials, so the ETA moves with the
-work; finished, failed and retried trials also get one printed line each (all a log file sees besides the final
-bar). Tune pickles callbacks into its experiment state, so only the settings are pickled; the ``rich`` display is
-made on first use. :func:`stop_all` ends every live display of this process.
+The bar counts *epochs* over all trials (so the ETA moves with the work); finished, failed and retried trials also
+get one printed line each (all a log file sees besides the final bar).
 """
 
 from __future__ import annotations
@@ -52,13 +50,10 @@ class TuneProgress(Callback):
         self._failed: set[str] = set()
         self._best: tuple[float, str] | None = None
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+    def __reduce__(self) -> tuple[Any, ...]:  # Tune pickles its callbacks: the settings only, not the display
+        return type(self), (self.label, self.total_trials, self.total_epochs, self.metric, self.mode, self.epoch_key)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(**state)  # type: ignore[misc]
-
-    def _ensure(self) -> None:
+    def _ensure(self) -> Progress:
         if self._progress is None:
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
@@ -67,6 +62,7 @@ class TuneProgress(Callback):
             self._progress.start()
             self._progress.add_task(self.label, total=self.total_epochs, completed=sum(self._done_epochs.values()))
             _live.add(self)
+        return self._progress
 
     def stop(self) -> None:
         if self._progress is not None:
@@ -88,9 +84,8 @@ class TuneProgress(Callback):
         text = f"{self.label}: {done}/{total} done · {middle} · {failed} failed"
         if self._best is not None:
             text += f" · best {self.metric} {self._best[0]:.4f} ({self._best[1]})"
-        if self._progress is not None:
-            self._progress.update(self._progress.task_ids[0], completed=sum(self._done_epochs.values()),
-                                  description=text)
+        progress = self._ensure()
+        progress.update(progress.task_ids[0], completed=sum(self._done_epochs.values()), description=text)
 
     def _record(self, trial: Any, result: dict[str, Any]) -> None:
         """A trial's epochs so far and its value of the metric (for the best so far)."""
@@ -103,17 +98,17 @@ class TuneProgress(Callback):
 
     def _ended(self, trials: list[Any], trial: Any, line: str) -> None:
         """Print ``line``; a trial that ended before its last epoch (ASHA, failure) takes its remaining work."""
+        progress = self._ensure()
         console().print(line)
         if self.total_epochs and self.total_trials:
             missing = self.total_epochs / self.total_trials - self._done_epochs.get(trial.trial_id, 0.0)
-            task = self._progress.tasks[0]  # type: ignore[union-attr]
+            task = progress.tasks[0]
             if missing > 0:
-                self._progress.update(task.id, total=max(task.completed, (task.total or 0) - missing))  # type: ignore
+                progress.update(task.id, total=max(task.completed, (task.total or 0) - missing))
         self._refresh(trials)
 
     # -- Tune hooks ------------------------------------------------------------------------------------------
     def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
-        self._ensure()
         for t in trials:  # restored trials count with the epochs they had reported
             if t.trial_id not in self._done_epochs and t.last_result:
                 self._record(t, t.last_result)
@@ -127,12 +122,10 @@ class TuneProgress(Callback):
 
     def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any],
                         **info: Any) -> None:
-        self._ensure()
         self._record(trial, result)
         self._refresh(trials)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._ensure()
         self._finished.add(trial.trial_id)
         result = trial.last_result or {}
         value = result.get(self.metric)
@@ -141,7 +134,6 @@ class TuneProgress(Callback):
                                    f"in {result.get('time_total_s', 0):.0f} s")
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._ensure()
         self._failed.add(trial.trial_id)
         self._ended(trials, trial, f"[red]failed[/] {trial.trial_id} {_short(trial.config)} after "
                                    f"{trial.num_failures} attempt(s): {error_line(trial)}")
