@@ -6,9 +6,11 @@ get one printed line each (all a log file sees besides the final bar).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import weakref
+from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
@@ -46,23 +48,11 @@ class TuneProgress(Callback):
         self.metric, self.mode, self.epoch_key = metric, mode, epoch_key
         self._progress: Progress | None = None
         self._done_epochs: dict[str, float] = {}
-        self._finished: set[str] = set()
-        self._failed: set[str] = set()
+        self._ends: dict[str, str] = {}  # trial id -> "TERMINATED" or "ERROR", by this callback's own records
         self._best: tuple[float, str] | None = None
 
     def __reduce__(self) -> tuple[Any, ...]:  # Tune pickles its callbacks: the settings only, not the display
         return type(self), (self.label, self.total_trials, self.total_epochs, self.metric, self.mode, self.epoch_key)
-
-    def _ensure(self) -> Progress:
-        if self._progress is None:
-            self._progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
-                TextColumn("epochs"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                console=console(), transient=False, refresh_per_second=2)
-            self._progress.start()
-            self._progress.add_task(self.label, total=self.total_epochs, completed=sum(self._done_epochs.values()))
-            _live.add(self)
-        return self._progress
 
     def stop(self) -> None:
         if self._progress is not None:
@@ -72,52 +62,53 @@ class TuneProgress(Callback):
         _live.discard(self)
 
     def _refresh(self, trials: list[Any] | None) -> None:
-        """The bar and its line, from this callback's own records (Tune marks interrupted trials stopped before
-        the end: without ``trials`` the rest are "unfinished"); rich limits the redraws."""
-        done, failed = len(self._finished), len(self._failed)
+        """Start or update the bar and its line (without ``trials``: the rest are "unfinished", as Tune marks
+        interrupted trials stopped before the end); rich limits the redraws."""
+        done, failed = [list(self._ends.values()).count(status) for status in ("TERMINATED", "ERROR")]
         total = max(self.total_trials, len(trials or []), done + failed)
-        if trials is None:
-            middle = f"{total - done - failed} unfinished"
-        else:
-            ended = self._finished | self._failed
-            middle = f"{sum(t.status == 'RUNNING' and t.trial_id not in ended for t in trials)} running"
+        running = sum(t.status == "RUNNING" and t.trial_id not in self._ends for t in trials or [])
+        middle = f"{total - done - failed} unfinished" if trials is None else f"{running} running"
         text = f"{self.label}: {done}/{total} done · {middle} · {failed} failed"
         if self._best is not None:
             text += f" · best {self.metric} {self._best[0]:.4f} ({self._best[1]})"
-        progress = self._ensure()
-        progress.update(progress.task_ids[0], completed=sum(self._done_epochs.values()), description=text)
+        if self._progress is None:
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
+                TextColumn("epochs"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                console=console(), transient=False, refresh_per_second=2)
+            self._progress.start()
+            self._progress.add_task(self.label, total=self.total_epochs)
+            _live.add(self)
+        self._progress.update(self._progress.task_ids[0], completed=sum(self._done_epochs.values()), description=text)
 
     def _record(self, trial: Any, result: dict[str, Any]) -> None:
         """A trial's epochs so far and its value of the metric (for the best so far)."""
         self._done_epochs[trial.trial_id] = float(result.get(self.epoch_key) or 0)
         value = result.get(self.metric)
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            return
-        if self._best is None or (value > self._best[0] if self.mode == "max" else value < self._best[0]):
+        if isinstance(value, (int, float)) and math.isfinite(value) and (
+                self._best is None or (value > self._best[0] if self.mode == "max" else value < self._best[0])):
             self._best = (float(value), str(trial.trial_id))
 
-    def _ended(self, trials: list[Any], trial: Any, line: str) -> None:
+    def _ended(self, trials: list[Any], trial: Any, status: str, line: str) -> None:
         """Print ``line``; a trial that ended before its last epoch (ASHA, failure) takes its remaining work."""
-        progress = self._ensure()
+        self._ends[trial.trial_id] = status
+        self._refresh(trials)
         console().print(line)
         if self.total_epochs and self.total_trials:
             missing = self.total_epochs / self.total_trials - self._done_epochs.get(trial.trial_id, 0.0)
-            task = progress.tasks[0]
+            task = self._progress.tasks[0]
             if missing > 0:
-                progress.update(task.id, total=max(task.completed, (task.total or 0) - missing))
-        self._refresh(trials)
+                self._progress.update(task.id, total=max(task.completed, (task.total or 0) - missing))
 
     # -- Tune hooks ------------------------------------------------------------------------------------------
     def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
         for t in trials:  # restored trials count with the epochs they had reported
             if t.trial_id not in self._done_epochs and t.last_result:
                 self._record(t, t.last_result)
-            if t.status == "TERMINATED":
-                self._finished.add(t.trial_id)
-            elif t.status == "ERROR":
-                self._failed.add(t.trial_id)
-            elif t.status in ("RUNNING", "PENDING"):
-                self._failed.discard(t.trial_id)  # an errored trial resumed on restore
+            if t.status in ("TERMINATED", "ERROR"):
+                self._ends[t.trial_id] = t.status
+            elif t.status in ("RUNNING", "PENDING") and self._ends.get(t.trial_id) == "ERROR":
+                del self._ends[t.trial_id]  # an errored trial resumed on restore
         self._refresh(trials)
 
     def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any],
@@ -126,20 +117,18 @@ class TuneProgress(Callback):
         self._refresh(trials)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._finished.add(trial.trial_id)
         result = trial.last_result or {}
         value = result.get(self.metric)
         shown = f"{value:.4f}" if isinstance(value, (int, float)) and math.isfinite(value) else "-"
-        self._ended(trials, trial, f"[green]done[/] {trial.trial_id} {_short(trial.config)}: {self.metric} {shown} "
-                                   f"in {result.get('time_total_s', 0):.0f} s")
+        self._ended(trials, trial, "TERMINATED", f"[green]done[/] {trial.trial_id} {_short(trial.config)}: "
+                                                 f"{self.metric} {shown} in {result.get('time_total_s', 0):.0f} s")
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._failed.add(trial.trial_id)
-        self._ended(trials, trial, f"[red]failed[/] {trial.trial_id} {_short(trial.config)} after "
-                                   f"{trial.num_failures} attempt(s): {error_line(trial)}")
+        self._ended(trials, trial, "ERROR", f"[red]failed[/] {trial.trial_id} {_short(trial.config)} after "
+                                            f"{trial.num_failures} attempt(s): {error_line(trial)}")
 
     def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._ensure()
+        self._refresh(trials)
         console().print(f"[yellow]retrying[/] {trial.trial_id} {_short(trial.config)} from its last checkpoint "
                         f"(failure {trial.num_failures}): {error_line(trial)}")
 
@@ -162,17 +151,14 @@ def _short(config: Any) -> str:
 
 def error_line(trial: Any) -> str:
     """The last line of a trial's latest error (``ExceptionType: message``), or a placeholder."""
-    try:  # the driver's own copy, written before callbacks run
-        with open(trial.error_file, encoding="utf-8", errors="replace") as f:
-            text = f.read()
-    except (AttributeError, TypeError, OSError):
-        text = None
-    if not text:
-        try:
-            text = trial.get_error()  # from storage (synced later, so possibly an older failure)
-        except Exception:  # noqa: BLE001 - the error file may be unreadable or remote
-            text = None
-    return last_error_line(text) if text else "unknown error (see the trial's error.txt)"
+    readers = (lambda: Path(trial.error_file).read_text(encoding="utf-8", errors="replace"),  # the driver's copy
+               lambda: trial.get_error())  # (written before callbacks run), else storage's: maybe an older failure
+    for read in readers:
+        with contextlib.suppress(Exception):  # missing, unreadable or remote
+            text = read()
+            if text:
+                return last_error_line(text)
+    return "unknown error (see the trial's error.txt)"
 
 
 def last_error_line(text: str) -> str:
