@@ -1,16 +1,12 @@
 """The Ray cluster a command runs on: joining one within a bounded time, or starting one on this machine.
 
-``--address`` (else ``$RAY_ADDRESS``, which ``ray job submit`` sets) is ``auto`` (the cluster running on this
-machine), ``HOST:6379`` (its GCS) or ``ray://HOST:10001`` (Ray Client). Its port is probed for
-``$PCDARTS_CONNECT_TIMEOUT_S`` seconds (default 30) before ``ray.init``, so an unreachable cluster is one ``error:``
-line, never minutes of GCS retries. Without an address a local Ray sized to this machine is started and owned by
-this process: it is stopped when the command ends.
+An address's port is probed for ``$PCDARTS_CONNECT_TIMEOUT_S`` seconds (default 30) before ``ray.init``, so an
+unreachable cluster is one ``error:`` line, never minutes of GCS retries. A local Ray is owned by its process.
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import logging
 import os
@@ -18,6 +14,7 @@ import socket
 import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 CONNECT_TIMEOUT_ENV = "PCDARTS_CONNECT_TIMEOUT_S"
@@ -57,8 +54,7 @@ def local_resources() -> dict[str, float]:
     """What a local Ray started by this process would have (checked before Ray starts)."""
     import torch
 
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return {"CPU": float(machine_cpus()), "GPU": float(gpus)}
+    return {"CPU": float(machine_cpus()), "GPU": float(torch.cuda.device_count() if torch.cuda.is_available() else 0)}
 
 
 def resolve(address: str) -> str:
@@ -126,9 +122,8 @@ def connect(address: str | None, verbose: bool = False) -> dict[str, float]:
                                   "runtime_env": {"env_vars": {k: v for k, v in os.environ.items()
                                                                if k.startswith("PCDARTS_")}}}
         if address:
-            target = resolve(address)
             try:
-                ray.init(address=target, **kwargs)
+                ray.init(address=resolve(address), **kwargs)
             except (ConnectionError, RuntimeError) as err:
                 raise Unreachable(f"cannot join the Ray cluster at {address}: {str(err).splitlines()[0]}") from None
         else:
@@ -142,8 +137,8 @@ def connect(address: str | None, verbose: bool = False) -> dict[str, float]:
 
 # -- a local cluster is owned by the driver that started it: ray.shutdown stops it at a normal exit; a driver
 # killed outright leaves it, and the next run here ends it (reap_orphans) --------------------------------------
-def _owners() -> str:
-    return os.path.join(tempfile.gettempdir(), "pcdarts-local-ray")
+def _owners() -> Path:
+    return Path(tempfile.gettempdir(), "pcdarts-local-ray")
 
 
 def record_local_cluster() -> None:
@@ -152,8 +147,8 @@ def record_local_cluster() -> None:
 
     me = psutil.Process()
     procs = [{"pid": p.pid, "created": p.create_time()} for p in me.children(recursive=True)]
-    os.makedirs(_owners(), exist_ok=True)
-    with open(os.path.join(_owners(), f"{me.pid}.json"), "w", encoding="utf-8") as f:
+    _owners().mkdir(parents=True, exist_ok=True)
+    with open(_owners() / f"{me.pid}.json", "w", encoding="utf-8") as f:
         json.dump({"driver": me.pid, "created": me.create_time(), "processes": procs}, f)
 
 
@@ -163,12 +158,10 @@ def reap_orphans() -> int:
     import psutil
 
     ended = 0
-    for path in sorted(glob.glob(os.path.join(_owners(), "*"))):
+    for path in sorted(_owners().glob("*")):
         try:
-            with open(path, encoding="utf-8") as f:
-                record = json.load(f)
-            driver = psutil.Process(record["driver"])
-            if abs(driver.create_time() - record["created"]) < 1:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            if abs(psutil.Process(record["driver"]).create_time() - record["created"]) < 1:
                 continue  # its driver is alive: not an orphan
         except psutil.NoSuchProcess:
             pass
@@ -180,13 +173,12 @@ def reap_orphans() -> int:
                 if abs(proc.create_time() - entry["created"]) < 1:
                     proc.kill()
                     ended += 1
-        os.remove(path)
+        path.unlink()
     return ended
 
 
 def cluster_capacity() -> dict[str, float]:
-    """The most CPUs/GPUs this cluster can have: the autoscaler's limits when it publishes them, else what the
-    nodes have now."""
+    """The most CPUs/GPUs this cluster can have: the autoscaler's limits when it publishes them, else its nodes'."""
     import ray
 
     now = ray.cluster_resources()

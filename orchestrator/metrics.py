@@ -1,10 +1,8 @@
 """Ray dashboard metrics of running searches: ``record_epoch(metrics, run=..., trial=...)`` once per epoch.
 
-Custom :mod:`ray.util.metrics` tagged ``run`` (the experiment's name) and ``trial`` (the trial id; the run name
-for a single or distributed run); a scrape shows them as ``ray_`` + the names below (+ ``_total`` for the counter),
-as the README's Ray section lists. The epoch counter counts re-run epochs after a restart again; the epoch time
-includes validation, the step time (arch + weights, one global batch) does not. Gauges of a finished trial leave
-the endpoint about two report intervals after its process stops reporting.
+Exported as ``ray_`` + the names below (+ ``_total`` for the counter; README, "Inside a sweep, and on the dashboard").
+Re-run epochs after a restart count again; the epoch time includes validation, the step time (arch + weights, one
+global batch) does not. A finished trial's gauges leave the endpoint about two report intervals after it stops.
 """
 
 from __future__ import annotations
@@ -13,7 +11,6 @@ import math
 import threading
 from typing import Any, Mapping
 
-TAG_KEYS = ("run", "trial")
 #: metric name -> (kind, description, key in the search loop's per-epoch metrics)
 DEFINITIONS: dict[str, tuple[str, str, str]] = {
     "pcdarts_epochs_done": ("counter", "Search epochs completed", "epoch"),
@@ -35,17 +32,17 @@ def record_epoch(metrics: Mapping[str, Any], *, run: str, trial: str) -> bool:
     outside Ray. Missing or non-finite values are skipped; the epoch counter goes up once per call."""
     import ray
 
-    for key, value in (("run", run), ("trial", trial)):
+    tags = {"run": run, "trial": trial}
+    for key, value in tags.items():
         if not isinstance(value, str) or not value:
             raise ValueError(f"record_epoch needs a non-empty {key} tag, got {value!r}")
     if not ray.is_initialized():
         return False
-    tags = {"run": run, "trial": trial}
     with _lock:  # Ray registers each name once per process
         if not _instruments:
             from ray.util.metrics import Counter, Gauge
 
-            made = {name: (Counter if kind == "counter" else Gauge)(name, description=about, tag_keys=TAG_KEYS)
+            made = {name: (Counter if kind == "counter" else Gauge)(name, description=about, tag_keys=tuple(tags))
                     for name, (kind, about, _) in DEFINITIONS.items()}
             _instruments.update(made)
     for name, (kind, _, key) in DEFINITIONS.items():

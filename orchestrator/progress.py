@@ -26,9 +26,8 @@ def console() -> Console:
     """The console every command of the orchestrator prints on (stdout)."""
     global _console
     if _console is None:
-        _console = Console(highlight=False)
-        if not _console.is_terminal and "COLUMNS" not in os.environ:
-            _console = Console(highlight=False, width=140)  # logs and pipes: room for the stability table
+        wide = not Console().is_terminal and "COLUMNS" not in os.environ  # logs and pipes: room for the stability table
+        _console = Console(highlight=False, width=140 if wide else None)
     return _console
 
 
@@ -62,8 +61,7 @@ class TuneProgress(Callback):
         _live.discard(self)
 
     def _refresh(self, trials: list[Any] | None) -> None:
-        """Start or update the bar and its line (without ``trials``: the rest are "unfinished", as Tune marks
-        interrupted trials stopped before the end); rich limits the redraws."""
+        """Start or update the bar and its line (no ``trials`` at the end: the rest are "unfinished")."""
         done, failed = [list(self._ends.values()).count(status) for status in ("TERMINATED", "ERROR")]
         total = max(self.total_trials, len(trials or []), done + failed)
         running = sum(t.status == "RUNNING" and t.trial_id not in self._ends for t in trials or [])
@@ -133,7 +131,7 @@ class TuneProgress(Callback):
                         f"(failure {trial.num_failures}): {error_line(trial)}")
 
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
-        self.stop()  # (after an interruption Tune has already marked its trials stopped: they are "unfinished")
+        self.stop()  # (after an interruption Tune has already marked its trials stopped: count them "unfinished")
 
 
 def _short(config: Any) -> str:
