@@ -1,26 +1,23 @@
 """The Ray cluster a command runs on: joining one within a bounded time, or starting one on this machine.
 
-``--address`` (else ``$RAY_ADDRESS``, which ``ray job submit`` sets) names a cluster: ``auto`` (the one running on
-this machine), ``HOST:6379`` (its GCS) or ``ray://HOST:10001`` (Ray Client). Before ``ray.init`` the address is
-resolved and its port probed for ``$PCDARTS_CONNECT_TIMEOUT_S`` seconds (default 30), so an unreachable cluster
-is one ``error:`` line naming what to check, never minutes of GCS retries or a traceback. Without an address a
-local Ray is started, sized to this machine, and owned by this process: it is stopped when the command ends.
+An address's port is probed for ``$PCDARTS_CONNECT_TIMEOUT_S`` seconds (default 30) before ``ray.init``, so an
+unreachable cluster is one ``error:`` line, never minutes of GCS retries. A local Ray is owned by its process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import math
 import os
 import socket
 import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 CONNECT_TIMEOUT_ENV = "PCDARTS_CONNECT_TIMEOUT_S"
-DEFAULT_CONNECT_TIMEOUT_S = 30.0
 
 
 class Unreachable(ValueError):
@@ -30,10 +27,10 @@ class Unreachable(ValueError):
 def connect_timeout() -> float:
     text = os.environ.get(CONNECT_TIMEOUT_ENV, "").strip()
     try:
-        value = float(text) if text else DEFAULT_CONNECT_TIMEOUT_S
+        value = float(text) if text else 30.0
     except ValueError:
         raise ValueError(f"{CONNECT_TIMEOUT_ENV} must be a number of seconds, got {text!r}") from None
-    if not 0 < value <= 3600 or not math.isfinite(value):
+    if not 0 < value <= 3600:  # (nan and inf fail too)
         raise ValueError(f"{CONNECT_TIMEOUT_ENV} must be in (0, 3600] seconds, got {text!r}")
     return value
 
@@ -45,40 +42,19 @@ def cluster_address(address: str | None) -> str | None:
 
 def machine_cpus() -> int:
     """CPUs this process may use: the affinity mask, further limited by a cgroup CPU quota when there is one."""
-    try:
-        count = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        count = os.cpu_count() or 1
-    try:
-        with open("/sys/fs/cgroup/cpu.max", encoding="utf-8") as f:
-            quota, period = f.read().split()[:2]
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with contextlib.suppress(OSError, ValueError), open("/sys/fs/cgroup/cpu.max", encoding="utf-8") as f:
+        quota, period = f.read().split()[:2]
         if quota != "max":
-            count = min(count, max(1, math.floor(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, count)
+            count = min(count, max(1, int(quota) // int(period)))
+    return count
 
 
 def local_resources() -> dict[str, float]:
     """What a local Ray started by this process would have (checked before Ray starts)."""
     import torch
 
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return {"CPU": float(machine_cpus()), "GPU": float(gpus)}
-
-
-def _probe(host: str, port: int, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=min(5.0, timeout)):
-                return
-        except OSError as err:
-            if time.monotonic() >= deadline:
-                raise Unreachable(f"cannot reach the Ray cluster at {what} ({err.strerror or err}) within "
-                                  f"{timeout:g} s: check that it is running and the address/port "
-                                  f"(or set {CONNECT_TIMEOUT_ENV})") from None
-            time.sleep(0.5)
+    return {"CPU": float(machine_cpus()), "GPU": float(torch.cuda.device_count() if torch.cuda.is_available() else 0)}
 
 
 def resolve(address: str) -> str:
@@ -88,17 +64,25 @@ def resolve(address: str) -> str:
     if address == "auto":
         from ray._private.services import find_bootstrap_address
 
-        found = find_bootstrap_address(None)
-        if not found:
+        target = find_bootstrap_address(None)
+        if not target:
             raise Unreachable("--address auto: no Ray cluster is running on this machine; start one with "
                               "`ray start --head` or leave out --address to run Ray here")
-        target = found
-    hostport = target.split("://", 1)[-1].rstrip("/")
-    host, sep, port = hostport.rpartition(":")
+    host, sep, port = target.split("://", 1)[-1].rstrip("/").rpartition(":")
     if not sep or not port.isdigit():
         raise ValueError(f"--address {address!r} must be auto, HOST:PORT or ray://HOST:PORT")
-    _probe(host or "127.0.0.1", int(port), timeout, address if address == target else f"{address} ({target})")
-    return target
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host or "127.0.0.1", int(port)), timeout=min(5.0, timeout)):
+                return target
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                what = address if address == target else f"{address} ({target})"
+                raise Unreachable(f"cannot reach the Ray cluster at {what} ({err.strerror or err}) within "
+                                  f"{timeout:g} s: check that it is running and the address/port "
+                                  f"(or set {CONNECT_TIMEOUT_ENV})") from None
+            time.sleep(0.5)
 
 
 def check_storage(store: Any) -> None:
@@ -106,31 +90,29 @@ def check_storage(store: Any) -> None:
     not exist or cannot be reached would otherwise retry for minutes before the first write fails)."""
     if "://" not in store.storage or store.storage.startswith("file://"):
         return
-    outcome: list[BaseException | None] = []
+    errors: list[BaseException] = []
 
     def probe() -> None:
         try:
             store.fs.get_file_info(store.root)
-            outcome.append(None)
         except BaseException as err:  # noqa: BLE001 - reported below
-            outcome.append(err)
+            errors.append(err)
 
+    # a daemon thread, not a thread pool: a probe that never answers must not hold up the exit
     thread = threading.Thread(target=probe, daemon=True)
     thread.start()
-    timeout = connect_timeout()
-    thread.join(timeout)
-    if not outcome:
+    thread.join(timeout := connect_timeout())
+    if thread.is_alive():
         raise Unreachable(f"storage {store.storage} did not answer within {timeout:g} s: check the bucket, the "
                           f"credentials and the network (or set {CONNECT_TIMEOUT_ENV})")
-    if outcome[0] is not None:
-        detail = str(outcome[0]).splitlines()[0] if str(outcome[0]) else type(outcome[0]).__name__
-        raise Unreachable(f"storage {store.storage} cannot be read: {detail}")
+    if errors:
+        raise Unreachable(f"storage {store.storage} cannot be read: "
+                          f"{str(errors[0]).splitlines()[0] if str(errors[0]) else type(errors[0]).__name__}")
 
 
 def connect(address: str | None, verbose: bool = False) -> dict[str, float]:
-    """Join the cluster at ``address`` (or ``$RAY_ADDRESS``) or start a local Ray sized to this machine (reusing this process's
-    connection when there is one); the driver's ``PCDARTS_*`` settings reach the job's workers. Returns the
-    cluster's capacity (:func:`cluster_capacity`)."""
+    """Join the cluster at ``address`` (or ``$RAY_ADDRESS``) or start a local Ray sized to this machine, unless
+    connected; the driver's ``PCDARTS_*`` settings reach the workers. Returns :func:`cluster_capacity`."""
     import ray
 
     address = cluster_address(address)
@@ -140,37 +122,33 @@ def connect(address: str | None, verbose: bool = False) -> dict[str, float]:
                                   "runtime_env": {"env_vars": {k: v for k, v in os.environ.items()
                                                                if k.startswith("PCDARTS_")}}}
         if address:
-            target = resolve(address)
             try:
-                ray.init(address=target, **kwargs)
+                ray.init(address=resolve(address), **kwargs)
             except (ConnectionError, RuntimeError) as err:
                 raise Unreachable(f"cannot join the Ray cluster at {address}: {str(err).splitlines()[0]}") from None
         else:
             reap_orphans()
             ctx = ray.init(num_cpus=machine_cpus(), **kwargs)
             record_local_cluster()
-            url = getattr(ctx, "dashboard_url", None)
-            if url:
-                print(f"Ray dashboard: http://{url}")
+            if getattr(ctx, "dashboard_url", None):
+                print(f"Ray dashboard: http://{ctx.dashboard_url}")
     return cluster_capacity()
 
 
-# -- a local cluster is owned by the driver that started it -----------------------------------------------------
-def _owner_files() -> list[str]:
-    folder = os.path.join(tempfile.gettempdir(), "pcdarts-local-ray")
-    return [os.path.join(folder, f) for f in sorted(os.listdir(folder))] if os.path.isdir(folder) else []
+# -- a local cluster is owned by the driver that started it: ray.shutdown stops it at a normal exit; a driver
+# killed outright leaves it, and the next run here ends it (reap_orphans) --------------------------------------
+def _owners() -> Path:
+    return Path(tempfile.gettempdir(), "pcdarts-local-ray")
 
 
 def record_local_cluster() -> None:
-    """Note the processes of the local Ray this driver just started (``ray.shutdown`` stops them at a normal
-    exit; a driver killed outright leaves them, and the next run here ends them: :func:`reap_orphans`)."""
+    """Note the processes of the local Ray this driver just started, for :func:`reap_orphans`."""
     import psutil
 
     me = psutil.Process()
     procs = [{"pid": p.pid, "created": p.create_time()} for p in me.children(recursive=True)]
-    folder = os.path.join(tempfile.gettempdir(), "pcdarts-local-ray")
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, f"{me.pid}.json"), "w", encoding="utf-8") as f:
+    _owners().mkdir(parents=True, exist_ok=True)
+    with open(_owners() / f"{me.pid}.json", "w", encoding="utf-8") as f:
         json.dump({"driver": me.pid, "created": me.create_time(), "processes": procs}, f)
 
 
@@ -180,43 +158,34 @@ def reap_orphans() -> int:
     import psutil
 
     ended = 0
-    for path in _owner_files():
+    for path in sorted(_owners().glob("*")):
         try:
-            with open(path, encoding="utf-8") as f:
-                record = json.load(f)
-            driver = psutil.Process(record["driver"])
-            if abs(driver.create_time() - record["created"]) < 1:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            if abs(psutil.Process(record["driver"]).create_time() - record["created"]) < 1:
                 continue  # its driver is alive: not an orphan
         except psutil.NoSuchProcess:
             pass
         except (OSError, ValueError, KeyError):
             continue
         for entry in record.get("processes", []):
-            try:
+            with contextlib.suppress(psutil.Error):
                 proc = psutil.Process(entry["pid"])
                 if abs(proc.create_time() - entry["created"]) < 1:
                     proc.kill()
                     ended += 1
-            except psutil.Error:
-                pass
-        os.remove(path)
+        path.unlink()
     return ended
 
 
 def cluster_capacity() -> dict[str, float]:
-    """The most CPUs/GPUs this cluster can have: the autoscaler's limits when it publishes them, else what the
-    nodes have now."""
+    """The most CPUs/GPUs this cluster can have: the autoscaler's limits when it publishes them, else its nodes'."""
     import ray
 
     now = ray.cluster_resources()
-    capacity = {"CPU": float(now.get("CPU", 0)), "GPU": float(now.get("GPU", 0))}
     try:
         from ray._private.state import state
 
-        limits = state.get_max_resources_from_cluster_config()
+        limits = state.get_max_resources_from_cluster_config() or {}
     except Exception:  # noqa: BLE001 - a private API; without it the current totals are the best we know
-        limits = None
-    for key, value in (limits or {}).items():
-        if key in capacity and value:
-            capacity[key] = max(capacity[key], float(value))
-    return capacity
+        limits = {}
+    return {key: max(float(now.get(key, 0)), float(limits.get(key) or 0)) for key in ("CPU", "GPU")}
