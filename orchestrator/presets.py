@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Sequence
 
@@ -136,20 +137,16 @@ class DistributedOptions(Section):
     @classmethod
     def _workers(cls, value: Any) -> int | tuple[int, int]:
         """``4``, ``"4"``, ``[2, 8]`` or ``"2-8"`` (elastic: at least 2, at most 8 workers)."""
-        if isinstance(value, str) and any(sep in value for sep in "-:,"):
-            value = [p.strip() for p in value.replace(":", "-").replace(",", "-").split("-")]
-        if isinstance(value, (list, tuple)):
-            if len(value) != 2 or not all(str(v).isdigit() for v in value):
-                raise ValueError(f"num_workers must be N or [MIN, MAX], got {value!r}")
-            low, high = int(value[0]), int(value[1])
-            if not 1 <= low <= high:
-                raise ValueError(f"num_workers range must satisfy 1 <= MIN <= MAX, got {low}-{high}")
-            return (low, high) if low != high else low
-        if isinstance(value, bool) or not str(value).lstrip("-").isdigit():
-            raise ValueError(f"num_workers must be an integer, got {value!r}")
-        if int(value) < 1:
-            raise ValueError(f"num_workers must be >= 1, got {value}")
-        return int(value)
+        pair = isinstance(value, (list, tuple)) and len(value) == 2
+        match = re.fullmatch(r"\s*(-?\d+)\s*(?:[-:,]\s*(-?\d+)\s*)?", "{}-{}".format(*value) if pair else str(value))
+        if not match:
+            raise ValueError(f"num_workers must be an integer N or a range MIN-MAX, got {value!r}")
+        low, high = int(match[1]), int(match[2] or match[1])
+        if low < 1 and match[2] is None:
+            raise ValueError(f"num_workers must be >= 1, got {low}")
+        if not 1 <= low <= high:
+            raise ValueError(f"num_workers range must satisfy 1 <= MIN <= MAX, got {low}-{high}")
+        return (low, high) if low != high else low
 
     elastic = property(lambda self: not isinstance(self.num_workers, int))
     min_workers = property(lambda self: self.num_workers[0] if self.elastic else self.num_workers)
@@ -201,7 +198,8 @@ class ParamSpec(Section):
             if len(values) != 2 or not all(type(v) in ((int,) if kind == "int" else (int, float)) for v in values):
                 raise ValueError(f"{where}.{kind} must be [low, high]" + (" (integers)" if kind == "int" else ""))
             if not (0 if kind == "loguniform" else -math.inf) < values[0] < values[1] < math.inf:
-                raise ValueError(f"{where} bounds need finite {'0 < ' * (kind == 'loguniform')}low < high, got {values}")
+                raise ValueError(f"{where} bounds need finite low < high{' and low > 0' * (kind == 'loguniform')}, "
+                                 f"got {values}")
             values = [v if kind == "int" else float(v) for v in values]
         for point in values:
             try:
@@ -285,10 +283,7 @@ class Preset(Section):
             self.hpo_spec()
         return self
 
-    @property
-    def raw(self) -> dict[str, Any]:
-        """The preset as written (with ``--set`` applied)."""
-        return self._raw
+    raw = property(lambda self: self._raw)  # the preset as written (with --set applied)
 
     def groups(self) -> list[dict[str, Any]]:
         """One search-config dict per configuration and grid point (without the seed)."""
@@ -320,12 +315,6 @@ class Preset(Section):
             raise ValueError(f"preset {self.name!r} has no 'hpo' section: add one (see tune_configs/local.yaml)")
         return self._trials(HpoSpec, "hpo")
 
-    def datasets(self) -> list[tuple[str, str | None]]:
-        """The distinct (dataset, data_dir) pairs the sweep's searches and evaluations read."""
-        pairs = [(str(group.get("dataset", "cifar10")), group.get("data_dir")) for group in self.groups()]
-        pairs += [(cfg.dataset, cfg.data_dir) for cfg in [self.evaluation().config] if self.evaluate]
-        return list(dict.fromkeys(pairs))
-
 
 def check_resources(per_trial: Mapping[str, float], available: Mapping[str, float], where: str = "resources") -> None:
     """One line when a single trial asks for more CPUs or GPUs than the whole cluster has."""
@@ -337,10 +326,12 @@ def check_resources(per_trial: Mapping[str, float], available: Mapping[str, floa
 
 
 def check_data(preset: Preset) -> None:
-    """Every dataset the sweep reads is present (one-line ``DatasetError`` naming the path and how to get it)."""
+    """Every dataset the sweep's searches and evaluations read is present (else a one-line ``DatasetError``)."""
     from pcdarts_core.data import check_dataset
 
-    for dataset, data_dir in preset.datasets():
+    pairs = [(str(group.get("dataset", "cifar10")), group.get("data_dir")) for group in preset.groups()]
+    pairs += [(cfg.dataset, cfg.data_dir) for cfg in [preset.evaluation().config] if preset.evaluate]
+    for dataset, data_dir in dict.fromkeys(pairs):
         check_dataset(dataset, data_dir)
 
 
