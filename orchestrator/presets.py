@@ -21,8 +21,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "tune_configs"
 
 
 class Section(BaseModel):
-    """A typed section of a preset: every problem is one ``ValueError`` line naming the key (unknown keys get "did
-    you mean"; a validator's own message starts with its key: ``seeds has duplicates``)."""
+    """A preset section: a problem is one ``ValueError`` line naming the key (validators' messages start with it)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=False)
 
@@ -52,11 +51,9 @@ def _seeds(seeds: Any) -> tuple[int, ...]:
     if type(seeds) is int and not 1 <= seeds <= MAX_SEEDS:
         raise ValueError(f"seeds must be a count in [1, {MAX_SEEDS}] or a list of seeds, got {seeds}")
     seeds = list(range(seeds)) if type(seeds) is int else seeds
-    if not isinstance(seeds, (list, tuple)) or not seeds or \
+    if not isinstance(seeds, (list, tuple)) or not 1 <= len(seeds) <= MAX_SEEDS or \
             not all(type(s) is int and 0 <= s <= MAX_SEED for s in seeds):
-        raise ValueError(f"seeds must be a count or a non-empty list of integers in [0, {MAX_SEED}]")
-    if len(seeds) > MAX_SEEDS:
-        raise ValueError(f"seeds lists {len(seeds)} seeds; at most {MAX_SEEDS}")
+        raise ValueError(f"seeds must be a count or a list of 1 to {MAX_SEEDS} integers in [0, {MAX_SEED}]")
     if len(set(seeds)) != len(seeds):
         raise ValueError("seeds has duplicates")
     return tuple(seeds)
@@ -87,8 +84,7 @@ class FailureSpec(Section):
 
 
 class EvaluateSpec(Section):
-    """``evaluate:``: retrain genotypes under one protocol (its other keys; dataset, data_dir and search space
-    default to the search's), several seeds each."""
+    """``evaluate:``: genotypes retrained under one protocol (its other keys, defaulting to the search's data)."""
 
     config: InstanceOf[EvalConfig]  # the protocol (seed is set per evaluation trial)
     seeds: Seeds = (0,)
@@ -103,16 +99,16 @@ class EvaluateSpec(Section):
     @model_validator(mode="before")
     @classmethod
     def _protocol(cls, raw: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        search = info.context["search"]
+        search = {"dataset": "cifar10", "search_space": "darts", **info.context["search"]}
         protocol = {k: v for k, v in raw.items() if k not in cls.model_fields or k == "config"}
         spec = {k: v for k, v in raw.items() if k not in protocol and v is not None}
         if "seed" in protocol:
             raise ValueError("set evaluation seeds with the 'seeds' list, not 'seed'")
-        dataset = str(protocol.pop("dataset", search.get("dataset", "cifar10")))
-        if search.get("data_dir") is not None and dataset == search.get("dataset", "cifar10"):
+        dataset = str(protocol.pop("dataset", search["dataset"]))
+        if search.get("data_dir") is not None and dataset == search["dataset"]:
             protocol.setdefault("data_dir", search["data_dir"])
-        protocol.setdefault("search_space", search.get("search_space", "darts"))  # its cells' evaluation network
-        return {**spec, "config": eval_config(dataset, **protocol)}
+        # the search space names its cells' evaluation network
+        return {**spec, "config": eval_config(dataset, **{"search_space": search["search_space"], **protocol})}
 
     @model_validator(mode="after")
     def _genotypes(self) -> EvaluateSpec:
@@ -155,8 +151,7 @@ class DistributedOptions(Section):
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None = None, **overrides: Any) -> "DistributedOptions":
         """Validated options from a preset's section; ``overrides`` that are not None win (CLI flags)."""
-        return cls.parse({**dict(values or {}), **{k: v for k, v in overrides.items() if v is not None}},
-                         "distributed")
+        return cls.parse({**dict(values or {}), **{k: v for k, v in overrides.items() if v is not None}}, "distributed")
 
     def scaling_config(self) -> Any:
         from ray.train import ScalingConfig
@@ -210,8 +205,7 @@ class ParamSpec(Section):
 
 
 class HpoSpec(Section):
-    """``hpo:``: Optuna over search settings, two objectives per configuration measured over ``seeds``:
-    the mean final val_acc (maximized) and the mean pairwise genotype distance between seeds (minimized)."""
+    """``hpo:``: Optuna over search settings; a configuration's mean val_acc and stability are measured over seeds."""
 
     space: tuple[ParamSpec, ...]
     num_samples: Int = Field(8, ge=1)
@@ -225,13 +219,6 @@ class HpoSpec(Section):
     resources: Resources
     study_storage: str | None = None  # an Optuna storage URL; default: sqlite under the experiment dir
 
-    @field_validator("study_storage")
-    @classmethod
-    def _storage_url(cls, url: str | None) -> str | None:
-        if url is not None and "://" not in url:
-            raise ValueError("study_storage must be an Optuna storage URL such as sqlite:///path/study.db")
-        return url
-
     @field_validator("space", mode="before")
     @classmethod
     def _space(cls, space: Any, info: ValidationInfo) -> list[ParamSpec]:
@@ -243,7 +230,9 @@ class HpoSpec(Section):
         return [ParamSpec.of(str(name), spec, info.context["search"]) for name, spec in space.items()]
 
     @model_validator(mode="after")
-    def _enough_seeds(self) -> HpoSpec:
+    def _checks(self) -> HpoSpec:
+        if self.study_storage is not None and "://" not in self.study_storage:
+            raise ValueError("study_storage must be an Optuna storage URL such as sqlite:///path/study.db")
         if len(self.seeds) < 2:
             raise ValueError("seeds needs at least 2 seeds: stability is measured between seeds")
         if self.grace_period > len(self.seeds):
@@ -252,8 +241,7 @@ class HpoSpec(Section):
 
 
 class Preset(Section):
-    """A sweep config: its groups (``search`` settings x ``configurations`` x ``grid``) x ``seeds``; the other
-    sections stay mappings, validated here and parsed on use (:meth:`evaluation`, :meth:`hpo_spec`, ...)."""
+    """A sweep: groups (``search`` x ``configurations`` x ``grid``) x ``seeds``; other sections are parsed on use."""
 
     name: str = "sweep"
     description: str = ""
@@ -341,18 +329,15 @@ def apply_sets(raw: dict[str, Any], sets: Sequence[str], section: str = "search"
     A one-part key that is not a top-level key belongs to ``section`` (``k=8`` means ``search.k=8``); a search key
     that is a grid axis replaces that axis (``k=1`` searches k=1 only; ``k=[1,2]`` both): no ``--set`` is ignored."""
     for text in sets:
-        if "=" not in text:
+        key, equals, value = text.partition("=")
+        if not equals or not key.strip():
             raise ValueError(f"--set expects key=value, got {text!r}")
-        key, value = text.split("=", 1)
-        if not key.strip():
-            raise ValueError(f"--set has an empty key in {text!r}")
         try:
             value = yaml.safe_load(value)
         except yaml.YAMLError:
             raise ValueError(f"--set {key}: cannot parse value {value!r}") from None
         path = key.strip().split(".")
-        if path[0] not in Preset.model_fields and len(path) == 1:
-            path = [section, *path]
+        path = [section, *path] if len(path) == 1 and path[0] not in Preset.model_fields else path
         grid = raw.get("grid") if len(path) == 2 and path[0] == "search" else None
         if isinstance(grid, dict) and path[1] in grid:
             scalar_axis = not isinstance(grid[path[1]], list) or not any(isinstance(v, list) for v in grid[path[1]])
@@ -367,8 +352,7 @@ def apply_sets(raw: dict[str, Any], sets: Sequence[str], section: str = "search"
 
 
 def load_preset(name_or_path: str = "local", sets: Sequence[str] = ()) -> Preset:
-    """Load a preset (a name from ``tune_configs/`` or a YAML file), apply ``sets`` and validate it; one-line
-    ``ValueError``/``FileNotFoundError``."""
+    """A preset (a name in ``tune_configs/`` or a YAML file) with ``sets`` applied, validated; errors are one line."""
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml") and not path.exists():
         path = CONFIG_DIR / f"{name_or_path}.yaml"
