@@ -324,10 +324,8 @@ def check_data(preset: Preset) -> None:
 
 
 def apply_sets(raw: dict[str, Any], sets: Sequence[str], section: str = "search") -> dict[str, Any]:
-    """``raw`` with every ``--set key.sub=value`` applied (the value parsed as YAML, sections created as needed).
-
-    A one-part key that is not a top-level key belongs to ``section`` (``k=8`` means ``search.k=8``); a search key
-    that is a grid axis replaces that axis (``k=1`` searches k=1 only; ``k=[1,2]`` both): no ``--set`` is ignored."""
+    """``raw`` with each ``--set key.sub=value`` (a YAML value) applied; ``k=8`` means ``{section}.k=8`` unless ``k`` is
+    a top-level key, and a search key that is a grid axis replaces that axis (``k=1``: k=1 only; ``k=[1,2]``: both)."""
     for text in sets:
         key, equals, value = text.partition("=")
         if not equals or not key.strip():
