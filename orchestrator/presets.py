@@ -1,13 +1,11 @@
-"""Presets (``tune_configs/*.yaml``, the README's *Presets*): loaded with ``yaml.safe_load``, overridden by
-``--set`` (:func:`apply_sets`: ``search.k=8`` or ``k=8``, ``seeds=[0,1]``, ``evaluate.epochs=3``; values parsed
-as YAML) and validated once, before Ray starts. Every problem is one ``ValueError`` line naming the key.
-"""
+"""Presets (``tune_configs/*.yaml``, the README's *Presets*): loaded with ``yaml.safe_load``, overridden by ``--set``
+(:func:`apply_sets`) and validated once, before Ray starts; every problem is one ``ValueError`` line naming the key."""
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Sequence
 
@@ -23,9 +21,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "tune_configs"
 
 
 class Section(BaseModel):
-    """A typed section of a preset, validated once at the boundary: unknown keys get "did you mean", values
-    their ranges, NaN and infinities are refused, and every problem is one ``ValueError`` line naming the key
-    (a validator's own message starts with its key: ``seeds has duplicates``)."""
+    """A preset section: a problem is one ``ValueError`` line naming the key (validators' messages start with it)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=False)
 
@@ -37,15 +33,12 @@ class Section(BaseModel):
         except ValidationError as err:
             first = err.errors()[0]
             key, message = ".".join(map(str, first["loc"])), first["msg"].removeprefix("Value error, ")
-            prefix = f"{where}." if where else ""
             if first["type"] == "extra_forbidden":
-                message = (f"unknown {where or 'top-level'} key {key!r}{did_you_mean(key, cls.model_fields)}; "
-                           f"known: {', '.join(cls.model_fields)}")
-            elif first["type"] != "value_error":  # pydantic's own words: say what was given
-                message = f"{prefix}{key}: {message}, got {first.get('input')!r}"
-            else:
-                message = prefix + message if key or not where else f"{where}: {message}"
-            raise ValueError(message) from None
+                raise ValueError(f"unknown {where or 'top-level'} key {key!r}{did_you_mean(key, cls.model_fields)}; "
+                                 f"known: {', '.join(cls.model_fields)}") from None
+            if first["type"] != "value_error":  # pydantic's own words: say what was given
+                message = f"{key}: {message}, got {first.get('input')!r}"
+            raise ValueError(f"{where}{'.' if key else ': '}{message}" if where else message) from None
 
 
 #: at most this many seeds per sweep (each is a search), and seeds below 2**32 (numpy's and CUDA's seed range)
@@ -55,15 +48,12 @@ MAX_SEED = 2**32 - 1
 
 def _seeds(seeds: Any) -> tuple[int, ...]:
     """A count (``3``: seeds 0, 1, 2) or a list of distinct seeds, bounded before anything is built."""
-    if type(seeds) is int:
-        if not 1 <= seeds <= MAX_SEEDS:
-            raise ValueError(f"seeds must be a count in [1, {MAX_SEEDS}] or a list of seeds, got {seeds}")
-        seeds = list(range(seeds))
-    if not isinstance(seeds, (list, tuple)) or not seeds or \
+    if type(seeds) is int and not 1 <= seeds <= MAX_SEEDS:
+        raise ValueError(f"seeds must be a count in [1, {MAX_SEEDS}] or a list of seeds, got {seeds}")
+    seeds = list(range(seeds)) if type(seeds) is int else seeds
+    if not isinstance(seeds, (list, tuple)) or not 1 <= len(seeds) <= MAX_SEEDS or \
             not all(type(s) is int and 0 <= s <= MAX_SEED for s in seeds):
-        raise ValueError(f"seeds must be a count or a non-empty list of integers in [0, {MAX_SEED}]")
-    if len(seeds) > MAX_SEEDS:
-        raise ValueError(f"seeds lists {len(seeds)} seeds; at most {MAX_SEEDS}")
+        raise ValueError(f"seeds must be a count or a list of 1 to {MAX_SEEDS} integers in [0, {MAX_SEED}]")
     if len(set(seeds)) != len(seeds):
         raise ValueError("seeds has duplicates")
     return tuple(seeds)
@@ -86,29 +76,22 @@ Resources = Annotated[dict[str, Annotated[float, Field(strict=True, ge=0)]], Aft
 
 
 class FailureSpec(Section):
-    """``failure:``: a crashing trial is retried ``max_failures`` times from its last checkpoint, then failed.
-
-    ``checkpoints_to_keep`` per trial (None: all). Tune deletes older ones as new ones arrive, while its
-    experiment state (what a resumed sweep starts from) is saved every ~10 s: a driver killed outright (not
-    Ctrl-C) may leave a state naming a checkpoint already deleted when epochs take under a few seconds, so
-    keep all for such tiny runs.
-    """
+    """``failure:``: a crashing trial is retried ``max_failures`` times from its last checkpoint, then failed."""
 
     max_failures: int = Field(2, ge=-1)  # -1: retry forever
     fail_fast: bool = False  # stop the whole sweep at the first trial that fails for good
-    checkpoints_to_keep: int | None = Field(5, ge=1)
+    checkpoints_to_keep: int | None = Field(5, ge=1)  # per trial (None: all; see the README's resume notes)
 
 
 class EvaluateSpec(Section):
-    """``evaluate:``: retrain derived genotypes from scratch under one protocol (its other keys), several seeds
-    each. The protocol's dataset, data_dir and search space default to the search's."""
+    """``evaluate:``: genotypes retrained under one protocol (its other keys, defaulting to the search's data)."""
 
     config: InstanceOf[EvalConfig]  # the protocol (seed is set per evaluation trial)
     seeds: Seeds = (0,)
     top_k: Int | None = Field(None, ge=1)  # per group: the k searches with the best val_acc; None: every search
     consensus: bool = True
     random_baseline: Int = Field(0, ge=0)
-    genotypes: tuple[str, ...] = ()  # published names or genotype files
+    genotypes: Annotated[tuple[str, ...], BeforeValidator(lambda v: [v] if isinstance(v, str) else v)] = ()
     after_sweep: bool = False
     resources: Resources
     max_concurrent_trials: Int = Field(0, ge=0)
@@ -116,24 +99,22 @@ class EvaluateSpec(Section):
     @model_validator(mode="before")
     @classmethod
     def _protocol(cls, raw: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        search = info.context["search"]
+        search = {"dataset": "cifar10", "search_space": "darts", **info.context["search"]}
         protocol = {k: v for k, v in raw.items() if k not in cls.model_fields or k == "config"}
         spec = {k: v for k, v in raw.items() if k not in protocol and v is not None}
         if "seed" in protocol:
             raise ValueError("set evaluation seeds with the 'seeds' list, not 'seed'")
-        dataset = str(protocol.pop("dataset", search.get("dataset", "cifar10")))
-        if search.get("data_dir") is not None and dataset == search.get("dataset", "cifar10"):
+        dataset = str(protocol.pop("dataset", search["dataset"]))
+        if search.get("data_dir") is not None and dataset == search["dataset"]:
             protocol.setdefault("data_dir", search["data_dir"])
-        protocol.setdefault("search_space", search.get("search_space", "darts"))  # its cells' evaluation network
-        if isinstance(spec.get("genotypes"), str):
-            spec["genotypes"] = [spec["genotypes"]]
-        return {**spec, "config": eval_config(dataset, **protocol)}
+        # the search space names its cells' evaluation network
+        return {**spec, "config": eval_config(dataset, **{"search_space": search["search_space"], **protocol})}
 
     @model_validator(mode="after")
     def _genotypes(self) -> EvaluateSpec:
         from pcdarts_core.genotypes import load_genotype
 
-        for name in self.genotypes:
+        for name in self.genotypes:  # published names or genotype files
             load_genotype(name)  # ValueError (one line) for unknown names and bad files
         return self
 
@@ -152,38 +133,25 @@ class DistributedOptions(Section):
     @classmethod
     def _workers(cls, value: Any) -> int | tuple[int, int]:
         """``4``, ``"4"``, ``[2, 8]`` or ``"2-8"`` (elastic: at least 2, at most 8 workers)."""
-        if isinstance(value, str) and any(sep in value for sep in "-:,"):
-            value = [p.strip() for p in value.replace(":", "-").replace(",", "-").split("-")]
-        if isinstance(value, (list, tuple)):
-            if len(value) != 2 or not all(str(v).isdigit() for v in value):
-                raise ValueError(f"num_workers must be N or [MIN, MAX], got {value!r}")
-            low, high = int(value[0]), int(value[1])
-            if not 1 <= low <= high:
-                raise ValueError(f"num_workers range must satisfy 1 <= MIN <= MAX, got {low}-{high}")
-            return (low, high) if low != high else low
-        if isinstance(value, bool) or not str(value).lstrip("-").isdigit():
-            raise ValueError(f"num_workers must be an integer, got {value!r}")
-        if int(value) < 1:
-            raise ValueError(f"num_workers must be >= 1, got {value}")
-        return int(value)
+        pair = isinstance(value, (list, tuple)) and len(value) == 2
+        match = re.fullmatch(r"\s*(-?\d+)\s*(?:[-:,]\s*(-?\d+)\s*)?", "{}-{}".format(*value) if pair else str(value))
+        if not match:
+            raise ValueError(f"num_workers must be an integer N or a range MIN-MAX, got {value!r}")
+        low, high = int(match[1]), int(match[2] or match[1])
+        if low < 1 and match[2] is None:
+            raise ValueError(f"num_workers must be >= 1, got {low}")
+        if not 1 <= low <= high:
+            raise ValueError(f"num_workers range must satisfy 1 <= MIN <= MAX, got {low}-{high}")
+        return (low, high) if low != high else low
 
-    @property
-    def min_workers(self) -> int:
-        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
-
-    @property
-    def max_workers(self) -> int:
-        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
-
-    @property
-    def elastic(self) -> bool:
-        return not isinstance(self.num_workers, int)
+    elastic = property(lambda self: not isinstance(self.num_workers, int))
+    min_workers = property(lambda self: self.num_workers[0] if self.elastic else self.num_workers)
+    max_workers = property(lambda self: self.num_workers[1] if self.elastic else self.num_workers)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None = None, **overrides: Any) -> "DistributedOptions":
         """Validated options from a preset's section; ``overrides`` that are not None win (CLI flags)."""
-        return cls.parse({**dict(values or {}), **{k: v for k, v in overrides.items() if v is not None}},
-                         "distributed")
+        return cls.parse({**dict(values or {}), **{k: v for k, v in overrides.items() if v is not None}}, "distributed")
 
     def scaling_config(self) -> Any:
         from ray.train import ScalingConfig
@@ -224,10 +192,9 @@ class ParamSpec(Section):
         if kind != "choice":
             if len(values) != 2 or not all(type(v) in ((int,) if kind == "int" else (int, float)) for v in values):
                 raise ValueError(f"{where}.{kind} must be [low, high]" + (" (integers)" if kind == "int" else ""))
-            if not all(math.isfinite(v) for v in values) or not values[0] < values[1]:
-                raise ValueError(f"{where} bounds need finite low < high, got {values}")
-            if kind == "loguniform" and values[0] <= 0:
-                raise ValueError(f"{where}.loguniform needs low > 0")
+            if not (0 if kind == "loguniform" else -math.inf) < values[0] < values[1] < math.inf:
+                raise ValueError(f"{where} bounds need finite low < high{' and low > 0' * (kind == 'loguniform')}, "
+                                 f"got {values}")
             values = [v if kind == "int" else float(v) for v in values]
         for point in values:
             try:
@@ -238,8 +205,7 @@ class ParamSpec(Section):
 
 
 class HpoSpec(Section):
-    """``hpo:``: Optuna over search settings, two objectives per configuration measured over ``seeds``:
-    the mean final val_acc (maximized) and the mean pairwise genotype distance between seeds (minimized)."""
+    """``hpo:``: Optuna over search settings; a configuration's mean val_acc and stability are measured over seeds."""
 
     space: tuple[ParamSpec, ...]
     num_samples: Int = Field(8, ge=1)
@@ -253,13 +219,6 @@ class HpoSpec(Section):
     resources: Resources
     study_storage: str | None = None  # an Optuna storage URL; default: sqlite under the experiment dir
 
-    @field_validator("study_storage")
-    @classmethod
-    def _storage_url(cls, url: str | None) -> str | None:
-        if url is not None and "://" not in url:
-            raise ValueError("study_storage must be an Optuna storage URL such as sqlite:///path/study.db")
-        return url
-
     @field_validator("space", mode="before")
     @classmethod
     def _space(cls, space: Any, info: ValidationInfo) -> list[ParamSpec]:
@@ -271,7 +230,9 @@ class HpoSpec(Section):
         return [ParamSpec.of(str(name), spec, info.context["search"]) for name, spec in space.items()]
 
     @model_validator(mode="after")
-    def _enough_seeds(self) -> HpoSpec:
+    def _checks(self) -> HpoSpec:
+        if self.study_storage is not None and "://" not in self.study_storage:
+            raise ValueError("study_storage must be an Optuna storage URL such as sqlite:///path/study.db")
         if len(self.seeds) < 2:
             raise ValueError("seeds needs at least 2 seeds: stability is measured between seeds")
         if self.grace_period > len(self.seeds):
@@ -280,8 +241,7 @@ class HpoSpec(Section):
 
 
 class Preset(Section):
-    """A sweep config: its groups (``search`` settings x ``configurations`` x ``grid``) x ``seeds``; the other
-    sections stay mappings, validated here and parsed on use (:meth:`evaluation`, :meth:`hpo_spec`, ...)."""
+    """A sweep: groups (``search`` x ``configurations`` x ``grid``) x ``seeds``; other sections are parsed on use."""
 
     name: str = "sweep"
     description: str = ""
@@ -311,46 +271,28 @@ class Preset(Section):
             self.hpo_spec()
         return self
 
-    @property
-    def raw(self) -> dict[str, Any]:
-        """The preset as written (with ``--set`` applied)."""
-        return self._raw
+    raw = property(lambda self: self._raw)  # the preset as written (with --set applied)
 
     def groups(self) -> list[dict[str, Any]]:
         """One search-config dict per configuration and grid point (without the seed)."""
-        keys = list(self.grid)
-        out = []
-        for base in self.configurations or ({},):
-            for values in itertools.product(*(self.grid[k] for k in keys)) if keys else [()]:
-                cfg = dict(self.search)
-                cfg.update(base)
-                cfg.update(zip(keys, values))
-                if cfg not in out:
-                    out.append(cfg)
-        return out
+        points = itertools.product(self.configurations or ({},), itertools.product(*self.grid.values()))
+        groups = [{**self.search, **base, **dict(zip(self.grid, values))} for base, values in points]
+        return [group for i, group in enumerate(groups) if group not in groups[:i]]
 
     def group_keys(self) -> list[str]:
         """The settings that tell the groups apart (grid keys and the configurations' keys), in first-seen order."""
-        keys: list[str] = []
-        for conf in self.configurations:
-            keys += [k for k in conf if k not in keys]
-        return keys + [k for k in self.grid if k not in keys]
+        return list(dict.fromkeys([k for conf in self.configurations for k in conf] + list(self.grid)))
 
     def search_config(self, overrides: Mapping[str, Any] | None = None, seed: int | None = None) -> SearchConfig:
-        values = dict(self.search)
-        values.update(overrides or {})
-        if seed is not None:
-            values["seed"] = seed
-        return search_config_from_dict(values)
+        return search_config_from_dict({**self.search, **(overrides or {}), **({} if seed is None else {"seed": seed})})
 
     def failure_spec(self) -> FailureSpec:
         return FailureSpec.parse(self.failure, "failure")
 
     def _trials(self, cls: type[Section], key: str) -> Any:
         """Section ``key`` (``evaluate``, ``hpo``): its trials' resources and concurrency default to the preset's."""
-        values = {"resources": self.resources, "max_concurrent_trials": self.max_concurrent_trials,
-                  **getattr(self, key)}
-        return cls.parse(values, key, search=self.search)
+        return cls.parse({"resources": self.resources, "max_concurrent_trials": self.max_concurrent_trials,
+                          **getattr(self, key)}, key, search=self.search)
 
     def evaluation(self) -> EvaluateSpec:
         return self._trials(EvaluateSpec, "evaluate")
@@ -360,19 +302,6 @@ class Preset(Section):
         if not self.hpo:
             raise ValueError(f"preset {self.name!r} has no 'hpo' section: add one (see tune_configs/local.yaml)")
         return self._trials(HpoSpec, "hpo")
-
-    def datasets(self) -> list[tuple[str, str | None]]:
-        """The distinct (dataset, data_dir) pairs the sweep's searches and evaluations read."""
-        out: list[tuple[str, str | None]] = []
-        for group in self.groups():
-            pair = (str(group.get("dataset", "cifar10")), group.get("data_dir"))
-            if pair not in out:
-                out.append(pair)
-        if self.evaluate:
-            cfg = self.evaluation().config
-            if (cfg.dataset, cfg.data_dir) not in out:
-                out.append((cfg.dataset, cfg.data_dir))
-        return out
 
 
 def check_resources(per_trial: Mapping[str, float], available: Mapping[str, float], where: str = "resources") -> None:
@@ -385,87 +314,64 @@ def check_resources(per_trial: Mapping[str, float], available: Mapping[str, floa
 
 
 def check_data(preset: Preset) -> None:
-    """Every dataset the sweep reads is present (one-line ``DatasetError`` naming the path and how to get it)."""
+    """Every dataset the sweep's searches and evaluations read is present (else a one-line ``DatasetError``)."""
     from pcdarts_core.data import check_dataset
 
-    for dataset, data_dir in preset.datasets():
+    pairs = [(str(group.get("dataset", "cifar10")), group.get("data_dir")) for group in preset.groups()]
+    pairs += [(cfg.dataset, cfg.data_dir) for cfg in [preset.evaluation().config] if preset.evaluate]
+    for dataset, data_dir in dict.fromkeys(pairs):
         check_dataset(dataset, data_dir)
 
 
-def preset_path(name_or_path: str) -> Path:
-    """A preset name from ``tune_configs/`` or a path to a YAML file."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise FileNotFoundError(f"sweep config {path} does not exist")
-        return path
-    candidate = CONFIG_DIR / f"{name_or_path}.yaml"
-    if not candidate.is_file():
-        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-        raise ValueError(f"unknown preset {name_or_path!r}; known presets: {', '.join(known)}")
-    return candidate
-
-
-def parse_set(assignments: Sequence[str]) -> list[tuple[list[str], Any]]:
-    """``key.sub=value`` strings into (path, YAML-parsed value) pairs."""
-    out = []
-    for text in assignments:
-        if "=" not in text:
+def apply_sets(raw: dict[str, Any], sets: Sequence[str], section: str = "search") -> dict[str, Any]:
+    """``raw`` with each ``--set key.sub=value`` (a YAML value) applied; ``k=8`` means ``{section}.k=8`` unless ``k`` is
+    a top-level key, and a search key that is a grid axis replaces that axis (``k=1``: k=1 only; ``k=[1,2]``: both)."""
+    for text in sets:
+        key, equals, value = text.partition("=")
+        if not equals or not key.strip():
             raise ValueError(f"--set expects key=value, got {text!r}")
-        key, value = text.split("=", 1)
-        if not key.strip():
-            raise ValueError(f"--set has an empty key in {text!r}")
         try:
-            parsed = yaml.safe_load(value) if value.strip() else None
+            value = yaml.safe_load(value)
         except yaml.YAMLError:
             raise ValueError(f"--set {key}: cannot parse value {value!r}") from None
-        out.append((key.strip().split("."), parsed))
-    return out
-
-
-def apply_override(raw: dict[str, Any], path: list[str], value: Any) -> None:
-    """Set ``raw[path[0]][path[1]]... = value`` for one ``--set``, creating sections as needed."""
-    node = raw
-    for part in path[:-1]:
-        nxt = node.setdefault(part, {})
-        if not isinstance(nxt, dict):
-            raise ValueError(f"--set {'.'.join(path)}: {part} is not a section")
-        node = nxt
-    node[path[-1]] = value
-
-
-def apply_sets(raw: dict[str, Any], sets: Sequence[str], section: str = "search") -> dict[str, Any]:
-    """``raw`` with every ``--set`` applied: a one-part key that is not a top-level key belongs to ``section``
-    (``k=8`` means ``search.k=8``); a search key that is a grid axis replaces that axis (``k=1`` searches k=1
-    only; ``k=[1,2]`` both), so a ``--set`` is never silently ignored."""
-    for key_path, value in parse_set(sets):
-        if key_path[0] not in Preset.model_fields and len(key_path) == 1:
-            key_path = [section, *key_path]
-        grid = raw.get("grid")
-        if len(key_path) == 2 and key_path[0] == "search" and isinstance(grid, dict) and key_path[1] in grid:
-            axis = grid[key_path[1]]
-            scalar_axis = not any(isinstance(v, list) for v in axis) if isinstance(axis, list) else True
-            key_path, value = ["grid", key_path[1]], value if isinstance(value, list) and scalar_axis else [value]
-        apply_override(raw, key_path, value)
+        path = key.strip().split(".")
+        path = [section, *path] if len(path) == 1 and path[0] not in Preset.model_fields else path
+        grid = raw.get("grid") if len(path) == 2 and path[0] == "search" else None
+        if isinstance(grid, dict) and path[1] in grid:
+            scalar_axis = not isinstance(grid[path[1]], list) or not any(isinstance(v, list) for v in grid[path[1]])
+            path, value = ["grid", path[1]], value if isinstance(value, list) and scalar_axis else [value]
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {'.'.join(path)}: {part} is not a section")
+        node[path[-1]] = value
     return raw
 
 
 def load_preset(name_or_path: str = "local", sets: Sequence[str] = ()) -> Preset:
-    """Load, override and validate a preset. Raises ``ValueError``/``FileNotFoundError`` with one line."""
-    path = preset_path(name_or_path)
+    """A preset (a name in ``tune_configs/`` or a YAML file) with ``sets`` applied, validated; errors are one line."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml") and not path.exists():
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+            raise ValueError(f"unknown preset {name_or_path!r}; known presets: {known}")
+    elif not path.is_file():
+        raise FileNotFoundError(f"sweep config {path} does not exist")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ValueError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a sweep config must be a mapping")
-    raw = apply_sets(copy.deepcopy(raw), sets)
-    # with --set, a bad value may be the override's: name both
-    return preset_from_dict(raw, default_name=path.stem, where=f"{path} with --set" if sets else str(path))
+    where = f"{path} with --set" if sets else str(path)  # with --set, a bad value may be the override's: name both
+    return preset_from_dict(apply_sets(raw, sets), default_name=path.stem, where=where)
 
 
 def preset_from_dict(raw: Mapping[str, Any], default_name: str = "sweep", where: str = "config") -> Preset:
-    try:  # an empty key (None) takes its default
+    """A validated preset from a mapping (an empty key, None, takes its default); errors start with ``where``."""
+    try:
         preset = Preset.parse({"name": default_name, **{k: v for k, v in raw.items() if v is not None}}, "")
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
