@@ -264,8 +264,10 @@ def _check_common(cfg: SearchConfig | EvalConfig) -> None:
 # -- building configs from plain dicts (YAML, CLI --set, Tune) --------------------------------------------------
 def _coerce(name: str, value: Any, default: Any) -> Any:
     """Coerce YAML/CLI values to the type of the field's default, refusing what does not fit."""
-    if default is None or value is None:
+    if default is None:
         return value
+    if value is None:
+        raise ValueError(f"{name} needs a value, got an empty one")
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value

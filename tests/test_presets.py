@@ -57,6 +57,7 @@ def test_configurations_and_grid_make_groups():
 @pytest.mark.parametrize("sets, message", [
     (["search.kk=3"], "unknown search config key 'kk' (did you mean 'k'?)"),
     (["epochs=abc"], "epochs must be an integer"),
+    (["epochs="], "epochs needs a value, got an empty one"),
     (["frobnicate.x=1"], "unknown top-level key 'frobnicate'"),
     (["failure.max_failures=-3"], "failure.max_failures"),
     (["evaluate.epochz=3"], "unknown evaluation config key 'epochz'"),
@@ -91,6 +92,7 @@ def _sweep(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("sets, message", [
     (["--set", "search.bogus=1"], "unknown search config key 'bogus'"),
     (["--set", "k=three"], "k must be an integer"),
+    (["--set", "epochs="], "epochs needs a value, got an empty one"),
     (["--set", "dataset=cifar10", "--set", "data_dir=/nonexistent/cifar"], "cifar10 data not found at"),
     (["--set", "resources.cpu=4096"], "a trial asks for 4096 CPU(s) but the cluster has"),
 ])
