@@ -1,9 +1,5 @@
-"""One experiment on Ray Tune, whatever its kind (stability sweep, HPO, evaluation): what ``orchestrator.sweep``
-and ``orchestrator.evaluate`` share. ``sweep.json`` claims the experiment (its kind, the settings that define its
-trials, the whole preset; a rerun with other settings is refused); :class:`ParquetResults` records what Tune
-reports; :func:`run_tuner` restores or starts it; :func:`finish` compacts the records, recomputes the stability
-table and returns the exit status.
-"""
+"""One experiment on Ray Tune of any kind (stability sweep, HPO, evaluation): its claim (``sweep.json``), the
+driver callback that records it, running it, and its end (what ``orchestrator.sweep`` and ``evaluate`` share)."""
 
 from __future__ import annotations
 
@@ -14,6 +10,7 @@ import math
 import os
 import statistics
 import time
+from collections import Counter
 from typing import Any, Mapping, Sequence
 
 from ray.tune import Callback
@@ -34,22 +31,18 @@ def experiment_uri(storage: str, name: str) -> str:
 # -- the claim -------------------------------------------------------------------------------------------------
 def claim_experiment(store: ResultStore, kind: str, settings: Mapping[str, Any],
                      preset: Mapping[str, Any] | None = None) -> None:
-    """Record what this experiment is in ``sweep.json`` (the preset too: ``orchestrator.evaluate`` reuses it);
-    refuse to resume one started with other settings."""
-    try:
-        previous = store.read_json(SWEEP_FILE)
-    except ValueError:
-        previous = False
+    """Record what this experiment is (kind, settings, and the preset ``evaluate`` reuses); refuse other settings."""
+    previous = read_claim(store)
     if previous is None:
+        if store.read_file(SWEEP_FILE) is not None:
+            raise ValueError(f"{store.root}/{SWEEP_FILE} is not a sweep record of this project")
         store.write_json(SWEEP_FILE, {"kind": kind, "settings": settings, "preset": dict(preset or {})})
-    elif not isinstance(previous, dict):
-        raise ValueError(f"{store.root}/{SWEEP_FILE} is not a sweep record of this project")
     elif previous.get("kind") != kind:
         raise ValueError(f"experiment {store.name!r} is a {previous.get('kind')} run, not {kind}; "
                          f"use --name for a new experiment")
     else:
-        before, now = (json.loads(json.dumps(s, sort_keys=True, default=str)) for s in (previous.get("settings"),
-                                                                                         settings))
+        before = json.loads(json.dumps(previous.get("settings"), sort_keys=True, default=str))
+        now = json.loads(json.dumps(settings, sort_keys=True, default=str))
         if before != now:
             changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
             raise ValueError(f"experiment {store.name!r} in {store.storage} was started with different settings "
@@ -67,11 +60,9 @@ def read_claim(store: ResultStore) -> dict[str, Any] | None:
 # -- running on Tune -------------------------------------------------------------------------------------------
 def abs_data_dir(values: Mapping[str, Any]) -> dict[str, Any]:
     """Local paths (the dataset root, a NAS-Bench-201 file) made absolute: Ray workers run elsewhere."""
-    out = dict(values)
-    for key in ("data_dir", "nb201_benchmark"):
-        if out.get(key) is not None and "://" not in str(out[key]):
-            out[key] = os.path.abspath(os.path.expanduser(str(out[key])))
-    return out
+    paths = {k: os.path.abspath(os.path.expanduser(str(v))) for k, v in values.items()
+             if k in ("data_dir", "nb201_benchmark") and v is not None and "://" not in str(v)}
+    return {**values, **paths}
 
 
 def tune_resources(res: Mapping[str, float]) -> dict[str, float]:
@@ -152,13 +143,9 @@ def hpo_seed_row(tune_id: str, config: Mapping[str, Any], result: Mapping[str, A
 
 # -- the driver callback that writes the Parquet files -----------------------------------------------------------
 class ParquetResults(Callback):
-    """Writes trials/epochs/evaluations rows as results arrive (upserts: a resumed sweep never duplicates).
-
-    ``kind``: 'stability' (one trial = one search), 'hpo' (one trial = one configuration over seeds; rows per
-    seed) or 'evaluate' (one trial = one retraining). Epoch rows are buffered and flushed every few seconds, when
-    a trial ends, and before Tune saves its experiment state (``get_state``), so every epoch that a resumed trial
-    will not repeat is on disk first. Tune pickles it: only its settings travel.
-    """
+    """Writes the rows of a ``kind`` of experiment as results arrive: 'stability' (a trial is a search), 'hpo' (a
+    configuration over seeds: rows per seed) or 'evaluate' (a retraining). Epoch rows are flushed every few seconds,
+    when a trial ends and before Tune saves its state, so no epoch a resumed trial skips is lost."""
 
     FLUSH_EVERY_S = 5.0
 
@@ -191,7 +178,7 @@ class ParquetResults(Callback):
         self._last_flush = time.monotonic()
 
     def _write_trial(self, trial: Any, status: str, error: str | None = None) -> None:
-        """The row of a stability search or an evaluation as it starts, ends or fails (HPO rows are per seed)."""
+        # the row of a stability search or an evaluation as it starts, ends or fails (HPO rows are per seed)
         result = trial.last_result or {}
         if status == "done" and result.get("error"):  # a trial that ended on a deterministic failure
             status, error = "failed", result["error"]
@@ -206,8 +193,7 @@ class ParquetResults(Callback):
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._write_trial(trial, "running")
 
-    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any],
-                        **info: Any) -> None:
+    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict, **info: Any) -> None:
         cfg = trial.config
         if self.kind == "stability":
             self._epochs.append(epoch_row(trial.trial_id, search_group(cfg["search"], self.grid_keys), cfg["seed"],
@@ -253,36 +239,42 @@ class ParquetResults(Callback):
 # -- the end of an experiment ----------------------------------------------------------------------------------
 def reconcile_stability(store: ResultStore, grid: Any, grid_keys: Sequence[str]) -> dict[str, int]:
     """Upsert every trial's final row from the ``ResultGrid`` (rows a killed driver never wrote); counts by status."""
-    rows, counts = [], {}
+    rows, unstarted = [], 0
     for result in grid:
         config, metrics = dict(result.config or {}), dict(result.metrics or {})
         if "search" not in config:  # never started before an interruption: its row comes on resume
-            counts["running"] = counts.get("running", 0) + 1
+            unstarted += 1
             continue
         trial_id = str(metrics.get("trial_id") or os.path.basename(str(result.path).rstrip("/")))
         error = (last_error_line(str(result.error)) if result.error is not None else None) or metrics.get("error")
         status = "failed" if error else ("done" if metrics.get("search_done") else "running")
         rows.append(stability_trial_row(trial_id, config, metrics, status, grid_keys, error))
-    if rows:
-        stored = store.read("trials")
-        if "num_failures" in stored.column_names:  # the driver's count survives the final pass
-            failures = dict(zip(stored["trial_id"].to_pylist(), stored["num_failures"].to_pylist()))
-            for row in rows:
-                row["num_failures"] = failures.get(row["trial_id"])
-        store.upsert("trials", rows)
-    for row in rows:
-        counts[row["status"]] = counts.get(row["status"], 0) + 1
-    return counts
+    stored = store.read("trials")
+    if "num_failures" in stored.column_names:  # the driver's count survives the final pass
+        failures = dict(zip(stored["trial_id"].to_pylist(), stored["num_failures"].to_pylist()))
+        for row in rows:
+            row["num_failures"] = failures.get(row["trial_id"])
+    store.upsert("trials", rows)  # nothing when there are no rows
+    return Counter(row["status"] for row in rows) + Counter(running=unstarted)
 
 
 def finish(store: ResultStore, counts: Mapping[str, int], what: str = "search(es)", show: bool = True) -> int:
     """The end of every experiment command: compact the records (one file per kind), recompute the stability
     table, say what failed and where its errors are, and return the exit status (0, 3 failed, 130 unfinished)."""
+    from .report import publish  # the HTML report of the experiment; its path is printed
+    from .stability import render_table, stability_table
+
     for kind in ("trials", "epochs", "evaluations"):
         store.compact(kind)
-    write_stability(store, show)
-    from .report import publish  # the HTML report of the experiment; its path is printed
-
+    trials = store.read("trials")
+    if trials.num_rows:
+        table = stability_table(trials, store.read("epochs"), store.read("evaluations"))
+        store.write_table("stability", table)
+        if show:
+            render_table(table, console(), title=f"Search stability per group: {store.name}")
+            render_baselines(store)
+    elif show:
+        console().print(f"no search results in {store.root} yet")
     publish(store)
     failed, unfinished = counts.get("failed", 0), counts.get("running", 0)
     if failed:
@@ -292,23 +284,6 @@ def finish(store: ResultStore, counts: Mapping[str, int], what: str = "search(es
         console().print("[yellow]interrupted: run the same command again to resume[/]")
         return EXIT_INTERRUPTED
     return EXIT_FAILED if failed else EXIT_OK
-
-
-def write_stability(store: ResultStore, show: bool = True) -> Any:
-    """Recompute ``stability.parquet`` from the other three kinds; print it (and the baselines) when ``show``."""
-    from .stability import render_table, stability_table
-
-    trials = store.read("trials")
-    if trials.num_rows == 0:
-        if show:
-            console().print(f"no search results in {store.root} yet")
-        return None
-    table = stability_table(trials, store.read("epochs"), store.read("evaluations"))
-    store.write_table("stability", table)
-    if show:
-        render_table(table, console(), title=f"Search stability per group: {store.name}")
-        render_baselines(store)
-    return table
 
 
 def render_baselines(store: ResultStore) -> None:

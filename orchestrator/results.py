@@ -1,11 +1,5 @@
-"""The experiment's Parquet store: one folder of Parquet fragment files per kind of record under ``<storage>/<name>/``.
-
-``storage`` is a local directory or any URI :mod:`pyarrow.fs` understands (``s3://``, ``gs://``, ``file://``). The
-files carry no custom metadata: pandas, DuckDB and Ray Data read each folder as one dataset. Known columns have fixed
-types (:data:`SCHEMAS`) and come first, in schema order; any other column is accepted with an inferred type after
-them (rows written before it existed read back as null). Configuration values go into ``cfg_<key>`` columns (nested
-mappings flattened with ``__``, list and dict leaves as JSON text). Writes are append-only and atomic
-(:class:`ResultStore`); the row builders are the one place a reported result becomes a row. No Ray import here.
+"""The experiment's Parquet records (``<storage>/<name>/<kind>.parquet/`` folders of fragments; the README's
+"Results" describes them) and the row builders, the one place a reported result becomes a row. No Ray import here.
 """
 
 from __future__ import annotations
@@ -27,11 +21,9 @@ import pyarrow.parquet as pq
 
 from pcdarts_core.spaces import TRIAL_METRIC_PREFIXES
 
-_F = pa.float64()
-_I = pa.int64()
-_S = pa.string()
-_MATRIX = pa.list_(pa.list_(_F))
+_F, _I, _S = pa.float64(), pa.int64(), pa.string()
 _VECTOR = pa.list_(_F)
+_MATRIX = pa.list_(_VECTOR)
 
 #: The known columns of each kind of record (the kinds: trials, one row per search; epochs, one per search and
 #: epoch; stability, one per configuration group, see :mod:`orchestrator.stability`; evaluations, one per retraining).
@@ -39,14 +31,12 @@ SCHEMAS: dict[str, pa.Schema] = {
     "trials": pa.schema([
         ("trial_id", _S), ("group", _S), ("seed", _I), ("status", _S), ("method", _S),
         ("val_acc", _F), ("train_acc", _F), ("val_loss", _F), ("train_loss", _F),
-        ("genotype", _S), ("error", _S), ("wall_time_s", _F), ("epochs_done", _I),
-    ]),
+        ("genotype", _S), ("error", _S), ("wall_time_s", _F), ("epochs_done", _I)]),
     "epochs": pa.schema([
         ("trial_id", _S), ("group", _S), ("seed", _I), ("epoch", _I),
         ("train_acc", _F), ("train_loss", _F), ("val_acc", _F), ("val_loss", _F), ("lr", _F),
         ("alphas_normal", _MATRIX), ("alphas_reduce", _MATRIX), ("betas_normal", _VECTOR), ("betas_reduce", _VECTOR),
-        ("genotype", _S), ("arch_entropy", _F), ("n_skip_normal", _I), ("wall_time_s", _F),
-    ]),
+        ("genotype", _S), ("arch_entropy", _F), ("n_skip_normal", _I), ("wall_time_s", _F)]),
     "stability": pa.schema([
         ("group", _S), ("n_seeds", _I), ("n_failed", _I), ("n_running", _I),
         ("val_acc_mean", _F), ("val_acc_std", _F), ("val_acc_ci_low", _F), ("val_acc_ci_high", _F),
@@ -57,12 +47,10 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("n_genotypes", _I), ("genotype_distance_mean", _F), ("n_distinct_genotypes", _I),
         ("consensus_genotype", _S), ("consensus_distance_mean", _F),
         ("skip_normal_mean", _F), ("collapse_threshold", _I), ("collapse_rate", _F), ("stop_changing_epoch_mean", _F),
-        ("edge_frequencies", _S), ("edge_op_frequencies", _S), ("op_frequencies", _S),
-    ]),
+        ("edge_frequencies", _S), ("edge_op_frequencies", _S), ("op_frequencies", _S)]),
     "evaluations": pa.schema([
         ("eval_id", _S), ("source", _S), ("genotype", _S), ("seed", _I), ("status", _S),
-        ("test_acc", _F), ("params", _I), ("epochs_done", _I), ("error", _S), ("wall_time_s", _F),
-    ]),
+        ("test_acc", _F), ("params", _I), ("epochs_done", _I), ("error", _S), ("wall_time_s", _F)]),
 }
 KINDS: dict[str, str] = {kind: f"{kind}.parquet" for kind in SCHEMAS}
 #: The key :meth:`ResultStore.upsert` uses when none is given: the identity of a row of each kind.
@@ -70,7 +58,6 @@ DEFAULT_KEYS: dict[str, tuple[str, ...]] = {"trials": ("trial_id",), "epochs": (
                                             "stability": ("group",), "evaluations": ("eval_id",)}
 #: Values of the ``status`` column of trials and evaluations.
 STATUSES = ("done", "running", "failed")
-_STATUS_KINDS = {"trials", "evaluations"}
 
 
 # -- rows ------------------------------------------------------------------------------------------------------
@@ -89,9 +76,7 @@ def _scalar_text(value: Any) -> str:
 
 
 def group_key(config: Mapping[str, Any], exclude: Iterable[str] = ("seed",)) -> str:
-    """A deterministic text of ``config`` without ``exclude``: the identity of a group of seeded searches.
-
-    ``method`` first, the other keys sorted, as ``key=value`` joined by commas (``method=pcdarts,k=4``)."""
+    """A group's identity: ``config`` without ``exclude`` as deterministic text, ``method`` first (``method=x,k=4``)."""
     skip = set(exclude)
     lookup = {str(k): v for k, v in config.items() if str(k) not in skip}
     return ",".join(f"{k}={_scalar_text(lookup[k])}" for k in sorted(lookup, key=lambda k: (k != "method", k)))
@@ -111,15 +96,12 @@ def config_columns(config: Mapping[str, Any], prefix: str = "cfg_") -> dict[str,
     return out
 
 
-def trial_row(trial_id: str, config: Mapping[str, Any], status: str, **fields: Any) -> dict[str, Any]:
-    """A ``trials`` row: id, group, seed and ``cfg_*`` columns from ``config``, then ``fields`` (metrics etc.)."""
-    row: dict[str, Any] = {"trial_id": str(trial_id), "group": group_key(config), "seed": config.get("seed"),
-                           "status": status}
-    if "method" in config:
-        row["method"] = str(config["method"])
-    row.update(fields)
-    row.update(config_columns(config))
-    return row
+def trial_row(trial_id: str, config: Mapping[str, Any], status: str, group: str | None = None,
+              **fields: Any) -> dict[str, Any]:
+    """A ``trials`` row: id, group (``group_key(config)`` unless given), seed, ``fields``, ``cfg_*`` columns."""
+    method = {"method": str(config["method"])} if "method" in config else {}
+    return {"trial_id": str(trial_id), "group": group_key(config) if group is None else group,
+            "seed": config.get("seed"), "status": status, **method, **fields, **config_columns(config)}
 
 
 #: result keys Tune adds itself; never copied into the Parquet files
@@ -144,41 +126,34 @@ def epoch_row(trial_id: str, group: str, seed: Any, metrics: Mapping[str, Any]) 
 
 
 def _num(value: Any) -> Any:
-    """``value``, with a non-finite float as None."""
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def search_row(trial_id: str, values: Mapping[str, Any], status: str, metrics: Mapping[str, Any] | None = None,
                *, group: str | None = None, error: str | None = None, **fields: Any) -> dict[str, Any]:
-    """A ``trials`` row of one search (a single run, a sweep trial, one seed of an HPO configuration): its
-    settings (``values`` with the seed), its last reported metrics, and ``fields`` (num_failures, hpo_trial...)."""
+    """A ``trials`` row of one search (run, sweep trial, HPO seed): ``values`` with the seed, metrics, ``fields``."""
     m = metrics or {}
-    row = trial_row(trial_id, values, status, val_acc=finite_or_none(m.get("val_acc")),
-                    train_acc=finite_or_none(m.get("train_acc")), val_loss=finite_or_none(m.get("val_loss")),
-                    train_loss=finite_or_none(m.get("train_loss")),
-                    genotype=m.get("final_genotype") or m.get("genotype"), error=error,
-                    wall_time_s=finite_or_none(m.get("wall_time_s", m.get("time_total_s"))),
-                    epochs_done=m.get("epoch"), arch_entropy=finite_or_none(m.get("arch_entropy")),
-                    n_skip_normal=m.get("n_skip_normal"),
-                    # what the search space adds (NAS-Bench-201 accuracies, parameter-free shares)
-                    **{k: finite_or_none(v) for k, v in m.items() if k.startswith(TRIAL_METRIC_PREFIXES)}, **fields)
-    if group is not None:
-        row["group"] = group
-    return row
+    accuracies = {k: finite_or_none(m.get(k)) for k in ("val_acc", "train_acc", "val_loss", "train_loss")}
+    return trial_row(trial_id, values, status, group, **accuracies,
+                     genotype=m.get("final_genotype") or m.get("genotype"), error=error,
+                     wall_time_s=finite_or_none(m.get("wall_time_s", m.get("time_total_s"))),
+                     epochs_done=m.get("epoch"), arch_entropy=finite_or_none(m.get("arch_entropy")),
+                     n_skip_normal=m.get("n_skip_normal"),
+                     # what the search space adds (NAS-Bench-201 accuracies, parameter-free shares)
+                     **{k: finite_or_none(v) for k, v in m.items() if k.startswith(TRIAL_METRIC_PREFIXES)}, **fields)
 
 
 def eval_row(spec: Mapping[str, Any], eval_cfg: Mapping[str, Any], result: Mapping[str, Any] | None, status: str,
              error: str | None = None, tune_id: str | None = None) -> dict[str, Any]:
     """An ``evaluations`` row: one genotype trained from scratch with one seed under one protocol."""
     result = result or {}
-    row = {"eval_id": spec["eval_id"], "source": spec["source"], "genotype": spec["genotype"],
-           "seed": int(spec["seed"]), "status": status, "test_acc": finite_or_none(result.get("test_acc")),
-           "params": result.get("params"), "epochs_done": result.get("epoch"), "error": error,
-           "wall_time_s": finite_or_none(result.get("time_total_s")), "group": spec.get("group"),
-           "train_acc": finite_or_none(result.get("train_acc")), "test_loss": finite_or_none(result.get("test_loss")),
-           "protocol": spec.get("protocol"), "tune_trial_id": tune_id}
-    row.update(config_columns({k: v for k, v in eval_cfg.items() if k != "seed"}))
-    return row
+    return {"eval_id": spec["eval_id"], "source": spec["source"], "genotype": spec["genotype"],
+            "seed": int(spec["seed"]), "status": status, "test_acc": finite_or_none(result.get("test_acc")),
+            "params": result.get("params"), "epochs_done": result.get("epoch"), "error": error,
+            "wall_time_s": finite_or_none(result.get("time_total_s")), "group": spec.get("group"),
+            "train_acc": finite_or_none(result.get("train_acc")),
+            "test_loss": finite_or_none(result.get("test_loss")), "protocol": spec.get("protocol"),
+            "tune_trial_id": tune_id, **config_columns({k: v for k, v in eval_cfg.items() if k != "seed"})}
 
 
 
@@ -212,7 +187,6 @@ def _check_kind(kind: str) -> None:
 
 
 def _normalize(value: Any) -> Any:
-    """Genotypes become their JSON, numpy/torch arrays and scalars plain Python values; the rest as is."""
     if value is None or isinstance(value, (str, bool, int, float)):
         return value
     convert = getattr(value, "to_json", None) or getattr(value, "tolist", None)
@@ -220,41 +194,35 @@ def _normalize(value: Any) -> Any:
 
 
 def to_table(kind: str, rows_or_table: pa.Table | Sequence[Mapping[str, Any]]) -> pa.Table:
-    """Rows (mappings) or a table as a table of ``kind``: known columns typed and first, extra ones inferred.
-
-    Raises ``ValueError`` (one line) when a value cannot be stored (an arbitrary object, a string in a float
-    column) or a ``status`` is outside ``done|running|failed``."""
+    """Rows (mappings) or a table as a table of ``kind``: known columns typed and first, extra ones inferred; a
+    ``ValueError`` (one line) for a value that cannot be stored or a ``status`` outside :data:`STATUSES`."""
     _check_kind(kind)
     schema = SCHEMAS[kind]
-    if isinstance(rows_or_table, pa.Table):
-        columns: dict[str, Any] = dict(zip(rows_or_table.column_names, rows_or_table.columns))
-        n_rows = rows_or_table.num_rows
+    rows = rows_or_table if isinstance(rows_or_table, pa.Table) else list(rows_or_table)
+    if isinstance(rows, pa.Table):
+        columns: dict[str, Any] = dict(zip(rows.column_names, rows.columns))
     else:
-        rows = list(rows_or_table)
-        n_rows = len(rows)
         for row in rows:
             if not isinstance(row, Mapping):
                 raise ValueError(f"{kind} rows must be mappings, got {type(row).__name__}")
-        names = dict.fromkeys(str(k) for row in rows for k in row)
-        columns = {name: [_normalize(row.get(name)) for row in rows] for name in names}
+        columns = {name: [_normalize(row.get(name)) for row in rows]
+                   for name in dict.fromkeys(str(k) for row in rows for k in row)}
     arrays: dict[str, pa.Array | pa.ChunkedArray] = {}
     for name in list(schema.names) + [n for n in columns if n not in schema.names]:
         known = schema.field(name).type if name in schema.names else None
-        values = columns.get(name, [None] * n_rows)
+        values = columns.get(name, [None] * len(rows))
+        is_arrow = isinstance(values, pa.ChunkedArray)
         try:
-            if isinstance(values, pa.ChunkedArray):
-                arrays[name] = values if known is None else values.cast(known)
-            else:
-                array = pa.array(values, type=known)
-                if pa.types.is_floating(array.type) and array.null_count < len(array):
-                    # NaN metrics (a diverged search) are stored as nulls, which every reader treats as missing.
-                    array = pc.if_else(pc.is_nan(array), pa.scalar(None, array.type), array)
-                arrays[name] = array
+            array = values.cast(known or values.type) if is_arrow else pa.array(values, type=known)
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, OverflowError) as err:
             detail = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise ValueError(f"{kind} column {name!r} cannot be stored: {detail}") from None
+        if not is_arrow and pa.types.is_floating(array.type) and array.null_count < len(array):
+            # NaN metrics (a diverged search) are stored as nulls, which every reader treats as missing.
+            array = pc.if_else(pc.is_nan(array), pa.scalar(None, array.type), array)
+        arrays[name] = array
     table = pa.table(arrays)
-    if kind in _STATUS_KINDS:
+    if kind in ("trials", "evaluations"):
         bad = [s for s in table["status"].unique().to_pylist() if s not in (*STATUSES, None)]
         if bad:
             raise ValueError(f"{kind} status {bad[0]!r} is not one of {', '.join(STATUSES)}")
@@ -266,8 +234,6 @@ def dedupe_latest(table: pa.Table, key: Sequence[str]) -> pa.Table:
     for name in key:
         if name not in table.column_names:
             raise ValueError(f"key column {name!r} is missing from the rows")
-    if not table.num_rows:
-        return table
     rows = table.select(list(key)).append_column("__row", pa.array(range(table.num_rows), type=_I))
     last = rows.group_by(list(key), use_threads=False).aggregate([("__row", "max")])
     return table.take(last.sort_by("__row_max")["__row_max"])  # in their original order
@@ -275,13 +241,7 @@ def dedupe_latest(table: pa.Table, key: Sequence[str]) -> pa.Table:
 
 # -- the store -------------------------------------------------------------------------------------------------
 class ResultStore:
-    """The Parquet records of one experiment: ``<storage>/<name>/<kind>.parquet/`` folders of fragment files.
-
-    Every :meth:`upsert` writes one new fragment and never touches an existing one: a flush costs what it writes,
-    two writers lose nothing, and on object stores it is one PUT. Fragment names start with the write time, so
-    reading a folder in name order and keeping the last row per key (:data:`DEFAULT_KEYS`) gives the latest state.
-    :meth:`compact` writes the merged file before deleting the old ones; a reader in between keeps one of each row.
-    """
+    """The Parquet records of one experiment (``storage``: a directory or a URI :mod:`pyarrow.fs` understands)."""
 
     def __init__(self, storage: str, name: str) -> None:
         storage = os.fspath(storage)
@@ -292,12 +252,9 @@ class ResultStore:
                 self.fs, base = pafs.FileSystem.from_uri(storage)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:
                 raise ValueError(f"storage {storage!r} is not a URI pyarrow understands: {err}") from None
-            self._uri_prefix = storage.split("://", 1)[0] + "://"
         else:
             self.fs, base = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(storage))
-            self._uri_prefix = ""
-        self.storage = storage
-        self.name = name
+        self.storage, self.name = storage, name
         self.root = f"{base.rstrip('/')}/{name}"
         self._atomic_put = self.fs.type_name in {"s3", "gcs"}  # object stores: one PUT is atomic
 
@@ -311,14 +268,14 @@ class ResultStore:
 
     def uri(self, kind: str) -> str:
         """The folder of ``kind`` as pandas, DuckDB or Ray Data want it (``s3://...`` on S3, a path locally)."""
-        return self.path(kind) if self._uri_prefix == "file://" else f"{self._uri_prefix}{self.path(kind)}"
+        scheme, sep, _ = self.storage.partition("://")
+        return f"{scheme}://{self.path(kind)}" if sep and scheme != "file" else self.path(kind)
 
     def fragments(self, kind: str) -> list[str]:
         """The fragment files of ``kind``, oldest first (hidden temporary files excluded)."""
         infos = self.fs.get_file_info(pafs.FileSelector(self.path(kind), allow_not_found=True))
-        names = [i.path for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
-                 and not i.base_name.startswith(".")]
-        return sorted(names, key=lambda p: p.rsplit("/", 1)[-1])
+        return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
+                      and not i.base_name.startswith("."))  # one folder: sorted by name
 
     def exists(self, kind: str) -> bool:
         return bool(self.fragments(kind))
@@ -335,15 +292,11 @@ class ResultStore:
             raise ValueError(f"stored fragments do not fit together: {str(err).splitlines()[0]}") from None
         return dedupe_latest(ds.dataset(files, filesystem=self.fs, schema=schema).to_table(), DEFAULT_KEYS[kind])
 
-    def upsert(self, kind: str, rows: pa.Table | Sequence[Mapping[str, Any]],
-               key: Sequence[str] | None = None) -> pa.Table:
-        """Record ``rows`` as one new fragment; on reading they replace earlier rows with the same key
-        (:data:`DEFAULT_KEYS`), so a restarted trial re-reporting an epoch never duplicates it."""
+    def upsert(self, kind: str, rows: pa.Table | Sequence[Mapping[str, Any]]) -> pa.Table:
+        """Record ``rows`` as one new fragment; on reading they replace earlier rows with the same key."""
         new = to_table(kind, rows)
-        for name in DEFAULT_KEYS[kind] if key is None else key:
-            if name not in new.column_names:
-                raise ValueError(f"upsert key column {name!r} is missing from the new rows")
-            if new.num_rows and new.column(name).null_count:
+        for name in DEFAULT_KEYS[kind]:  # known columns: always there
+            if new.column(name).null_count:
                 raise ValueError(f"upsert key column {name!r} has null values in the new rows")
         if new.num_rows:
             self._write_fragment(kind, new)
@@ -358,11 +311,9 @@ class ResultStore:
         return table
 
     def compact(self, kind: str) -> int:
-        """Replace the fragments of ``kind`` by one holding the latest row per key; returns the rows kept.
-
-        The compacted file sorts right after the newest fragment it replaces (and before any written since)."""
+        """Replace the fragments of ``kind`` by one, named to sort right after the newest of them; the rows kept."""
         files = self.fragments(kind)
-        table = self.read(kind, files) if files else SCHEMAS[kind].empty_table()
+        table = self.read(kind, files)
         if len(files) >= 2:
             self._write_fragment(kind, table, files[-1].rsplit("/", 1)[-1][:-len(".parquet")] + "~c")
             self._delete(files)
@@ -370,12 +321,13 @@ class ResultStore:
 
     # -- files ---------------------------------------------------------------------------------------------------
     def _write_fragment(self, kind: str, table: pa.Table, stem: str | None = None) -> None:
+        # Names start with the write time, so reading a folder in name order and keeping the last row per key
+        # (DEFAULT_KEYS) gives the latest state; a reader during compact() sees a row twice and keeps one.
         stem = stem or f"part-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._atomic_write(f"{self.path(kind)}/{stem}.parquet", lambda sink: pq.write_table(table, sink))
 
     def _atomic_write(self, path: str, write: Callable[[Any], None]) -> None:
-        """Write ``path`` whole or not at all: one PUT on object stores, else a hidden temp file renamed."""
-        if self._atomic_put:  # no directories to create either
+        if self._atomic_put:  # whole or not at all: one PUT on object stores (no directories to create either)
             with self.fs.open_output_stream(path) as sink:
                 write(sink)
             return
@@ -402,9 +354,6 @@ class ResultStore:
     def write_file(self, name: str, data: bytes) -> None:
         """Replace ``<root>/<name>`` with ``data``, atomically."""
         self._atomic_write(f"{self.root}/{name}", lambda sink: sink.write(data))
-
-    def delete_file(self, name: str) -> None:
-        self._delete([f"{self.root}/{name}"])
 
     def read_json(self, name: str) -> Any:
         data = self.read_file(name)
@@ -440,9 +389,8 @@ def _owner_alive(lock: Mapping[str, Any]) -> bool:
 
 
 class ExperimentLock:
-    """``with ExperimentLock(store):`` this process is the one writer of the experiment (``lock.json``: a second
-    writer is refused while the first is alive: same host, its pid; another host, a heartbeat under
-    :data:`LOCK_STALE_S` old). A driver killed outright leaves a lock that the next run takes over."""
+    """``with ExperimentLock(store):`` the one writer of the experiment; a second is refused while the first lives
+    (same host: its pid; another host: a heartbeat under :data:`LOCK_STALE_S` old)."""
 
     def __init__(self, store: ResultStore):
         self.store = store
@@ -460,7 +408,7 @@ class ExperimentLock:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.store.delete_file(LOCK_FILE)
+        self.store._delete([f"{self.store.root}/{LOCK_FILE}"])
         if not self.existed and not self.store.fs.get_file_info(pafs.FileSelector(self.store.root)):
             self.store.fs.delete_dir(self.store.root)  # nothing was written: leave no empty folder behind
 

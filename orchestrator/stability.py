@@ -1,7 +1,5 @@
-"""The stability table of an experiment: one row per configuration group (a configuration without its seed,
-:func:`orchestrator.results.group_key`) over its done seeds, from the experiment's trials, epochs and evaluations
-tables, with the statistics of :mod:`pcdarts_core.stability`; and its terminal rendering.
-"""
+"""The stability table of an experiment (one row per configuration group, over its done seeds, with the statistics
+of :mod:`pcdarts_core.stability`) from its trials, epochs and evaluations tables; and its terminal rendering."""
 
 from __future__ import annotations
 
@@ -27,7 +25,6 @@ if TYPE_CHECKING:
 
 # -- the table -------------------------------------------------------------------------------------------------
 def _column(table: pa.Table, name: str, floats: bool = False) -> Any:
-    """A column as a list, or as a float array with NaN for nulls; all None (NaN) when the table lacks it."""
     if name not in table.column_names:
         return np.full(table.num_rows, np.nan) if floats else [None] * table.num_rows
     col = table.column(name)
@@ -50,9 +47,9 @@ def _stop_epochs(epochs: pa.Table, trial_ids: set[str]) -> dict[str, int]:
     """:func:`stopped_changing_epoch` of every listed trial with epoch rows, vectorized over the epochs table."""
     if epochs.num_rows == 0 or not {"trial_id", "epoch", "genotype"} <= set(epochs.column_names):
         return {}
-    t = epochs.select(["trial_id", "epoch", "genotype"])
-    t = t.filter(pc.and_(pc.and_(pc.is_valid(t["genotype"]), pc.is_valid(t["epoch"])),
-                         pc.is_in(t["trial_id"], value_set=pa.array(sorted(trial_ids), type=pa.string()))))
+    ids = pa.array(sorted(trial_ids), type=pa.string())
+    t = epochs.select(["trial_id", "epoch", "genotype"]).filter(
+        pc.field("genotype").is_valid() & pc.field("epoch").is_valid() & pc.field("trial_id").isin(ids))
     if t.num_rows == 0:
         return {}
     tid = pc.dictionary_encode(t["trial_id"]).combine_chunks()
@@ -90,12 +87,8 @@ def _summary(prefix: str, s: Summary, fields: tuple[str, ...] = ("mean", "std", 
 
 def stability_table(trials: pa.Table, epochs: pa.Table | None = None, evaluations: pa.Table | None = None,
                     *, options: StabilityOptions | None = None) -> pa.Table:
-    """One row per configuration group (columns of ``results.SCHEMAS["stability"]``), sorted by group.
-
-    Seeds are the group's ``done`` trials. Done (or status-less) evaluations with a ``test_acc`` count:
-    ``trial:<id>`` toward that trial's group (averaged per trial first, so each search counts once),
-    ``consensus:<group>`` toward ``consensus_eval_acc_mean``; other sources (baselines) and rows of unknown trials
-    are ignored. ``epochs`` gives ``stop_changing_epoch_mean`` over the seeds that have rows."""
+    """One row per configuration group (``results.SCHEMAS["stability"]`` columns), sorted. Seeds are its done trials;
+    done (or status-less) evaluations count once per search (``trial:<id>``, averaged) or toward the consensus's."""
     opts = options or StabilityOptions()
     for name in ("trial_id", "group", "status"):
         if name not in trials.column_names:
@@ -115,32 +108,29 @@ def stability_table(trials: pa.Table, epochs: pa.Table | None = None, evaluation
     done_ids = {trial_ids[i] for i, s in enumerate(status) if s == "done"}
     stop = _stop_epochs(epochs, done_ids) if epochs is not None else {}
 
-    trial_eval: dict[str, list[float]] = {}
-    consensus_eval: dict[str, list[float]] = {}
+    evals: dict[tuple[str, str], list[float]] = {}  # test accuracies of ("trial", <id>) and ("consensus", <group>)
     if evaluations is not None and evaluations.num_rows and "source" in evaluations.column_names:
         for source, st, acc in zip(_column(evaluations, "source"), _column(evaluations, "status"),
                                    _column(evaluations, "test_acc", floats=True)):
             if source is None or st not in (None, "done") or not math.isfinite(acc):
                 continue
             kind, value = parse_source(source)
-            if kind == "trial" and value in done_ids:  # only done seeds count
-                trial_eval.setdefault(value, []).append(float(acc))
-            elif kind == "consensus":
-                consensus_eval.setdefault(value, []).append(float(acc))
+            if kind == "consensus" or (kind == "trial" and value in done_ids):  # only done seeds count
+                evals.setdefault((kind, value), []).append(float(acc))
 
     rows: list[dict[str, Any]] = []
     for grp in sorted(by_group):
         idx = by_group[grp]
         done = [i for i in idx if status[i] == "done"]
         acc = summarize(val[done], opts)
-        ev = summarize([sum(v) / len(v) for v in (trial_eval.get(trial_ids[i]) for i in done) if v], opts)
+        ev = summarize([sum(v) / len(v) for v in (evals.get(("trial", trial_ids[i])) for i in done) if v], opts)
         try:
             gstats = genotype_stats([_genotype(genos[i], f"trial {trial_ids[i]!r} genotype")
                                      for i in done if genos[i] is not None], opts.collapse_threshold)
         except ValueError as err:
             raise ValueError(f"group {grp!r}: {err}") from None
         stops = [stop[trial_ids[i]] for i in done if trial_ids[i] in stop]
-        cons_evals = consensus_eval.get(grp, [])
+        cons_evals = evals.get(("consensus", grp), [])
         row = {"group": grp, "n_seeds": len(done), "n_failed": sum(status[i] == "failed" for i in idx),
                "n_running": sum(status[i] == "running" for i in idx),
                **_summary("val_acc", acc), "best_minus_mean": acc.best_minus_mean,
@@ -160,21 +150,15 @@ def stability_table(trials: pa.Table, epochs: pa.Table | None = None, evaluation
 
 
 # -- terminal output -------------------------------------------------------------------------------------------
-def _fmt(value: Any, spec: str = ".2f", none: str = "-") -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return none
-    return format(value, spec)
+def _fmt(value: Any, spec: str = ".2f") -> str:
+    return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
 
 
-def _acc_cell(mean: Any, std: Any, low: Any, high: Any) -> str:
+def _acc_cell(mean: Any, std: Any, low: Any = None, high: Any = None, n: Any = None) -> str:
     if mean is None:
         return "-"
-    text = _fmt(mean)
-    if std is not None:
-        text += f" ± {_fmt(std)}"
-    if low is not None and high is not None and high > low:
-        text += f"\n[{_fmt(low)}, {_fmt(high)}]"
-    return text
+    ci = f"\n[{_fmt(low)}, {_fmt(high)}]" if low is not None and high is not None and high > low else ""
+    return _fmt(mean) + (f" ± {_fmt(std)}" if std is not None else "") + ci + ("" if n is None else f" ({n})")
 
 
 def render_table(table: pa.Table, console: Console | None = None,
@@ -189,15 +173,13 @@ def render_table(table: pa.Table, console: Console | None = None,
         out.add_column(header, justify="right", no_wrap=True)
     for row in table.to_pylist():
         seeds = str(row.get("n_seeds", 0)) + (f"\n{row['n_failed']} fail" if row.get("n_failed") else "")
-        eval_text = _acc_cell(row.get("eval_acc_mean"), row.get("eval_acc_std"), None, None)
-        if row.get("eval_acc_mean") is not None:
-            eval_text += f" ({row.get('n_evaluated', 0)})"
-        collapse = row.get("collapse_rate")
         out.add_row(str(row.get("group", "")), seeds,
                     _acc_cell(*(row.get(f"val_acc_{k}") for k in ("mean", "std", "ci_low", "ci_high"))),
                     _fmt(row.get("best_minus_mean")), _fmt(row.get("genotype_distance_mean"), ".3f"),
                     _fmt(row.get("n_distinct_genotypes"), "d"), _fmt(row.get("skip_normal_mean"), ".1f"),
-                    "-" if collapse is None else f"{collapse:.0%}", eval_text, _fmt(row.get("consensus_eval_acc_mean")))
+                    _fmt(row.get("collapse_rate"), ".0%"),
+                    _acc_cell(row.get("eval_acc_mean"), row.get("eval_acc_std"), n=row.get("n_evaluated", 0)),
+                    _fmt(row.get("consensus_eval_acc_mean")))
     if console is not None:
         console.print(out)
     return out
