@@ -157,7 +157,7 @@ class ParquetResults(Callback):
         self._epochs: list[dict[str, Any]] = []
         self._last_flush = self._last_beat = time.monotonic()
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple:  # Tune pickles the callback: only its settings travel, not buffers or the store
         return type(self), (self.storage, self.name, self.kind, self.grid_keys, self.eval_config)
 
     @functools.cached_property
@@ -178,7 +178,7 @@ class ParquetResults(Callback):
         self._last_flush = time.monotonic()
 
     def _write_trial(self, trial: Any, status: str, error: str | None = None) -> None:
-        # the row of a stability search or an evaluation as it starts, ends or fails (HPO rows are per seed)
+        """The row of a stability search or an evaluation as it starts, ends or fails (HPO rows are per seed)."""
         result = trial.last_result or {}
         if status == "done" and result.get("error"):  # a trial that ended on a deterministic failure
             status, error = "failed", result["error"]
