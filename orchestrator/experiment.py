@@ -1,32 +1,23 @@
-"""One experiment on Ray Tune, whatever its kind (stability sweep, HPO, evaluation): what ``orchestrator.sweep``
-and ``orchestrator.evaluate`` share.
-
-- **Claim and lock.** ``sweep.json`` records the experiment's kind, the settings that define its trials and the
-  whole preset; it is written once Ray has been reached, and a rerun with other settings is refused. ``lock.json``
-  makes one process the writer of an experiment: a second one is refused while the first is alive (same host: its
-  pid; another host: its heartbeat, refreshed every minute, younger than :data:`LOCK_STALE_S`). A driver killed
-  outright leaves a lock that the next run takes over.
-- **Recording.** :class:`ParquetResults` is the Tune callback on the driver that turns reported results into rows
-  (through the row builders of :mod:`orchestrator.results`) and appends them, buffered, as new fragments.
-- **Running.** :func:`run_tuner` restores an interrupted experiment or starts one; :func:`run_config` is Ray's own
-  ``RunConfig``/``FailureConfig``/``CheckpointConfig`` for every kind; :func:`finish` compacts the records,
-  recomputes the stability table and returns the exit status.
-"""
+"""One experiment on Ray Tune of any kind (stability sweep, HPO, evaluation): its claim (``sweep.json``), the
+driver callback that records it, running it, and its end (what ``orchestrator.sweep`` and ``evaluate`` share)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
+import statistics
 import time
+from collections import Counter
 from typing import Any, Mapping, Sequence
 
 from ray.tune import Callback
 
 from .cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
 from .progress import console, error_line, last_error_line, stop_all
-from .results import KINDS, ResultStore, heartbeat, epoch_row, eval_row, group_key, search_row
+from .results import ResultStore, heartbeat, epoch_row, eval_row, group_key, search_row
 
 SWEEP_FILE = "sweep.json"
 LOCK_HEARTBEAT_S = 60.0
@@ -37,30 +28,25 @@ def experiment_uri(storage: str, name: str) -> str:
     return f"{storage.rstrip('/')}/{name}"
 
 
-# -- claim and lock ----------------------------------------------------------------------------------------------
+# -- the claim -------------------------------------------------------------------------------------------------
 def claim_experiment(store: ResultStore, kind: str, settings: Mapping[str, Any],
                      preset: Mapping[str, Any] | None = None) -> None:
-    """Record what this experiment is (``sweep.json``: its kind, the settings that define its trials and the
-    whole preset, which ``orchestrator.evaluate`` reuses); refuse to resume one started with other settings."""
-    record = {"kind": kind, "settings": settings, "preset": dict(preset or {})}
-    try:
-        previous = store.read_json(SWEEP_FILE)
-    except ValueError:
-        previous = False
-    if previous is not None:
-        if not isinstance(previous, dict):
+    """Record what this experiment is (kind, settings, and the preset ``evaluate`` reuses); refuse other settings."""
+    previous = read_claim(store)
+    if previous is None:
+        if store.read_file(SWEEP_FILE) is not None:
             raise ValueError(f"{store.root}/{SWEEP_FILE} is not a sweep record of this project")
-        if previous.get("kind") != kind:
-            raise ValueError(f"experiment {store.name!r} is a {previous.get('kind')} run, not {kind}; "
-                             f"use --name for a new experiment")
+        store.write_json(SWEEP_FILE, {"kind": kind, "settings": settings, "preset": dict(preset or {})})
+    elif previous.get("kind") != kind:
+        raise ValueError(f"experiment {store.name!r} is a {previous.get('kind')} run, not {kind}; "
+                         f"use --name for a new experiment")
+    else:
         before = json.loads(json.dumps(previous.get("settings"), sort_keys=True, default=str))
         now = json.loads(json.dumps(settings, sort_keys=True, default=str))
         if before != now:
             changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
             raise ValueError(f"experiment {store.name!r} in {store.storage} was started with different settings "
                              f"({', '.join(changed)} differ); rerun it unchanged to resume, or pick another --name")
-        return
-    store.write_json(SWEEP_FILE, record)
 
 
 def read_claim(store: ResultStore) -> dict[str, Any] | None:
@@ -74,11 +60,9 @@ def read_claim(store: ResultStore) -> dict[str, Any] | None:
 # -- running on Tune -------------------------------------------------------------------------------------------
 def abs_data_dir(values: Mapping[str, Any]) -> dict[str, Any]:
     """Local paths (the dataset root, a NAS-Bench-201 file) made absolute: Ray workers run elsewhere."""
-    out = dict(values)
-    for key in ("data_dir", "nb201_benchmark"):
-        if out.get(key) is not None and "://" not in str(out[key]):
-            out[key] = os.path.abspath(os.path.expanduser(str(out[key])))
-    return out
+    paths = {k: os.path.abspath(os.path.expanduser(str(v))) for k, v in values.items()
+             if k in ("data_dir", "nb201_benchmark") and v is not None and "://" not in str(v)}
+    return {**values, **paths}
 
 
 def tune_resources(res: Mapping[str, float]) -> dict[str, float]:
@@ -99,23 +83,19 @@ REUSE_ACTORS = True
 
 def run_tuner(trainable: Any, path: str, make_tuner: Any, verbose: bool = False) -> Any:
     """``Tuner.restore(path, resume_errored=True)`` when ``path`` holds a Tune experiment, else ``make_tuner()``;
-    then ``fit()``. Live displays are stopped however ``fit`` ends. Unless ``verbose``, Tune's own output is off
-    (its new output engine prints a header even at ``verbose=0``; the legacy one is silent there)."""
+    then ``fit()``, stopping live displays however it ends. Tune's own output is off unless ``verbose``."""
     from ray import tune
 
     if not verbose:
-        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the new output engine prints a header even at verbose=0
         # Tune logs every trial failure with its traceback; the progress display prints one line instead and
         # the errors are kept in the Parquet files and the trials' error.txt.
         logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
-
     try:
         if tune.Tuner.can_restore(path):
             console().print(f"resuming the Tune experiment at {path}")
-            tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
-        else:
-            tuner = make_tuner()
-        return tuner.fit()
+            return tune.Tuner.restore(path, trainable=trainable, resume_errored=True).fit()
+        return make_tuner().fit()
     finally:
         stop_all()
 
@@ -131,26 +111,17 @@ def run_config(name: str, exp: str, callbacks: list, failure: Any, verbose: bool
         verbose=1 if verbose else 0)
 
 
-
-# -- groups of searches ------------------------------------------------------------------------------------------
+# -- rows of searches ------------------------------------------------------------------------------------------
 def search_group(search: Mapping[str, Any], grid_keys: Sequence[str]) -> str:
     """A search's group: its method and the values of the grid's keys (``method=pcdarts,k=4``)."""
-    values = {"method": search.get("method", "pcdarts")}
-    values.update({k: search.get(k) for k in grid_keys})
-    return group_key(values)
-
-
-def _sig(value: Any, digits: int = 4) -> Any:
-    if isinstance(value, float) and value != 0 and math.isfinite(value):
-        return float(f"{value:.{digits}g}")
-    return value
+    return group_key({"method": search.get("method", "pcdarts"), **{k: search.get(k) for k in grid_keys}})
 
 
 def hpo_group(search: Mapping[str, Any], params: Mapping[str, Any]) -> str:
     """An HPO configuration's group: its method and sampled values (4 significant digits)."""
-    values = {"method": search.get("method", "pcdarts")}
-    values.update({k: _sig(v) for k, v in params.items()})
-    return group_key(values)
+    return group_key({"method": search.get("method", "pcdarts"),
+                      **{k: float(f"{v:.4g}") if isinstance(v, float) and v != 0 and math.isfinite(v) else v
+                         for k, v in params.items()}})
 
 
 def stability_trial_row(trial_id: str, config: Mapping[str, Any], result: Mapping[str, Any] | None, status: str,
@@ -172,13 +143,9 @@ def hpo_seed_row(tune_id: str, config: Mapping[str, Any], result: Mapping[str, A
 
 # -- the driver callback that writes the Parquet files -----------------------------------------------------------
 class ParquetResults(Callback):
-    """Writes trials/epochs/evaluations rows as results arrive (upserts: a resumed sweep never duplicates).
-
-    ``kind``: 'stability' (one trial = one search), 'hpo' (one trial = one configuration over seeds; rows per
-    seed) or 'evaluate' (one trial = one retraining). Epoch rows are buffered and flushed every few
-    seconds, when a trial ends, and before Tune saves its experiment state (``get_state``), so every epoch
-    that a resumed trial will not repeat is on disk first. Holds plain settings only (Tune pickles it).
-    """
+    """Writes the rows of a ``kind`` of experiment as results arrive: 'stability' (a trial is a search), 'hpo' (a
+    configuration over seeds: rows per seed) or 'evaluate' (a retraining). Epoch rows are flushed every few seconds,
+    when a trial ends and before Tune saves its state, so no epoch a resumed trial skips is lost."""
 
     FLUSH_EVERY_S = 5.0
 
@@ -187,30 +154,17 @@ class ParquetResults(Callback):
         self.storage, self.name, self.kind = storage, name, kind
         self.grid_keys = list(grid_keys)
         self.eval_config = dict(eval_config or {})
-        self._init_runtime()
-
-    def _init_runtime(self) -> None:
-        self._store: ResultStore | None = None
         self._epochs: list[dict[str, Any]] = []
         self._last_flush = self._last_beat = time.monotonic()
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: self.__dict__[k] for k in ("storage", "name", "kind", "grid_keys", "eval_config")}
+    def __reduce__(self) -> tuple:  # Tune pickles the callback: only its settings travel, not buffers or the store
+        return type(self), (self.storage, self.name, self.kind, self.grid_keys, self.eval_config)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._init_runtime()
-
-    @property
+    @functools.cached_property
     def store(self) -> ResultStore:
-        if self._store is None:
-            self._store = ResultStore(self.storage, self.name)
-        return self._store
+        return ResultStore(self.storage, self.name)
 
-    # -- writing ---------------------------------------------------------------------------------------
     def _upsert(self, kind: str, rows: list[dict[str, Any]]) -> bool:
-        if not rows:
-            return True
         try:
             self.store.upsert(kind, rows)
             return True
@@ -223,30 +177,28 @@ class ParquetResults(Callback):
             self._epochs = []
         self._last_flush = time.monotonic()
 
-    def _trial_row(self, trial: Any, status: str, error: str | None = None) -> dict[str, Any] | None:
+    def _write_trial(self, trial: Any, status: str, error: str | None = None) -> None:
+        """The row of a stability search or an evaluation as it starts, ends or fails (HPO rows are per seed)."""
         result = trial.last_result or {}
         if status == "done" and result.get("error"):  # a trial that ended on a deterministic failure
             status, error = "failed", result["error"]
         if self.kind == "stability":
-            return stability_trial_row(trial.trial_id, trial.config, result, status, self.grid_keys, error,
-                                       trial.num_failures)
-        if self.kind == "evaluate":
-            return eval_row(trial.config["spec"], self.eval_config, result, status, error, trial.trial_id)
-        return None
+            self._upsert("trials", [stability_trial_row(trial.trial_id, trial.config, result, status, self.grid_keys,
+                                                        error, trial.num_failures)])
+        elif self.kind == "evaluate":
+            self._upsert("evaluations", [eval_row(trial.config["spec"], self.eval_config, result, status, error,
+                                                  trial.trial_id)])
 
     # -- Tune hooks ------------------------------------------------------------------------------------
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        row = self._trial_row(trial, "running")
-        if row is not None:
-            self._upsert("evaluations" if self.kind == "evaluate" else "trials", [row])
+        self._write_trial(trial, "running")
 
-    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any],
-                        **info: Any) -> None:
+    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict, **info: Any) -> None:
+        cfg = trial.config
         if self.kind == "stability":
-            group = search_group(trial.config["search"], self.grid_keys)
-            self._epochs.append(epoch_row(trial.trial_id, group, trial.config["seed"], result))
+            self._epochs.append(epoch_row(trial.trial_id, search_group(cfg["search"], self.grid_keys), cfg["seed"],
+                                          result))
         elif self.kind == "hpo":
-            cfg = trial.config
             seed = result.get("seed")
             group = hpo_group(cfg["search"], cfg["params"])
             self._epochs.append(epoch_row(f"{trial.trial_id}-s{seed}", group, seed, result))
@@ -263,24 +215,18 @@ class ParquetResults(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self.flush()
-        row = self._trial_row(trial, "done")
-        if row is not None:
-            self._upsert("evaluations" if self.kind == "evaluate" else "trials", [row])
+        self._write_trial(trial, "done")
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self.flush()
-        error = error_line(trial)
-        if self.kind == "hpo":
-            result = trial.last_result or {}
-            if result.get("seed_done"):  # it failed after that seed: the next one is the failed search
-                seeds = list(trial.config["seeds"])
-                nxt = seeds.index(result["seed"]) + 1 if result.get("seed") in seeds else 0
-                result = {"seed": seeds[min(nxt, len(seeds) - 1)]}
-            self._upsert("trials", [hpo_seed_row(trial.trial_id, trial.config, result, "failed", error)])
-            return
-        row = self._trial_row(trial, "failed", error)
-        if row is not None:
-            self._upsert("evaluations" if self.kind == "evaluate" else "trials", [row])
+        if self.kind != "hpo":
+            return self._write_trial(trial, "failed", error_line(trial))
+        result = trial.last_result or {}
+        if result.get("seed_done"):  # it failed after that seed: the next one is the failed search
+            seeds = list(trial.config["seeds"])
+            nxt = seeds.index(result["seed"]) + 1 if result.get("seed") in seeds else 0
+            result = {"seed": seeds[min(nxt, len(seeds) - 1)]}
+        self._upsert("trials", [hpo_seed_row(trial.trial_id, trial.config, result, "failed", error_line(trial))])
 
     def get_state(self) -> dict | None:
         self.flush()  # before Tune records checkpoints that resumed trials will start from
@@ -290,51 +236,45 @@ class ParquetResults(Callback):
         self.flush()
 
 
-# -- reconciling with what Tune knows ----------------------------------------------------------------------------
-def _results_of(grid: Any) -> list[tuple[str, dict[str, Any], dict[str, Any], str | None]]:
-    """(trial_id, config, last metrics, error line) of every trial of a ``ResultGrid``."""
-    out = []
-    for result in grid:
-        metrics = dict(result.metrics or {})
-        trial_id = metrics.get("trial_id") or os.path.basename(str(result.path).rstrip("/"))
-        error = last_error_line(str(result.error)) if result.error is not None else None
-        out.append((str(trial_id), dict(result.config or {}), metrics, error))
-    return out
-
-
+# -- the end of an experiment ----------------------------------------------------------------------------------
 def reconcile_stability(store: ResultStore, grid: Any, grid_keys: Sequence[str]) -> dict[str, int]:
     """Upsert every trial's final row from the ``ResultGrid`` (rows a killed driver never wrote); counts by status."""
-    rows = []
-    counts: dict[str, int] = {}
-    for trial_id, config, metrics, error in _results_of(grid):
+    rows, unstarted = [], 0
+    for result in grid:
+        config, metrics = dict(result.config or {}), dict(result.metrics or {})
         if "search" not in config:  # never started before an interruption: its row comes on resume
-            counts["running"] = counts.get("running", 0) + 1
+            unstarted += 1
             continue
-        error = error or metrics.get("error")
+        trial_id = str(metrics.get("trial_id") or os.path.basename(str(result.path).rstrip("/")))
+        error = (last_error_line(str(result.error)) if result.error is not None else None) or metrics.get("error")
         status = "failed" if error else ("done" if metrics.get("search_done") else "running")
         rows.append(stability_trial_row(trial_id, config, metrics, status, grid_keys, error))
-    if rows:
-        stored = store.read("trials")
-        existing = ({r["trial_id"]: r for r in stored.select(["trial_id", "num_failures"]).to_pylist()}
-                    if "num_failures" in stored.column_names else {})
+    stored = store.read("trials")
+    if "num_failures" in stored.column_names:  # the driver's count survives the final pass
+        failures = dict(zip(stored["trial_id"].to_pylist(), stored["num_failures"].to_pylist()))
         for row in rows:
-            if row.get("num_failures") is None and row["trial_id"] in existing:
-                row["num_failures"] = existing[row["trial_id"]].get("num_failures")
-        store.upsert("trials", rows)
-    for row in rows:
-        counts[row["status"]] = counts.get(row["status"], 0) + 1
-    return counts
+            row["num_failures"] = failures.get(row["trial_id"])
+    store.upsert("trials", rows)  # nothing when there are no rows
+    return Counter(row["status"] for row in rows) + Counter(running=unstarted)
 
 
-# -- the stability table -----------------------------------------------------------------------------------------
 def finish(store: ResultStore, counts: Mapping[str, int], what: str = "search(es)", show: bool = True) -> int:
     """The end of every experiment command: compact the records (one file per kind), recompute the stability
     table, say what failed and where its errors are, and return the exit status (0, 3 failed, 130 unfinished)."""
-    for kind in KINDS:
-        if kind != "stability":
-            store.compact(kind)
-    write_stability(store, show)
     from .report import publish  # the HTML report of the experiment; its path is printed
+    from .stability import render_table, stability_table
+
+    for kind in ("trials", "epochs", "evaluations"):
+        store.compact(kind)
+    trials = store.read("trials")
+    if trials.num_rows:
+        table = stability_table(trials, store.read("epochs"), store.read("evaluations"))
+        store.write_table("stability", table)
+        if show:
+            render_table(table, console(), title=f"Search stability per group: {store.name}")
+            render_baselines(store)
+    elif show:
+        console().print(f"no search results in {store.root} yet")
     publish(store)
     failed, unfinished = counts.get("failed", 0), counts.get("running", 0)
     if failed:
@@ -346,61 +286,22 @@ def finish(store: ResultStore, counts: Mapping[str, int], what: str = "search(es
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def write_stability(store: ResultStore, show: bool = True) -> Any:
-    """Recompute ``stability.parquet`` from the other three kinds; print it (and the baselines) when ``show``."""
-    from .stability import render_table, stability_table
-
-    trials = store.read("trials")
-    if trials.num_rows == 0:
-        if show:
-            console().print(f"no search results in {store.root} yet")
-        return None
-    table = stability_table(trials, store.read("epochs"), store.read("evaluations"))
-    store.write_table("stability", table)
-    if show:
-        render_table(table, console(), title=f"Search stability per group: {store.name}")
-        render_baselines(store)
-    return table
-
-
-def baseline_rows(evaluations: Any) -> list[dict[str, Any]]:
-    """Evaluated accuracy per source kind that is not a group's own (random cells, published, named cells)."""
-    from .results import parse_source
-
-    if evaluations is None or evaluations.num_rows == 0:
-        return []
-    per: dict[str, list[float]] = {}
-    for row in evaluations.select(["source", "status", "test_acc"]).to_pylist():
-        if row["status"] != "done" or row["test_acc"] is None:
-            continue
-        try:
-            kind, value = parse_source(row["source"])
-        except ValueError:
-            continue
-        if kind in ("random", "published"):
-            label = "random DARTS-space cells" if kind == "random" else f"published {value}"
-            per.setdefault(label, []).append(float(row["test_acc"]))
-    out = []
-    for label, values in sorted(per.items()):
-        n = len(values)
-        mean = sum(values) / n
-        std = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else None
-        out.append({"source": label, "n": n, "mean": mean, "std": std, "best": max(values)})
-    return out
-
-
 def render_baselines(store: ResultStore) -> None:
-    rows = baseline_rows(store.read("evaluations"))
-    if not rows:
-        return
+    """Print the evaluated accuracy of the baselines (random cells, published genotypes), when there are any."""
     from rich.table import Table
 
+    per: dict[str, list[float]] = {}
+    for row in store.read("evaluations").select(["source", "status", "test_acc"]).to_pylist():
+        kind, sep, value = str(row["source"]).partition(":")
+        if row["status"] == "done" and row["test_acc"] is not None and sep and kind in ("random", "published"):
+            label = "random DARTS-space cells" if kind == "random" else f"published {value}"
+            per.setdefault(label, []).append(float(row["test_acc"]))
+    if not per:
+        return
     table = Table(title="Baselines under the same evaluation protocol", show_lines=False)
     for col in ("source", "evaluations", "test acc mean ± std", "best"):
         table.add_column(col, justify="left" if col == "source" else "right")
-    for r in rows:
-        acc = f"{r['mean']:.4f}" + (f" ± {r['std']:.4f}" if r["std"] is not None else "")
-        table.add_row(r["source"], str(r["n"]), acc, f"{r['best']:.4f}")
+    for label, values in sorted(per.items()):
+        std = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
+        table.add_row(label, str(len(values)), f"{sum(values) / len(values):.4f}{std}", f"{max(values):.4f}")
     console().print(table)
-
-

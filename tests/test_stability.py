@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from orchestrator.results import ResultStore, SCHEMAS
-from orchestrator.stability import _GenotypeCache, _stop_epochs, render_table, stability_table
+from orchestrator.stability import _stop_epochs, render_table, stability_table
 from pcdarts_core.stability import (StabilityOptions, best_minus_mean, bootstrap_ci, consensus, genotype_stats,
                                     is_collapsed, n_distinct, pairwise_distance_mean, pairwise_distances,
                                     selection_frequencies, skip_counts, stopped_changing_epoch, summarize)
@@ -166,7 +166,7 @@ def test_vectorized_stop_epochs_match_the_definition():
         rows += [{"trial_id": f"t{t}", "epoch": e, "genotype": g.to_json()} for e, g in zip(epochs, seq)]
     rng.shuffle(rows)
     table = pa.Table.from_pylist(rows)
-    assert _stop_epochs(table, set(expected), _GenotypeCache()) == expected
+    assert _stop_epochs(table, set(expected)) == expected
 
 
 def _hand_made_tables():
