@@ -232,23 +232,6 @@ class StoreReporter(Reporter):
                                                 world_size=m.get("world_size"))])
 
 
-def recorded_settings(store: ResultStore, cfg: SearchConfig, resume: bool) -> dict[str, Any] | None:
-    """The settings record of an earlier attempt under this name (None: none), refused when this config may not
-    resume it; ``resume=True`` makes a missing run an error (a mistyped ``--name`` does not start afresh)."""
-    meta = store.read_json(CONFIG_FILE)
-    if meta is None:
-        if resume:
-            raise ValueError(f"--resume: there is no run named {store.name!r} under {store.storage}")
-        return None
-    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
-        raise ValueError(f"{store.root}/{CONFIG_FILE} is not a search config of this project")
-    changed = incompatible_settings(meta["config"], cfg.to_dict())
-    if changed:
-        raise ValueError(f"cannot resume run {store.name!r}: it was made with different settings "
-                         f"({', '.join(changed)}); pick another --name or the same settings")
-    return meta
-
-
 @dataclass
 class RunResult:
     name: str
@@ -281,7 +264,15 @@ def run_named(values: Mapping[str, Any], storage: str, name: str, launch: Callab
     store = ResultStore(storage, name)
     check_storage(store)
     with ExperimentLock(store):
-        meta = recorded_settings(store, cfg, resume)
+        meta = store.read_json(CONFIG_FILE)  # the settings record of an earlier attempt under this name
+        if meta is None and resume:  # a mistyped --name does not start afresh
+            raise ValueError(f"--resume: there is no run named {store.name!r} under {store.storage}")
+        if meta is not None and (not isinstance(meta, dict) or not isinstance(meta.get("config"), dict)):
+            raise ValueError(f"{store.root}/{CONFIG_FILE} is not a search config of this project")
+        changed = incompatible_settings(meta["config"], cfg.to_dict()) if meta else []
+        if changed:
+            raise ValueError(f"cannot resume run {store.name!r}: it was made with different settings "
+                             f"({', '.join(changed)}); pick another --name or the same settings")
         done = finished_result(store, meta, cfg, echo)
         if done is not None:
             return done
