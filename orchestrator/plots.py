@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
+from matplotlib import rc_context
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
@@ -23,33 +24,30 @@ def series_color(i: int) -> str:
     return SERIES_COLORS[i % len(SERIES_COLORS)]
 
 
-def _style(ax) -> None:
-    ax.grid(True, color=GRID, lw=0.6)
-    ax.set_axisbelow(True)
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
+def _gridded(build):
+    """:func:`styled`, with a light grid behind the data (the forest, line and Pareto charts)."""
+    return styled(rc_context({"axes.grid": True, "axes.axisbelow": True, "grid.color": GRID, "grid.linewidth": 0.6})
+                  (build))
 
 
 # -- heatmap ----------------------------------------------------------------------------------------------------
 @styled
 def heatmap(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], title: str, *, cmap: str = "Blues",
-            vmin: float = 0.0, vmax: float = 1.0, fmt: str = "{:.2f}", row_colors: Sequence[str] | None = None,
-            xlabel: str = "", ylabel: str = "", colorbar: str = "") -> Figure:
+            vmin: float = 0.0, vmax: float = 1.0, fmt: str = "{:.2f}", row_colors: Sequence[str] = (),
+            colorbar: str = "") -> Figure:
     """A labelled heatmap with its values written in the cells (blank where zero)."""
     m = np.asarray(matrix, dtype=float)
     cell = 0.36 if max(m.shape) <= 20 else 0.2
     fig = new_figure(max(3.4, 2.2 + cell * m.shape[1]), max(2.2, 1.2 + cell * m.shape[0]))
     ax = fig.add_subplot()
     image = ax.imshow(m, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
-    ax.set_xticks(range(len(cols)), cols, rotation=50 if max(map(len, cols), default=0) > 3 else 0, ha="right"
-                  if max(map(len, cols), default=0) > 3 else "center", rotation_mode="anchor")
+    slanted = max(map(len, cols), default=0) > 3
+    ax.set_xticks(range(len(cols)), cols, rotation=50 if slanted else 0, ha="right" if slanted else "center",
+                  rotation_mode="anchor")
     ax.set_yticks(range(len(rows)), rows)
-    if row_colors:
-        for tick, color in zip(ax.get_yticklabels(), row_colors):
-            tick.set_color(color)
+    for tick, color in zip(ax.get_yticklabels(), row_colors):
+        tick.set_color(color)
     ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
     ax.tick_params(length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)
@@ -77,16 +75,13 @@ class ForestRow:
     ci: tuple[float, float] | None = None
     best_minus_mean: float | None = None
     color: str = "#1f77b4"
-    point_labels: Sequence[str] = ()
 
 
-@styled
+@_gridded
 def forest(rows: Sequence[ForestRow], title: str, xlabel: str = "accuracy") -> Figure:
     """Horizontal forest plot, one row per entry, top to bottom; best - mean written on the right."""
     fig = new_figure(6.0, 1.0 + 0.36 * len(rows))
     ax = fig.add_subplot()
-    _style(ax)
-    ax.grid(True, axis="x", color=GRID, lw=0.6)
     ax.grid(False, axis="y")
     rng = np.random.default_rng(0)
     for i, row in enumerate(rows):
@@ -130,16 +125,15 @@ class Panel:
     ylim: tuple[float, float] | None = None
 
 
-@styled
-def line_panels(panels: Sequence[Panel], title: str = "", columns: int = 3) -> Figure:
+@_gridded
+def line_panels(panels: Sequence[Panel], columns: int = 3) -> Figure:
     """A grid of line charts sharing one legend (series labels of the first panel)."""
     columns = max(1, min(columns, len(panels)))
     nrows = -(-len(panels) // columns)
-    fig = new_figure(3.1 * columns + 0.9, 2.3 * nrows + (0.3 if title else 0))
+    fig = new_figure(3.1 * columns + 0.9, 2.3 * nrows)
     axes = fig.subplots(nrows, columns, squeeze=False)
     handles: dict[str, object] = {}
     for ax, panel in zip(axes.flat, panels):
-        _style(ax)
         for s in panel.series:
             x, y = np.asarray(s.x, dtype=float), np.asarray(s.y, dtype=float)
             (line,) = ax.plot(x, y, color=s.color, lw=1.3, ls="--" if s.dashed else "-", marker="o" if x.size < 3
@@ -165,8 +159,6 @@ def line_panels(panels: Sequence[Panel], title: str = "", columns: int = 3) -> F
         ax.set_visible(False)
     if handles:
         fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=7)
-    if title:
-        fig.suptitle(title, x=0.01, ha="left", fontsize=10)
     return fig
 
 
@@ -216,15 +208,12 @@ def pareto_mask(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Points not dominated when ``x`` is minimized and ``y`` maximized (NaNs never on the front)."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     ok = np.isfinite(x) & np.isfinite(y)
-    out = np.zeros(x.size, dtype=bool)
-    for i in np.flatnonzero(ok):
-        others = ok & (np.arange(x.size) != i)
-        dominated = others & (x <= x[i]) & (y >= y[i]) & ((x < x[i]) | (y > y[i]))
-        out[i] = not dominated.any()
-    return out
+    # dominated[i, j]: point j is at least as good as point i in both and better in one
+    dominated = (x <= x[:, None]) & (y >= y[:, None]) & ((x < x[:, None]) | (y > y[:, None])) & ok
+    return ok & ~dominated.any(axis=1)
 
 
-@styled
+@_gridded
 def pareto(x: Sequence[float], y: Sequence[float], labels: Sequence[str], title: str, xlabel: str, ylabel: str,
            yerr: Sequence[tuple[float, float] | None] = ()) -> Figure:
     """Scatter of configurations with the non-dominated ones (min x, max y) joined as a front and labelled."""
@@ -232,7 +221,6 @@ def pareto(x: Sequence[float], y: Sequence[float], labels: Sequence[str], title:
     front = pareto_mask(xs, ys)
     fig = new_figure(6.8, 4.2)
     ax = fig.add_subplot()
-    _style(ax)
     for i, err in enumerate(yerr):
         if err is not None and np.isfinite(xs[i]):
             ax.plot((xs[i], xs[i]), err, color=ACCENT if front[i] else MUTED, lw=1, alpha=0.4)
