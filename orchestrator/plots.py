@@ -6,41 +6,40 @@ mean is decided by :mod:`orchestrator.report`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
-from matplotlib import rc_context
+from matplotlib import colormaps, rc_context
+from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from pcdarts_core.visualize import ACCENT, GRID, INK, MUTED, new_figure, op_color, op_label, styled
 
-SERIES_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-                 "#bcbd22", "#17becf")
-
 
 def series_color(i: int) -> str:
-    return SERIES_COLORS[i % len(SERIES_COLORS)]
+    return to_hex(colormaps["tab10"](i % 10))  # matplotlib's default colour cycle
 
 
-def _gridded(build):
-    """:func:`styled`, with a light grid behind the data (the forest, line and Pareto charts)."""
-    return styled(rc_context({"axes.grid": True, "axes.axisbelow": True, "grid.color": GRID, "grid.linewidth": 0.6})
-                  (build))
+#: a light grid behind the data
+_GRID = {"axes.grid": True, "axes.axisbelow": True, "grid.color": GRID, "grid.linewidth": 0.6}
+
+
+def _styled(rc: dict):
+    """:func:`~pcdarts_core.visualize.styled`, with the settings ``rc`` on top."""
+    return lambda build: styled(rc_context(rc)(build))
 
 
 # -- heatmap ----------------------------------------------------------------------------------------------------
 @styled
 def heatmap(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], title: str, *, cmap: str = "Blues",
-            vmin: float = 0.0, vmax: float = 1.0, fmt: str = "{:.2f}", row_colors: Sequence[str] = (),
-            colorbar: str = "") -> Figure:
-    """A labelled heatmap with its values written in the cells (blank where zero)."""
+            fmt: str = "{:.2f}", row_colors: Sequence[str] = (), colorbar: str = "") -> Figure:
+    """A labelled heatmap of values in [0, 1], written in the cells (blank where zero)."""
     m = np.asarray(matrix, dtype=float)
     cell = 0.36 if max(m.shape) <= 20 else 0.2
     fig = new_figure(max(3.4, 2.2 + cell * m.shape[1]), max(2.2, 1.2 + cell * m.shape[0]))
     ax = fig.add_subplot()
-    image = ax.imshow(m, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    image = ax.imshow(m, cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
     slanted = max(map(len, cols), default=0) > 3
     ax.set_xticks(range(len(cols)), cols, rotation=50 if slanted else 0, ha="right" if slanted else "center",
                   rotation_mode="anchor")
@@ -49,24 +48,18 @@ def heatmap(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], title:
         tick.set_color(color)
     ax.set_title(title)
     ax.tick_params(length=0)
-    for spine in ax.spines.values():
-        spine.set_visible(False)
-    if max(m.shape) <= 24:
-        for (i, j), v in np.ndenumerate(m):
-            if np.isfinite(v) and v != 0:
-                light = (v - vmin) / ((vmax - vmin) or 1) > 0.55
-                ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=6.5,
-                        color="white" if light else INK)
+    ax.spines[:].set_visible(False)
+    for (i, j), v in np.ndenumerate(m) if max(m.shape) <= 24 else ():
+        if np.isfinite(v) and v != 0:
+            ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=6.5, color="white" if v > 0.55 else INK)
     bar = fig.colorbar(image, ax=ax, shrink=0.8, pad=0.02)
     bar.ax.tick_params(labelsize=6)
-    if colorbar:
-        bar.set_label(colorbar, fontsize=7)
+    bar.set_label(colorbar, fontsize=7)
     return fig
 
 
 # -- accuracy forest ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ForestRow:
+class ForestRow(NamedTuple):
     """One row of a forest plot: its seeds' values as dots, the mean as a diamond, the CI as a bar."""
 
     label: str
@@ -77,7 +70,7 @@ class ForestRow:
     color: str = "#1f77b4"
 
 
-@_gridded
+@_styled(_GRID)
 def forest(rows: Sequence[ForestRow], title: str, xlabel: str = "accuracy") -> Figure:
     """Horizontal forest plot, one row per entry, top to bottom; best - mean written on the right."""
     fig = new_figure(6.0, 1.0 + 0.36 * len(rows))
@@ -98,15 +91,13 @@ def forest(rows: Sequence[ForestRow], title: str, xlabel: str = "accuracy") -> F
             ax.annotate(f"best−mean {row.best_minus_mean:+.3f}", (1.0, y), xycoords=("axes fraction", "data"),
                         xytext=(4, 0), textcoords="offset points", va="center", fontsize=7.5, color=MUTED)
     ax.set_yticks(range(len(rows)), [r.label for r in reversed(rows)])
-    ax.set_ylim(-0.6, len(rows) - 0.4)
-    ax.set_xlabel(xlabel)
+    ax.set(ylim=(-0.6, len(rows) - 0.4), xlabel=xlabel)
     ax.set_title(title, loc="left")
     return fig
 
 
 # -- line panels -----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Series:
+class Series(NamedTuple):
     label: str
     x: Sequence[float]
     y: Sequence[float]
@@ -115,17 +106,16 @@ class Series:
     marks: Sequence[float] = ()  # x positions to mark on this series (e.g. where the genotype stopped changing)
 
 
-@dataclass(frozen=True)
-class Panel:
+class Panel(NamedTuple):
     title: str
     ylabel: str
     series: Sequence[Series]
-    hlines: Sequence[tuple[float, str]] = field(default_factory=tuple)
+    hlines: Sequence[tuple[float, str]] = ()
     xlabel: str = "epoch"
     ylim: tuple[float, float] | None = None
 
 
-@_gridded
+@_styled(_GRID)
 def line_panels(panels: Sequence[Panel], columns: int = 3) -> Figure:
     """A grid of line charts sharing one legend (series labels of the first panel)."""
     columns = max(1, min(columns, len(panels)))
@@ -140,11 +130,8 @@ def line_panels(panels: Sequence[Panel], columns: int = 3) -> Figure:
                               else None, ms=3, label=s.label)
             if not s.dashed:
                 handles.setdefault(s.label, line)
-            for m in s.marks:
-                near = np.flatnonzero(x == m)
-                if near.size:
-                    ax.scatter([m], [y[near[0]]], marker="v", s=34, color=s.color, edgecolor=INK, lw=0.5,
-                               zorder=5)
+            if (marked := np.isin(x, s.marks)).any():
+                ax.scatter(x[marked], y[marked], marker="v", s=34, color=s.color, edgecolor=INK, lw=0.5, zorder=5)
         for value, label in panel.hlines:
             ax.axhline(value, color=ACCENT, lw=0.8, ls=":")
             ax.annotate(label, (0.99, value), xycoords=("axes fraction", "data"), ha="right", va="bottom",
@@ -152,10 +139,9 @@ def line_panels(panels: Sequence[Panel], columns: int = 3) -> Figure:
         if panel.ylim:
             ax.set_ylim(*panel.ylim)
         ax.set_title(panel.title, loc="left", fontsize=9)
-        ax.set_xlabel(panel.xlabel)
-        ax.set_ylabel(panel.ylabel)
+        ax.set(xlabel=panel.xlabel, ylabel=panel.ylabel)
         ax.xaxis.get_major_locator().set_params(integer=True)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     if handles:
         fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=7)
@@ -163,7 +149,7 @@ def line_panels(panels: Sequence[Panel], columns: int = 3) -> Figure:
 
 
 # -- op probabilities per edge -----------------------------------------------------------------------------------
-@styled
+@_styled({**_GRID, "grid.linewidth": 0.5})
 def op_probability_grid(epochs: np.ndarray, probs: np.ndarray, edges: Sequence[tuple[str, str]],
                         ops: Sequence[str], title: str, chosen: Sequence[set[str]] = ()) -> Figure:
     """Small multiples, one per edge laid out node by node (a row per target node): the probability of each op
@@ -178,12 +164,9 @@ def op_probability_grid(epochs: np.ndarray, probs: np.ndarray, edges: Sequence[t
     fig.subplots_adjust(left=0.75 / width, right=1 - 1.15 / width, bottom=0.5 / height, top=1 - 0.4 / height,
                         wspace=0.12, hspace=0.45)
     for r, row in enumerate(per_row):
-        for c in range(columns):
-            ax = axes[r, c]
-            if c >= len(row):
-                ax.set_visible(False)
-                continue
-            e = row[c]
+        for ax in axes[r, len(row):]:
+            ax.set_visible(False)
+        for ax, e in zip(axes[r], row):
             kept = chosen[e] if chosen else set()
             for k, op in enumerate(ops):
                 ax.plot(epochs, probs[:, e, k], color=op_color(op), lw=2.0 if op in kept else 0.9,
@@ -192,7 +175,6 @@ def op_probability_grid(epochs: np.ndarray, probs: np.ndarray, edges: Sequence[t
             ax.set_title(f"{edges[e][0]} → {edges[e][1]}", fontsize=7, loc="left",
                          color=INK if kept or not chosen else MUTED)
             ax.tick_params(labelsize=6)
-            ax.grid(True, color=GRID, lw=0.5)
             if chosen and not kept:
                 ax.set_facecolor("#f7f7f7")
     handles = [Line2D([], [], color=op_color(op), lw=1.6) for op in ops]
@@ -213,7 +195,7 @@ def pareto_mask(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return ok & ~dominated.any(axis=1)
 
 
-@_gridded
+@_styled(_GRID)
 def pareto(x: Sequence[float], y: Sequence[float], labels: Sequence[str], title: str, xlabel: str, ylabel: str,
            yerr: Sequence[tuple[float, float] | None] = ()) -> Figure:
     """Scatter of configurations with the non-dominated ones (min x, max y) joined as a front and labelled."""
@@ -236,8 +218,7 @@ def pareto(x: Sequence[float], y: Sequence[float], labels: Sequence[str], title:
         ax.annotate("\n".join(labels[i] for i in idx), (px, py), xytext=(5, 4), textcoords="offset points",
                     fontsize=7, color=INK if front[idx[0]] else MUTED, va="bottom")
     ax.margins(x=0.18, y=0.1)  # room for the labels of the outermost points
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.set_title(title, loc="left")
     ax.legend(loc="best")
     return fig

@@ -1,14 +1,11 @@
 """``python -m orchestrator.report EXPERIMENT [--storage S] [--out FILE]``: the stability report, one HTML file.
 
-Self-contained (figures are inline SVG drawn by matplotlib, styles inline, nothing loaded from the network), so
-it can be mailed, archived next to the Parquet files or opened from a bucket. Built from the experiment's results
-only (through :class:`orchestrator.results.ResultStore`), so it can be built at any time: while a sweep is still
-running it shows what has arrived, with the unfinished searches marked. What it shows, and the question each
-figure answers: README.md, "The stability report". The statistics are :mod:`orchestrator.stability`'s
-(``stability_table``, ``pairwise_distances``, ``summarize``, ``stopped_changing_epoch``): the report draws them,
-it does not compute them another way. This module turns the results into plain data and figures; the page is
-the Jinja2 template ``report.html.j2`` (autoescaped). :func:`publish` is what sweeps, HPO studies and
-evaluations call when they end.
+Self-contained (inline SVG figures drawn by matplotlib, inline styles, nothing loaded from the network). Built from
+the experiment's results only (through :class:`~orchestrator.results.ResultStore`), so at any time: while a sweep
+runs it shows what has arrived, the unfinished searches marked. It draws :mod:`orchestrator.stability`'s numbers,
+never computing them another way. Here the results become plain data and figures; the page, what it shows and its
+captions are the Jinja2 template ``report.html.j2``. :func:`publish` is what sweeps, HPO studies and evaluations
+call when they end. What each figure answers: README, "The stability report".
 """
 
 from __future__ import annotations
@@ -23,12 +20,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property, partial
 from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jinja2
 import numpy as np
 import pyarrow as pa
-from markupsafe import Markup
 
 from pcdarts_core.genotypes import CELL_TYPES
 from pcdarts_core.ops import OPS, PRIMITIVES
@@ -54,22 +50,17 @@ _GREY = "#7f7f7f"  # baselines' rows
 
 
 def _finite(value: Any) -> float | None:
-    """A finite number as a float, else None (also for None, booleans and the template's undefined values)."""
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not np.isfinite(value):
-        return None
-    return float(value)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value)
+    return float(value) if ok else None
 
 
 def _fmt(value: Any, spec: str = ".3f") -> str:
-    v = _finite(value)
-    return "–" if v is None else format(v, spec)
+    return "–" if (v := _finite(value)) is None else format(v, spec)
 
 
 def _acc_text(mean: Any, low: Any, high: Any) -> str:
     """``mean [low, high]``; the mean alone without a CI; a dash without a mean."""
-    if _finite(mean) is None or _finite(low) is None or _finite(high) is None:
-        return _fmt(mean)
-    return f"{_fmt(mean)} [{_fmt(low)}, {_fmt(high)}]"
+    return _fmt(mean) + (f" [{_fmt(low)}, {_fmt(high)}]" if None not in map(_finite, (mean, low, high)) else "")
 
 
 def _one_line(err: Exception) -> str:
@@ -119,32 +110,33 @@ class SeedRun:
         return self.epochs[-1].get("epoch") if self.epochs else self.trial.get("epochs_done")
 
     @cached_property
+    def epoch_genotypes(self) -> tuple[list[int], list[str]]:
+        rows = [r for r in self.epochs if r.get("genotype")]
+        return [int(r["epoch"]) for r in rows], [r["genotype"] for r in rows]
+
+    @cached_property
     def stop(self) -> int | None:
         """The epoch from which the seed's per-epoch genotype never changed (stability.stopped_changing_epoch)."""
-        rows = [r for r in self.epochs if r.get("genotype")]
-        return stopped_changing_epoch([r["genotype"] for r in rows], [int(r["epoch"]) for r in rows]) if rows \
-            else None
+        epochs, genotypes = self.epoch_genotypes
+        return stopped_changing_epoch(genotypes, epochs) if genotypes else None
 
     @property
     def skips(self) -> int | None:
         """skip_connect edges of the first cell (the normal cell; NB201's only cell)."""
-        g = self.genotype
-        return sum(op == "skip_connect" for _, _, op in cell_graphs(g)[0][1].edges) if g else None
+        return sum(op == "skip_connect" for *_, op in cell_graphs(self.genotype)[0][1].edges) if self.genotype else None
 
-    def distance(self, other: str | None) -> float | None:
-        g = self.genotype
-        return float(cross_distances(encode([g]), encode([other]))[0, 0]) if g and other else None
+    def distance(self, to: str | None) -> float | None:
+        return float(cross_distances(encode([self.genotype]), encode([to]))[0, 0]) if self.genotype and to else None
 
     def curve(self, key: str) -> tuple[list[int], list[float]]:
         """(epochs, values) of an epochs column, or of ``distance_to_final``: each epoch's cell to the final one."""
+        epochs, genotypes = self.epoch_genotypes
         if key == "distance_to_final":
-            rows = [r for r in self.epochs if r.get("genotype")]
-            if not rows or not self.genotype:
-                return [], []
-            d = cross_distances(encode([r["genotype"] for r in rows]), encode([self.genotype]))[:, 0]
-            return [int(r["epoch"]) for r in rows], [float(v) for v in d]
-        rows = [(int(r["epoch"]), _finite(r.get(key))) for r in self.epochs if r.get("epoch") is not None]
-        return [x for x, y in rows if y is not None], [y for _, y in rows if y is not None]
+            final = encode([self.genotype]) if genotypes and self.genotype else None
+            return (epochs, cross_distances(encode(genotypes), final)[:, 0].tolist()) if final is not None else ([], [])
+        rows = [(int(r["epoch"]), y) for r in self.epochs if r.get("epoch") is not None and (y := _finite(r.get(key)))
+                is not None]
+        return [x for x, _ in rows], [y for _, y in rows]
 
 
 @dataclass
@@ -153,15 +145,12 @@ class Experiment:
 
     name: str
     location: str
-    seeds: dict[str, list[SeedRun]]
+    groups: list[str]  # sorted
+    seeds: dict[str, list[SeedRun]]  # by group
     stats: dict[str, dict[str, Any]]  # the stability table's rows by group, in its order
     retrained: dict[tuple[str, str], list[float]]  # see retrained()
     bench: list[str]  # the trials' bench_acc_<dataset> columns
     hpo: bool
-
-    @property
-    def groups(self) -> list[str]:
-        return sorted(self.seeds)
 
     def baselines(self) -> list[tuple[str, list[float]]]:
         """Retrained accuracies of the random and published cells, by label (the same protocol as the groups')."""
@@ -169,8 +158,8 @@ class Experiment:
 
 
 def retrained(evaluations: pa.Table) -> dict[tuple[str, str], list[float]]:
-    """Test accuracies of the finished evaluations by (kind, what): ``("trial", id)``, ``("consensus", group)`` and
-    ``("baseline", label)`` for random and published cells (with the protocol where the experiment has several)."""
+    """Finished evaluations' test accuracies by ``("trial", id)``, ``("consensus", group)`` or ``("baseline", label)``
+    (random and published cells; with the protocol where the experiment has several)."""
     rows = evaluations.to_pylist()
     several = len({r.get("protocol") for r in rows} - {None}) > 1
     out: dict[tuple[str, str], list[float]] = {}
@@ -185,8 +174,7 @@ def retrained(evaluations: pa.Table) -> dict[tuple[str, str], list[float]]:
 
 
 def load_experiment(store: ResultStore) -> Experiment:
-    """Read trials, epochs and evaluations; compute the stability table from them (never the stored copy, which
-    a running sweep writes only at its end)."""
+    """The experiment's results, with the stability table computed (a running sweep writes its copy at its end)."""
     trials, epochs, evaluations = store.read("trials"), store.read("epochs"), store.read("evaluations")
     runs = {row["trial_id"]: SeedRun(row["trial_id"], row["group"], row.get("seed"), row.get("status") or "running",
                                      trial=row) for row in trials.to_pylist()}
@@ -202,7 +190,7 @@ def load_experiment(store: ResultStore) -> Experiment:
     for run in sorted(runs.values(), key=lambda r: (r.seed is None, r.seed if r.seed is not None else 0, r.trial_id)):
         seeds.setdefault(run.group, []).append(run)
     table = stability_table(trials, epochs, evaluations).to_pylist() if trials.num_rows else []
-    return Experiment(store.name, store.root, seeds, {r["group"]: r for r in table}, accs,
+    return Experiment(store.name, store.root, sorted(seeds), seeds, {r["group"]: r for r in table}, accs,
                       sorted(c for c in trials.column_names if c.startswith("bench_acc_")),
                       "hpo_trial" in trials.column_names)  # HPO rows name their Tune trial
 
@@ -219,29 +207,14 @@ def short_labels(groups: Sequence[str]) -> dict[str, str]:
 
 
 # -- figures --------------------------------------------------------------------------------------------------------
-class Fig(NamedTuple):
-    """One figure of the page: its SVG, or the one-line error it failed with."""
-
-    key: str
-    caption: str = ""
-    svg: str = ""
-    wide: bool = False
-    error: str = ""
-
-
-def figure(errors: list[str], key: str, caption: str, build: Callable[..., Any], *args: Any, wide: bool = False) \
-        -> Fig:
-    """``build(*args)`` drawn as the figure ``key``; one that fails is shown as a one-line error in its place (the
-    rest of the report still renders), and its error is appended to ``errors`` (listed at the top)."""
+def figure(errors: list[str], key: str, caption: str, build: Callable, *args: Any, wide: bool = False) -> dict:
+    """``build(*args)`` as the figure ``key`` (``show``'s arguments); one that fails is a one-line error instead,
+    also appended to ``errors``."""
     try:
-        return Fig(key, caption, figure_svg(build(*args), key), wide)
+        return dict(key=key, caption=caption, svg=figure_svg(build(*args), key), wide=wide)
     except Exception as err:  # noqa: BLE001 - one bad figure must not cost the whole report
         errors.append(f"{caption or key}: {_one_line(err)}")
-        return Fig(key, error=errors[-1])
-
-
-def cells(key: str, genotype: str, label: str, caption: str = "") -> list[Fig]:
-    return [Fig(f"{key}-{cell}", caption, svg) for cell, svg in genotype_svgs(genotype, label, key)]
+        return dict(key=key, error=errors[-1])
 
 
 def _summary_row(label: str, values: Sequence[float], color: str) -> ForestRow:
@@ -252,8 +225,9 @@ def _summary_row(label: str, values: Sequence[float], color: str) -> ForestRow:
 
 def _metrics(exp: Experiment) -> list[tuple[str, str, Callable[[SeedRun], float | None]]]:
     """(name, colour in a group's forest, value of a seed) of every accuracy: search val, retrained, NB201."""
-    return [("search val acc", "#1f77b4", lambda r: r.val_acc), ("retrained test acc", "#2ca02c", lambda r: r.eval_acc)] \
-        + [(f"NB201 {c[len('bench_acc_'):]}", "#9467bd", lambda r, c=c: _finite(r.trial.get(c))) for c in exp.bench]
+    bench = [(f"NB201 {c[len('bench_acc_'):]}", "#9467bd", lambda r, c=c: _finite(r.trial.get(c))) for c in exp.bench]
+    return [("search val acc", "#1f77b4", lambda r: r.val_acc), ("retrained test acc", "#2ca02c", lambda r: r.eval_acc),
+            *bench]
 
 
 def _done_values(runs: Sequence[SeedRun], get: Callable[[SeedRun], float | None]) -> list[float]:
@@ -274,8 +248,7 @@ def accuracy_rows(exp: Experiment, group: str) -> list[ForestRow]:
 
 
 def overview_accuracy(exp: Experiment, labels: Mapping[str, str]) -> list[tuple[str, list[ForestRow]]]:
-    """Across groups: one forest per metric (search val acc, retrained test acc, each benchmark dataset); the
-    retrained one also has the consensus cells and the baselines."""
+    """Across groups: one forest per accuracy; the retrained one with the consensus cells and the baselines."""
     out = []
     for i, (name, _, get) in enumerate(_metrics(exp)):
         rows = [_summary_row(labels[g], vals, series_color(j)) for j, g in enumerate(exp.groups)
@@ -290,8 +263,7 @@ def overview_accuracy(exp: Experiment, labels: Mapping[str, str]) -> list[tuple[
 
 
 def frequency_figure(stats: Mapping[str, Any], name: str, graph: CellGraph) -> Any:
-    """Heatmap of how often each (op, edge) was chosen across the group's seeds (stability's edge_op JSON), over
-    every edge the cell could have."""
+    """Heatmap: the share of the group's seeds choosing each (op, edge), over every edge the cell could have."""
     freqs = frequencies_from_json(stats.get("edge_op_frequencies")).get(
         name if name in CELL_TYPES else "normal", {})  # a one-cell space's cell is 'normal' in the tables
     seen = {op for per in freqs.values() for op in per}
@@ -310,8 +282,7 @@ def distance_figure(runs: Sequence[SeedRun]) -> Any:
 
 
 def alpha_ops(width: int, trial: Mapping[str, Any]) -> list[str]:
-    """The op of each alpha column: the op list a ``cfg_*primitives*`` column gives, else the core's PRIMITIVES
-    for 8 columns; other widths are named by position."""
+    """The op of each alpha column: a ``cfg_*primitives*`` list, the core's PRIMITIVES, or ``op <i>``."""
     for key, value in trial.items():
         if key.startswith("cfg_") and "primitives" in key and isinstance(value, str):
             with contextlib.suppress(ValueError):
@@ -322,9 +293,8 @@ def alpha_ops(width: int, trial: Mapping[str, Any]) -> list[str]:
 
 
 def alpha_figure(runs: Sequence[SeedRun], name: str, slots_of: CellGraph, kept_by: CellGraph | None) -> Any:
-    """Mean over seeds of softmax(alphas) per edge and op, per epoch (epochs whose alphas have the first
-    epoch's shape: P-DARTS's pruned stages are left out). ``slots_of`` names the rows (every edge the cell could
-    have); the ops ``kept_by`` (the consensus cell) kept are drawn thick."""
+    """Mean over seeds of softmax(alphas) per edge (every edge ``slots_of`` could have) and op, per epoch (those
+    with the first epoch's shape: P-DARTS's pruned stages are left out); the ops ``kept_by`` kept are thick."""
     col, per_epoch, shape = f"alphas_{name if name in CELL_TYPES else 'normal'}", {}, None
     for row in (row for run in runs for row in run.epochs if row.get(col) is not None):
         a = np.asarray(row[col], dtype=float)
@@ -341,7 +311,7 @@ def alpha_figure(runs: Sequence[SeedRun], name: str, slots_of: CellGraph, kept_b
     return op_probability_grid(epochs, np.stack([np.mean(per_epoch[e], axis=0) for e in epochs]),
                                [(node_label(s), node_label(d)) for s, d in slots], alpha_ops(shape[1], runs[0].trial),
                                f"{name} cell: op probabilities per edge",
-                               [{op for s, d, op in kept_by.edges if (s, d) == slot} for slot in slots] if kept_by else ())
+                               [{op for s, d, op in kept_by.edges if (s, d) == e} for e in slots] if kept_by else ())
 
 
 def curve_panels(runs: Sequence[SeedRun], collapse_threshold: int | None) -> list[Panel]:
@@ -363,23 +333,18 @@ def curve_panels(runs: Sequence[SeedRun], collapse_threshold: int | None) -> lis
 
 
 def overview_curves(exp: Experiment, labels: Mapping[str, str]) -> list[Panel]:
-    """Across groups: the mean over a group's seeds, per epoch, of entropy, skip-connects and val accuracy."""
-    panels = []
-    for key, title, unit in (("n_skip_normal", "skip-connects (normal cell)", "count"),
-                             ("arch_entropy", "arch entropy", "nats"), ("val_acc", "search val acc", "accuracy"),
-                             ("hessian_eigenvalue", "Hessian eigenvalue λmax", "λmax")):
-        lines = []
-        for i, group in enumerate(exp.groups):
-            per: dict[int, list[float]] = {}
-            for run in exp.seeds[group]:
-                for x, y in zip(*run.curve(key)):
-                    per.setdefault(x, []).append(y)
-            if per:
-                lines.append(Series(labels[group], sorted(per), [float(np.mean(per[x])) for x in sorted(per)],
-                                    series_color(i)))
-        if lines:
-            panels.append(Panel(title, unit, lines))
-    return panels
+    """Across groups: the mean over a group's seeds, per epoch, of skip-connects, entropy, val acc and λmax."""
+    def mean(i: int, group: str, key: str) -> list[Series]:
+        xy = [p for run in exp.seeds[group] for p in zip(*run.curve(key))]
+        xs = sorted({x for x, _ in xy})
+        return [Series(labels[group], xs, [float(np.mean([v for e, v in xy if e == x])) for x in xs],
+                       series_color(i))] if xs else []
+
+    curves = (("n_skip_normal", "skip-connects (normal cell)", "count"), ("arch_entropy", "arch entropy", "nats"),
+              ("val_acc", "search val acc", "accuracy"), ("hessian_eigenvalue", "Hessian eigenvalue λmax", "λmax"))
+    panels = [Panel(title, unit, [s for i, g in enumerate(exp.groups) for s in mean(i, g, key)])
+              for key, title, unit in curves]
+    return [p for p in panels if p.series]
 
 
 def pareto_figure(exp: Experiment, labels: Mapping[str, str]) -> Any:
@@ -388,9 +353,9 @@ def pareto_figure(exp: Experiment, labels: Mapping[str, str]) -> Any:
     if not rows:
         raise ValueError("no group has two finished seeds yet (a distance needs a pair)")
     err = [(r["val_acc_ci_low"], r["val_acc_ci_high"]) if r.get("val_acc_ci_low") is not None else None for r in rows]
-    title = "HPO Pareto front: accuracy vs stability" if exp.hpo else "accuracy vs stability of the groups (Pareto front)"
     return pareto([r["genotype_distance_mean"] for r in rows], [r["val_acc_mean"] for r in rows],
-                  [labels[r["group"]] for r in rows], title,
+                  [labels[r["group"]] for r in rows], "HPO Pareto front: accuracy vs stability" if exp.hpo else
+                  "accuracy vs stability of the groups (Pareto front)",
                   "mean pairwise genotype distance between seeds (lower = more stable)",
                   "mean search val acc (bar: 95% CI)", err)
 
@@ -407,38 +372,35 @@ def group_view(exp: Experiment, group: str) -> dict[str, Any]:
                 reference=consensus or next((r.genotype for r in with_epochs if r.genotype), None))
 
 
-_PAGE.globals.update(OPEN_SEED_CELLS=OPEN_SEED_CELLS, cells=cells, cell_graphs=cell_graphs, forest=forest,
-                     line_panels=line_panels, curve_panels=curve_panels, frequency_figure=frequency_figure,
-                     distance_figure=distance_figure, alpha_figure=alpha_figure, pareto_figure=pareto_figure)
+_PAGE.globals.update(OPEN_SEED_CELLS=OPEN_SEED_CELLS, genotype_svgs=genotype_svgs, cell_graphs=cell_graphs,
+                     overview_accuracy=overview_accuracy, overview_curves=overview_curves, pareto_figure=pareto_figure,
+                     forest=forest, line_panels=line_panels, curve_panels=curve_panels, alpha_figure=alpha_figure,
+                     frequency_figure=frequency_figure, distance_figure=distance_figure)
 
 
 def render(exp: Experiment, generated: str | None = None) -> str:
     """The report of ``exp`` as one HTML document."""
     errors: list[str] = []
-    labels = short_labels(exp.groups)
     return _PAGE.get_template("report.html.j2").render(
-        exp=exp, labels=labels, groups=[group_view(exp, g) for g in exp.groups], overview=overview_accuracy(
-            exp, labels), curves=overview_curves(exp, labels), errors=errors, figure=partial(figure, errors),
+        exp=exp, labels=short_labels(exp.groups), groups=[group_view(exp, g) for g in exp.groups], errors=errors,
+        figure=partial(figure, errors), css=CSS, script=CHECK_SCRIPT,
         counts={"done": 0, "running": 0, "failed": 0} | Counter(r.status for runs in exp.seeds.values() for r in runs),
-        generated=generated or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        css=Markup(CSS), script=Markup(CHECK_SCRIPT))
+        generated=generated or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
 
 
 # -- writing -------------------------------------------------------------------------------------------------------
 def write_report(store: ResultStore, out: str | None = None) -> str:
-    """Build the report and write it (default ``<experiment>/report.html`` on the store's filesystem, replaced
-    atomically); returns where it went."""
+    """Write the report (replaced atomically; default ``<experiment>/report.html`` in the store); returns where."""
     text = render(load_experiment(store)).encode("utf-8")
-    if out is not None:
-        out = os.path.abspath(os.path.expanduser(out))
-        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-        Path(tmp := f"{out}.tmp{os.getpid()}").write_bytes(text)
-        os.replace(tmp, out)
-        return out
-    store.write_file(REPORT_FILE, text)
-    scheme = store.storage.split("://", 1)[0] if "://" in store.storage else "file"
-    path = f"{store.root}/{REPORT_FILE}"
-    return path if scheme == "file" else f"{scheme}://{path}"  # s3://bucket/... as the user gave the storage
+    if out is None:
+        store.write_file(REPORT_FILE, text)
+        scheme = store.storage.split("://", 1)[0] if "://" in store.storage else "file"  # s3://... as given
+        return f"{store.root}/{REPORT_FILE}" if scheme == "file" else f"{scheme}://{store.root}/{REPORT_FILE}"
+    out = os.path.abspath(os.path.expanduser(out))
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    Path(tmp := f"{out}.tmp{os.getpid()}").write_bytes(text)
+    os.replace(tmp, out)
+    return out
 
 
 def publish(store: ResultStore, say: Callable[[str], Any] = print) -> str | None:
