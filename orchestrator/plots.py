@@ -77,8 +77,7 @@ def forest(rows: Sequence[ForestRow], title: str, xlabel: str = "accuracy") -> F
     ax = fig.add_subplot()
     ax.grid(False, axis="y")
     rng = np.random.default_rng(0)
-    for i, row in enumerate(rows):
-        y = len(rows) - 1 - i
+    for y, row in zip(range(len(rows) - 1, -1, -1), rows):  # the first row on top
         values = np.asarray([v for v in row.values if v is not None and np.isfinite(v)], dtype=float)
         if values.size:
             jitter = rng.uniform(-0.13, 0.13, values.size) if values.size > 1 else np.zeros(1)
@@ -155,12 +154,11 @@ def op_probability_grid(epochs: np.ndarray, probs: np.ndarray, edges: Sequence[t
     """Small multiples, one per edge laid out node by node (a row per target node): the probability of each op
     over the epochs (``probs``: epochs x edges x ops). ``chosen[e]`` names the ops the final cell kept on edge
     ``e``; their lines are drawn thick, and edges that kept nothing are greyed."""
-    targets = list(dict.fromkeys(dst for _, dst in edges))
-    per_row = [[e for e, (_, dst) in enumerate(edges) if dst == t] for t in targets]
+    per_row = [[e for e, (_, dst) in enumerate(edges) if dst == t] for t in dict.fromkeys(dst for _, dst in edges)]
     columns = max(len(r) for r in per_row)
-    width, height = 1.55 * columns + 1.4, 1.15 * len(targets) + 0.6
+    width, height = 1.55 * columns + 1.4, 1.15 * len(per_row) + 0.6
     fig = new_figure(width, height, constrained=False)
-    axes = fig.subplots(len(targets), columns, squeeze=False, sharex=True, sharey=True)
+    axes = fig.subplots(len(per_row), columns, squeeze=False, sharex=True, sharey=True)
     fig.subplots_adjust(left=0.75 / width, right=1 - 1.15 / width, bottom=0.5 / height, top=1 - 0.4 / height,
                         wspace=0.12, hspace=0.45)
     for r, row in enumerate(per_row):

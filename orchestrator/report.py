@@ -1,11 +1,10 @@
 """``python -m orchestrator.report EXPERIMENT [--storage S] [--out FILE]``: the stability report, one HTML file.
 
-Self-contained (inline SVG figures drawn by matplotlib, inline styles, nothing loaded from the network). Built from
-the experiment's results only (through :class:`~orchestrator.results.ResultStore`), so at any time: while a sweep
-runs it shows what has arrived, the unfinished searches marked. It draws :mod:`orchestrator.stability`'s numbers,
-never computing them another way. Here the results become plain data and figures; the page, what it shows and its
-captions are the Jinja2 template ``report.html.j2``. :func:`publish` is what sweeps, HPO studies and evaluations
-call when they end. What each figure answers: README, "The stability report".
+Self-contained (inline SVG figures drawn by matplotlib, inline styles, nothing loaded from the network) and built
+from the experiment's results only (:class:`~orchestrator.results.ResultStore`), so at any time: while a sweep runs
+it shows what has arrived. It draws :mod:`orchestrator.stability`'s numbers, never computing them another way. Here
+the results become data and figures; the page (what it shows, in which order, with which captions: README, "The
+stability report") is the Jinja2 template ``report.html.j2``. :func:`publish` is what experiments call at their end.
 """
 
 from __future__ import annotations
@@ -46,7 +45,6 @@ _HERE = Path(__file__).parent
 CSS = (_HERE / "report.css").read_text(encoding="utf-8")
 CHECK_SCRIPT = (_HERE / "report.js").read_text(encoding="utf-8")
 _OP_ORDER = tuple(PRIMITIVES) + tuple(op for op in OPS if op not in PRIMITIVES)
-_GREY = "#7f7f7f"  # baselines' rows
 
 
 def _finite(value: Any) -> float | None:
@@ -102,8 +100,7 @@ class SeedRun:
 
     @property
     def val_acc(self) -> float | None:
-        return _finite((self.trial if self.status == "done" else self.epochs[-1] if self.epochs else {})
-                       .get("val_acc"))
+        return _finite((self.trial if self.status == "done" else (self.epochs or [{}])[-1]).get("val_acc"))
 
     @property
     def last_epoch(self) -> int | None:
@@ -208,8 +205,7 @@ def short_labels(groups: Sequence[str]) -> dict[str, str]:
 
 # -- figures --------------------------------------------------------------------------------------------------------
 def figure(errors: list[str], key: str, caption: str, build: Callable, *args: Any, wide: bool = False) -> dict:
-    """``build(*args)`` as the figure ``key`` (``show``'s arguments); one that fails is a one-line error instead,
-    also appended to ``errors``."""
+    """``build(*args)`` as the figure ``key`` (``show``'s arguments), or a one-line error also added to ``errors``."""
     try:
         return dict(key=key, caption=caption, svg=figure_svg(build(*args), key), wide=wide)
     except Exception as err:  # noqa: BLE001 - one bad figure must not cost the whole report
@@ -243,7 +239,7 @@ def accuracy_rows(exp: Experiment, group: str) -> list[ForestRow]:
         if i == 1 and cons:
             rows.append(_summary_row("consensus cell, retrained", cons, "#17becf"))
     if cons or _done_values(exp.seeds[group], lambda r: r.eval_acc):
-        rows += [_summary_row(label, vals, _GREY) for label, vals in exp.baselines()]
+        rows += [_summary_row(label, vals, "#7f7f7f") for label, vals in exp.baselines()]
     return rows
 
 
@@ -256,7 +252,7 @@ def overview_accuracy(exp: Experiment, labels: Mapping[str, str]) -> list[tuple[
         if rows and i == 1:
             rows += [_summary_row(f"{labels[g]} consensus", cons, series_color(j)) for j, g in enumerate(exp.groups)
                      if (cons := exp.retrained.get(("consensus", g)))]
-            rows += [_summary_row(label, vals, _GREY) for label, vals in exp.baselines()]
+            rows += [_summary_row(label, vals, "#7f7f7f") for label, vals in exp.baselines()]
         if rows:
             out.append((name + (" test acc" if i > 1 else ""), rows))
     return out
@@ -372,10 +368,9 @@ def group_view(exp: Experiment, group: str) -> dict[str, Any]:
                 reference=consensus or next((r.genotype for r in with_epochs if r.genotype), None))
 
 
-_PAGE.globals.update(OPEN_SEED_CELLS=OPEN_SEED_CELLS, genotype_svgs=genotype_svgs, cell_graphs=cell_graphs,
-                     overview_accuracy=overview_accuracy, overview_curves=overview_curves, pareto_figure=pareto_figure,
-                     forest=forest, line_panels=line_panels, curve_panels=curve_panels, alpha_figure=alpha_figure,
-                     frequency_figure=frequency_figure, distance_figure=distance_figure)
+_PAGE.globals.update({f.__name__: f for f in (  # what the page draws with
+    genotype_svgs, cell_graphs, overview_accuracy, overview_curves, pareto_figure, forest, line_panels, curve_panels,
+    alpha_figure, frequency_figure, distance_figure)}, OPEN_SEED_CELLS=OPEN_SEED_CELLS)
 
 
 def render(exp: Experiment, generated: str | None = None) -> str:
