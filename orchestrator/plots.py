@@ -6,69 +6,60 @@ mean is decided by :mod:`orchestrator.report`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
+from matplotlib import colormaps, rc_context
+from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from pcdarts_core.visualize import ACCENT, GRID, INK, MUTED, new_figure, op_color, op_label, styled
 
-SERIES_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-                 "#bcbd22", "#17becf")
-
 
 def series_color(i: int) -> str:
-    return SERIES_COLORS[i % len(SERIES_COLORS)]
+    return to_hex(colormaps["tab10"](i % 10))  # matplotlib's default colour cycle
 
 
-def _style(ax) -> None:
-    ax.grid(True, color=GRID, lw=0.6)
-    ax.set_axisbelow(True)
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
+#: a light grid behind the data
+_GRID = {"axes.grid": True, "axes.axisbelow": True, "grid.color": GRID, "grid.linewidth": 0.6}
+
+
+def _styled(rc: dict):
+    """:func:`~pcdarts_core.visualize.styled`, with the settings ``rc`` on top."""
+    return lambda build: styled(rc_context(rc)(build))
 
 
 # -- heatmap ----------------------------------------------------------------------------------------------------
 @styled
 def heatmap(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], title: str, *, cmap: str = "Blues",
-            vmin: float = 0.0, vmax: float = 1.0, fmt: str = "{:.2f}", row_colors: Sequence[str] | None = None,
-            xlabel: str = "", ylabel: str = "", colorbar: str = "") -> Figure:
-    """A labelled heatmap with its values written in the cells (blank where zero)."""
+            fmt: str = "{:.2f}", row_colors: Sequence[str] = (), colorbar: str = "") -> Figure:
+    """A labelled heatmap of values in [0, 1], written in the cells (blank where zero)."""
     m = np.asarray(matrix, dtype=float)
     cell = 0.36 if max(m.shape) <= 20 else 0.2
     fig = new_figure(max(3.4, 2.2 + cell * m.shape[1]), max(2.2, 1.2 + cell * m.shape[0]))
     ax = fig.add_subplot()
-    image = ax.imshow(m, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
-    ax.set_xticks(range(len(cols)), cols, rotation=50 if max(map(len, cols), default=0) > 3 else 0, ha="right"
-                  if max(map(len, cols), default=0) > 3 else "center", rotation_mode="anchor")
+    image = ax.imshow(m, cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+    slanted = max(map(len, cols), default=0) > 3
+    ax.set_xticks(range(len(cols)), cols, rotation=50 if slanted else 0, ha="right" if slanted else "center",
+                  rotation_mode="anchor")
     ax.set_yticks(range(len(rows)), rows)
-    if row_colors:
-        for tick, color in zip(ax.get_yticklabels(), row_colors):
-            tick.set_color(color)
+    for tick, color in zip(ax.get_yticklabels(), row_colors):
+        tick.set_color(color)
     ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
     ax.tick_params(length=0)
-    for spine in ax.spines.values():
-        spine.set_visible(False)
-    if max(m.shape) <= 24:
-        for (i, j), v in np.ndenumerate(m):
-            if np.isfinite(v) and v != 0:
-                light = (v - vmin) / ((vmax - vmin) or 1) > 0.55
-                ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=6.5,
-                        color="white" if light else INK)
+    ax.spines[:].set_visible(False)
+    for (i, j), v in np.ndenumerate(m) if max(m.shape) <= 24 else ():
+        if np.isfinite(v) and v != 0:
+            ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=6.5, color="white" if v > 0.55 else INK)
     bar = fig.colorbar(image, ax=ax, shrink=0.8, pad=0.02)
     bar.ax.tick_params(labelsize=6)
-    if colorbar:
-        bar.set_label(colorbar, fontsize=7)
+    bar.set_label(colorbar, fontsize=7)
     return fig
 
 
 # -- accuracy forest ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ForestRow:
+class ForestRow(NamedTuple):
     """One row of a forest plot: its seeds' values as dots, the mean as a diamond, the CI as a bar."""
 
     label: str
@@ -77,20 +68,16 @@ class ForestRow:
     ci: tuple[float, float] | None = None
     best_minus_mean: float | None = None
     color: str = "#1f77b4"
-    point_labels: Sequence[str] = ()
 
 
-@styled
+@_styled(_GRID)
 def forest(rows: Sequence[ForestRow], title: str, xlabel: str = "accuracy") -> Figure:
     """Horizontal forest plot, one row per entry, top to bottom; best - mean written on the right."""
     fig = new_figure(6.0, 1.0 + 0.36 * len(rows))
     ax = fig.add_subplot()
-    _style(ax)
-    ax.grid(True, axis="x", color=GRID, lw=0.6)
     ax.grid(False, axis="y")
     rng = np.random.default_rng(0)
-    for i, row in enumerate(rows):
-        y = len(rows) - 1 - i
+    for y, row in zip(range(len(rows) - 1, -1, -1), rows):  # the first row on top
         values = np.asarray([v for v in row.values if v is not None and np.isfinite(v)], dtype=float)
         if values.size:
             jitter = rng.uniform(-0.13, 0.13, values.size) if values.size > 1 else np.zeros(1)
@@ -103,15 +90,13 @@ def forest(rows: Sequence[ForestRow], title: str, xlabel: str = "accuracy") -> F
             ax.annotate(f"best−mean {row.best_minus_mean:+.3f}", (1.0, y), xycoords=("axes fraction", "data"),
                         xytext=(4, 0), textcoords="offset points", va="center", fontsize=7.5, color=MUTED)
     ax.set_yticks(range(len(rows)), [r.label for r in reversed(rows)])
-    ax.set_ylim(-0.6, len(rows) - 0.4)
-    ax.set_xlabel(xlabel)
+    ax.set(ylim=(-0.6, len(rows) - 0.4), xlabel=xlabel)
     ax.set_title(title, loc="left")
     return fig
 
 
 # -- line panels -----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Series:
+class Series(NamedTuple):
     label: str
     x: Sequence[float]
     y: Sequence[float]
@@ -120,37 +105,32 @@ class Series:
     marks: Sequence[float] = ()  # x positions to mark on this series (e.g. where the genotype stopped changing)
 
 
-@dataclass(frozen=True)
-class Panel:
+class Panel(NamedTuple):
     title: str
     ylabel: str
     series: Sequence[Series]
-    hlines: Sequence[tuple[float, str]] = field(default_factory=tuple)
+    hlines: Sequence[tuple[float, str]] = ()
     xlabel: str = "epoch"
     ylim: tuple[float, float] | None = None
 
 
-@styled
-def line_panels(panels: Sequence[Panel], title: str = "", columns: int = 3) -> Figure:
+@_styled(_GRID)
+def line_panels(panels: Sequence[Panel], columns: int = 3) -> Figure:
     """A grid of line charts sharing one legend (series labels of the first panel)."""
     columns = max(1, min(columns, len(panels)))
     nrows = -(-len(panels) // columns)
-    fig = new_figure(3.1 * columns + 0.9, 2.3 * nrows + (0.3 if title else 0))
+    fig = new_figure(3.1 * columns + 0.9, 2.3 * nrows)
     axes = fig.subplots(nrows, columns, squeeze=False)
     handles: dict[str, object] = {}
     for ax, panel in zip(axes.flat, panels):
-        _style(ax)
         for s in panel.series:
             x, y = np.asarray(s.x, dtype=float), np.asarray(s.y, dtype=float)
             (line,) = ax.plot(x, y, color=s.color, lw=1.3, ls="--" if s.dashed else "-", marker="o" if x.size < 3
                               else None, ms=3, label=s.label)
             if not s.dashed:
                 handles.setdefault(s.label, line)
-            for m in s.marks:
-                near = np.flatnonzero(x == m)
-                if near.size:
-                    ax.scatter([m], [y[near[0]]], marker="v", s=34, color=s.color, edgecolor=INK, lw=0.5,
-                               zorder=5)
+            if (marked := np.isin(x, s.marks)).any():
+                ax.scatter(x[marked], y[marked], marker="v", s=34, color=s.color, edgecolor=INK, lw=0.5, zorder=5)
         for value, label in panel.hlines:
             ax.axhline(value, color=ACCENT, lw=0.8, ls=":")
             ax.annotate(label, (0.99, value), xycoords=("axes fraction", "data"), ha="right", va="bottom",
@@ -158,40 +138,33 @@ def line_panels(panels: Sequence[Panel], title: str = "", columns: int = 3) -> F
         if panel.ylim:
             ax.set_ylim(*panel.ylim)
         ax.set_title(panel.title, loc="left", fontsize=9)
-        ax.set_xlabel(panel.xlabel)
-        ax.set_ylabel(panel.ylabel)
+        ax.set(xlabel=panel.xlabel, ylabel=panel.ylabel)
         ax.xaxis.get_major_locator().set_params(integer=True)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     if handles:
         fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=7)
-    if title:
-        fig.suptitle(title, x=0.01, ha="left", fontsize=10)
     return fig
 
 
 # -- op probabilities per edge -----------------------------------------------------------------------------------
-@styled
+@_styled({**_GRID, "grid.linewidth": 0.5})
 def op_probability_grid(epochs: np.ndarray, probs: np.ndarray, edges: Sequence[tuple[str, str]],
                         ops: Sequence[str], title: str, chosen: Sequence[set[str]] = ()) -> Figure:
     """Small multiples, one per edge laid out node by node (a row per target node): the probability of each op
     over the epochs (``probs``: epochs x edges x ops). ``chosen[e]`` names the ops the final cell kept on edge
     ``e``; their lines are drawn thick, and edges that kept nothing are greyed."""
-    targets = list(dict.fromkeys(dst for _, dst in edges))
-    per_row = [[e for e, (_, dst) in enumerate(edges) if dst == t] for t in targets]
+    per_row = [[e for e, (_, dst) in enumerate(edges) if dst == t] for t in dict.fromkeys(dst for _, dst in edges)]
     columns = max(len(r) for r in per_row)
-    width, height = 1.55 * columns + 1.4, 1.15 * len(targets) + 0.6
+    width, height = 1.55 * columns + 1.4, 1.15 * len(per_row) + 0.6
     fig = new_figure(width, height, constrained=False)
-    axes = fig.subplots(len(targets), columns, squeeze=False, sharex=True, sharey=True)
+    axes = fig.subplots(len(per_row), columns, squeeze=False, sharex=True, sharey=True)
     fig.subplots_adjust(left=0.75 / width, right=1 - 1.15 / width, bottom=0.5 / height, top=1 - 0.4 / height,
                         wspace=0.12, hspace=0.45)
     for r, row in enumerate(per_row):
-        for c in range(columns):
-            ax = axes[r, c]
-            if c >= len(row):
-                ax.set_visible(False)
-                continue
-            e = row[c]
+        for ax in axes[r, len(row):]:
+            ax.set_visible(False)
+        for ax, e in zip(axes[r], row):
             kept = chosen[e] if chosen else set()
             for k, op in enumerate(ops):
                 ax.plot(epochs, probs[:, e, k], color=op_color(op), lw=2.0 if op in kept else 0.9,
@@ -200,7 +173,6 @@ def op_probability_grid(epochs: np.ndarray, probs: np.ndarray, edges: Sequence[t
             ax.set_title(f"{edges[e][0]} → {edges[e][1]}", fontsize=7, loc="left",
                          color=INK if kept or not chosen else MUTED)
             ax.tick_params(labelsize=6)
-            ax.grid(True, color=GRID, lw=0.5)
             if chosen and not kept:
                 ax.set_facecolor("#f7f7f7")
     handles = [Line2D([], [], color=op_color(op), lw=1.6) for op in ops]
@@ -216,15 +188,12 @@ def pareto_mask(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Points not dominated when ``x`` is minimized and ``y`` maximized (NaNs never on the front)."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     ok = np.isfinite(x) & np.isfinite(y)
-    out = np.zeros(x.size, dtype=bool)
-    for i in np.flatnonzero(ok):
-        others = ok & (np.arange(x.size) != i)
-        dominated = others & (x <= x[i]) & (y >= y[i]) & ((x < x[i]) | (y > y[i]))
-        out[i] = not dominated.any()
-    return out
+    # dominated[i, j]: point j is at least as good as point i in both and better in one
+    dominated = (x <= x[:, None]) & (y >= y[:, None]) & ((x < x[:, None]) | (y > y[:, None])) & ok
+    return ok & ~dominated.any(axis=1)
 
 
-@styled
+@_styled(_GRID)
 def pareto(x: Sequence[float], y: Sequence[float], labels: Sequence[str], title: str, xlabel: str, ylabel: str,
            yerr: Sequence[tuple[float, float] | None] = ()) -> Figure:
     """Scatter of configurations with the non-dominated ones (min x, max y) joined as a front and labelled."""
@@ -232,7 +201,6 @@ def pareto(x: Sequence[float], y: Sequence[float], labels: Sequence[str], title:
     front = pareto_mask(xs, ys)
     fig = new_figure(6.8, 4.2)
     ax = fig.add_subplot()
-    _style(ax)
     for i, err in enumerate(yerr):
         if err is not None and np.isfinite(xs[i]):
             ax.plot((xs[i], xs[i]), err, color=ACCENT if front[i] else MUTED, lw=1, alpha=0.4)
@@ -248,8 +216,7 @@ def pareto(x: Sequence[float], y: Sequence[float], labels: Sequence[str], title:
         ax.annotate("\n".join(labels[i] for i in idx), (px, py), xytext=(5, 4), textcoords="offset points",
                     fontsize=7, color=INK if front[idx[0]] else MUTED, va="bottom")
     ax.margins(x=0.18, y=0.1)  # room for the labels of the outermost points
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.set_title(title, loc="left")
     ax.legend(loc="best")
     return fig

@@ -1,48 +1,37 @@
 """``python -m orchestrator.report EXPERIMENT [--storage S] [--out FILE]``: the stability report, one HTML file.
 
-The file is self-contained (figures are inline SVG drawn by matplotlib, styles inline, nothing loaded from the
-network), so it can be mailed, archived next to the Parquet files or opened from a bucket. It is built from the
-experiment's results only (through :class:`orchestrator.results.ResultStore`), so it can be built at any time:
-while a sweep is still running it shows what has arrived, with the unfinished searches marked.
-
-What it shows, across groups and then per group (a group is a configuration; its seeds are independent
-searches): the stability table; accuracy of every seed with the mean, its bootstrap CI and best - mean, next to
-the retrained consensus cell, random cells and published cells under the same protocol, and NB201 benchmark
-accuracies where looked up; the consensus cell, the best search's cell and every seed's cell as diagrams; how
-often each (edge, op) was chosen across seeds; the pairwise genotype distances of the seeds; per-epoch curves
-(op probabilities per edge, arch entropy, skip-connects in the normal cell, the Hessian eigenvalue where
-recorded, train/val accuracy, distance to the final genotype with the epoch it stopped changing); for an HPO
-study (and any experiment with several groups) accuracy vs genotype distance with the Pareto front.
-
-The statistics are :mod:`orchestrator.stability`'s (``stability_table``, ``pairwise_distances``,
-``summarize``, ``stopped_changing_epoch``): the report draws them, it does not compute them another way.
-:func:`publish` is what sweeps, HPO studies and evaluations call when they end.
+Self-contained (inline SVG figures drawn by matplotlib, inline styles, nothing loaded from the network) and built
+from the experiment's results only (:class:`~orchestrator.results.ResultStore`), so at any time: while a sweep runs
+it shows what has arrived. It draws :mod:`orchestrator.stability`'s numbers, never computing them another way. Here
+the results become data and figures; the page (what it shows, in which order, with which captions: README, "The
+stability report") is the Jinja2 template ``report.html.j2``. :func:`publish` is what experiments call at their end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
-import html
 import json
-import math
+import numbers
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property, partial
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+import jinja2
 import numpy as np
 import pyarrow as pa
 
 from pcdarts_core.genotypes import CELL_TYPES
 from pcdarts_core.ops import OPS, PRIMITIVES
-
-from .cli import Parser, run_cli, split_experiment
-from pcdarts_core.stability import (Summary, cross_distances, encode, frequencies_from_json, pairwise_distances,
+from pcdarts_core.stability import (cross_distances, encode, frequencies_from_json, pairwise_distances,
                                     stopped_changing_epoch, summarize)
-
 from pcdarts_core.visualize import CellGraph, cell_graphs, figure_svg, genotype_svgs, node_label, op_color
 
+from .cli import Parser, run_cli, split_experiment
 from .plots import ForestRow, Panel, Series, forest, heatmap, line_panels, op_probability_grid, pareto, series_color
 from .results import ResultStore, parse_source
 from .stability import stability_table
@@ -50,22 +39,42 @@ from .stability import stability_table
 REPORT_FILE = "report.html"
 #: per-seed cell diagrams shown open; more seeds than this are folded (still in the page)
 OPEN_SEED_CELLS = 8
-
+_HERE = Path(__file__).parent
+#: the page's stylesheet, and a script that marks every figure with its laid-out size once the page has loaded
+#: (``data-size``) and the body with the count of non-empty figures (``data-figures``), which the tests read
+CSS = (_HERE / "report.css").read_text(encoding="utf-8")
+CHECK_SCRIPT = (_HERE / "report.js").read_text(encoding="utf-8")
 _OP_ORDER = tuple(PRIMITIVES) + tuple(op for op in OPS if op not in PRIMITIVES)
 
 
-# -- reading ----------------------------------------------------------------------------------------------------
-def _rows(table: pa.Table) -> list[dict[str, Any]]:
-    return table.to_pylist() if table.num_rows else []
-
-
 def _finite(value: Any) -> float | None:
-    if value is None or isinstance(value, bool):
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value)
+    return float(value) if ok else None
 
 
+def _fmt(value: Any, spec: str = ".3f") -> str:
+    return "–" if (v := _finite(value)) is None else format(v, spec)
+
+
+def _acc_text(mean: Any, low: Any, high: Any) -> str:
+    """``mean [low, high]``; the mean alone without a CI; a dash without a mean."""
+    return _fmt(mean) + (f" [{_fmt(low)}, {_fmt(high)}]" if None not in map(_finite, (mean, low, high)) else "")
+
+
+def _one_line(err: Exception) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
+def _anchor(group: str) -> str:
+    return "g-" + re.sub(r"[^A-Za-z0-9_-]+", "-", group).strip("-")
+
+
+_PAGE = jinja2.Environment(loader=jinja2.FileSystemLoader(_HERE), autoescape=True, trim_blocks=True,
+                           lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+_PAGE.filters.update(fmt=_fmt, acc=_acc_text, anchor=_anchor)
+
+
+# -- reading ----------------------------------------------------------------------------------------------------
 @dataclass
 class SeedRun:
     """One search: its trials row (if written yet) and its epoch rows in epoch order."""
@@ -76,7 +85,7 @@ class SeedRun:
     status: str
     trial: dict[str, Any] = field(default_factory=dict)
     epochs: list[dict[str, Any]] = field(default_factory=list)
-    eval_accs: list[float] = field(default_factory=list)
+    eval_acc: float | None = None  # the mean test accuracy of its retrainings
 
     @property
     def label(self) -> str:
@@ -87,24 +96,44 @@ class SeedRun:
         """The trial's genotype when done, else the latest epoch's (what a running search would return now)."""
         if self.trial.get("genotype") and self.status == "done":
             return self.trial["genotype"]
-        for row in reversed(self.epochs):
-            if row.get("genotype"):
-                return row["genotype"]
-        return self.trial.get("genotype")
+        return next((r["genotype"] for r in reversed(self.epochs) if r.get("genotype")), self.trial.get("genotype"))
 
     @property
     def val_acc(self) -> float | None:
-        if self.status == "done":
-            return _finite(self.trial.get("val_acc"))
-        return _finite(self.epochs[-1].get("val_acc")) if self.epochs else None
-
-    @property
-    def eval_acc(self) -> float | None:
-        return sum(self.eval_accs) / len(self.eval_accs) if self.eval_accs else None
+        return _finite((self.trial if self.status == "done" else (self.epochs or [{}])[-1]).get("val_acc"))
 
     @property
     def last_epoch(self) -> int | None:
         return self.epochs[-1].get("epoch") if self.epochs else self.trial.get("epochs_done")
+
+    @cached_property
+    def epoch_genotypes(self) -> tuple[list[int], list[str]]:
+        rows = [r for r in self.epochs if r.get("genotype")]
+        return [int(r["epoch"]) for r in rows], [r["genotype"] for r in rows]
+
+    @cached_property
+    def stop(self) -> int | None:
+        """The epoch from which the seed's per-epoch genotype never changed (stability.stopped_changing_epoch)."""
+        epochs, genotypes = self.epoch_genotypes
+        return stopped_changing_epoch(genotypes, epochs) if genotypes else None
+
+    @property
+    def skips(self) -> int | None:
+        """skip_connect edges of the first cell (the normal cell; NB201's only cell)."""
+        return sum(op == "skip_connect" for *_, op in cell_graphs(self.genotype)[0][1].edges) if self.genotype else None
+
+    def distance(self, to: str | None) -> float | None:
+        return float(cross_distances(encode([self.genotype]), encode([to]))[0, 0]) if self.genotype and to else None
+
+    def curve(self, key: str) -> tuple[list[int], list[float]]:
+        """(epochs, values) of an epochs column, or of ``distance_to_final``: each epoch's cell to the final one."""
+        epochs, genotypes = self.epoch_genotypes
+        if key == "distance_to_final":
+            final = encode([self.genotype]) if genotypes and self.genotype else None
+            return (epochs, cross_distances(encode(genotypes), final)[:, 0].tolist()) if final is not None else ([], [])
+        rows = [(int(r["epoch"]), y) for r in self.epochs if r.get("epoch") is not None and (y := _finite(r.get(key)))
+                is not None]
+        return [x for x, _ in rows], [y for _, y in rows]
 
 
 @dataclass
@@ -113,59 +142,54 @@ class Experiment:
 
     name: str
     location: str
-    trials: pa.Table
-    epochs: pa.Table
-    evaluations: pa.Table
-    stability: pa.Table
-    seeds: dict[str, list[SeedRun]]
+    groups: list[str]  # sorted
+    seeds: dict[str, list[SeedRun]]  # by group
+    stats: dict[str, dict[str, Any]]  # the stability table's rows by group, in its order
+    retrained: dict[tuple[str, str], list[float]]  # see retrained()
+    bench: list[str]  # the trials' bench_acc_<dataset> columns
     hpo: bool
 
-    @property
-    def groups(self) -> list[str]:
-        return sorted(self.seeds)
+    def baselines(self) -> list[tuple[str, list[float]]]:
+        """Retrained accuracies of the random and published cells, by label (the same protocol as the groups')."""
+        return sorted((label, accs) for (kind, label), accs in self.retrained.items() if kind == "baseline")
 
-    def stats(self, group: str) -> dict[str, Any]:
-        for row in _rows(self.stability):
-            if row["group"] == group:
-                return row
-        return {}
 
-    def status_counts(self) -> dict[str, int]:
-        counts = {"done": 0, "running": 0, "failed": 0}
-        for runs in self.seeds.values():
-            for run in runs:
-                counts[run.status] = counts.get(run.status, 0) + 1
-        return counts
+def retrained(evaluations: pa.Table) -> dict[tuple[str, str], list[float]]:
+    """Finished evaluations' test accuracies by ``("trial", id)``, ``("consensus", group)`` or ``("baseline", label)``
+    (random and published cells; with the protocol where the experiment has several)."""
+    rows = evaluations.to_pylist()
+    several = len({r.get("protocol") for r in rows} - {None}) > 1
+    out: dict[tuple[str, str], list[float]] = {}
+    for row in rows:
+        if row.get("status") in (None, "done") and _finite(row.get("test_acc")) is not None:
+            kind, value = parse_source(row["source"])
+            if kind in ("random", "published"):
+                kind, value = "baseline", ("random cells" if kind == "random" else f"published {value}") + \
+                    (f" [{row['protocol']}]" if several and row.get("protocol") else "")
+            out.setdefault((kind, value), []).append(float(row["test_acc"]))
+    return out
 
 
 def load_experiment(store: ResultStore) -> Experiment:
-    """Read trials, epochs and evaluations; compute the stability table from them (never the stored copy, which
-    a running sweep writes only at its end)."""
+    """The experiment's results, with the stability table computed (a running sweep writes its copy at its end)."""
     trials, epochs, evaluations = store.read("trials"), store.read("epochs"), store.read("evaluations")
-    runs: dict[str, SeedRun] = {}
-    for row in _rows(trials):
-        runs[row["trial_id"]] = SeedRun(row["trial_id"], row["group"], row.get("seed"), row.get("status") or
-                                        "running", trial=row)
-    for row in sorted(_rows(epochs), key=lambda r: (str(r["trial_id"]), r.get("epoch") or 0)):
-        run = runs.get(row["trial_id"])
-        if run is None:  # a search that has reported epochs but has no trials row yet (HPO seeds in flight)
-            run = runs[row["trial_id"]] = SeedRun(row["trial_id"], row["group"], row.get("seed"), "running")
-        run.epochs.append(row)
-    for row in _rows(evaluations):
-        if row.get("status") not in (None, "done") or _finite(row.get("test_acc")) is None:
-            continue
-        kind, value = parse_source(row["source"])
+    runs = {row["trial_id"]: SeedRun(row["trial_id"], row["group"], row.get("seed"), row.get("status") or "running",
+                                     trial=row) for row in trials.to_pylist()}
+    for row in sorted(epochs.to_pylist(), key=lambda r: (str(r["trial_id"]), r.get("epoch") or 0)):
+        if row["trial_id"] not in runs:  # a search that has reported epochs but has no trials row yet
+            runs[row["trial_id"]] = SeedRun(row["trial_id"], row["group"], row.get("seed"), "running")
+        runs[row["trial_id"]].epochs.append(row)
+    accs = retrained(evaluations)
+    for (kind, value), values in accs.items():
         if kind == "trial" and value in runs:
-            runs[value].eval_accs.append(float(row["test_acc"]))
+            runs[value].eval_acc = sum(values) / len(values)
     seeds: dict[str, list[SeedRun]] = {}
-    for run in runs.values():
+    for run in sorted(runs.values(), key=lambda r: (r.seed is None, r.seed if r.seed is not None else 0, r.trial_id)):
         seeds.setdefault(run.group, []).append(run)
-    for group in seeds:
-        seeds[group].sort(key=lambda r: (r.seed is None, r.seed if r.seed is not None else 0, r.trial_id))
-    table = stability_table(trials, epochs, evaluations) if trials.num_rows else None
-    hpo = "hpo_trial" in trials.column_names  # HPO rows name their Tune trial (one per configuration)
-    return Experiment(store.name, store.root, trials, epochs, evaluations,
-                      table if table is not None else pa.table({"group": pa.array([], pa.string())}), seeds, hpo)
+    table = stability_table(trials, epochs, evaluations).to_pylist() if trials.num_rows else []
+    return Experiment(store.name, store.root, sorted(seeds), seeds, {r["group"]: r for r in table}, accs,
+                      sorted(c for c in trials.column_names if c.startswith("bench_acc_")),
+                      "hpo_trial" in trials.column_names)  # HPO rows name their Tune trial
 
 
 # -- labels -------------------------------------------------------------------------------------------------------
@@ -179,132 +203,65 @@ def short_labels(groups: Sequence[str]) -> dict[str, str]:
     return {g: ",".join(p for p in parts[g] if p not in common) or g for g in groups}
 
 
-def _fmt(value: Any, spec: str = ".3f") -> str:
-    v = _finite(value)
-    return "–" if v is None else format(v, spec)
-
-
-def _esc(text: Any) -> str:
-    return html.escape(str(text), quote=True)
-
-
 # -- figures --------------------------------------------------------------------------------------------------------
-class Figures:
-    """Builds figures by key; a figure that fails is shown as a one-line error in its place (the rest of the
-    report still renders), and the errors are listed at the top."""
-
-    def __init__(self) -> None:
-        self.errors: list[str] = []
-
-    def figure(self, key: str, caption: str, build: Callable[[], Any], wide: bool = False) -> str:
-        try:
-            made = build()
-            svg = made if isinstance(made, str) else figure_svg(made, key)
-        except Exception as err:  # noqa: BLE001 - one bad figure must not cost the whole report
-            line = f"{caption or key}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-            self.errors.append(line)
-            return f'<div class="fig-error">figure not drawn — {_esc(line)}</div>'
-        cls = "fig wide" if wide else "fig"
-        text = f"<figcaption>{caption}</figcaption>" if caption else ""
-        return f'<figure class="{cls}" id="{_esc(key)}">{svg}{text}</figure>'
+def figure(errors: list[str], key: str, caption: str, build: Callable, *args: Any, wide: bool = False) -> dict:
+    """``build(*args)`` as the figure ``key`` (``show``'s arguments), or a one-line error also added to ``errors``."""
+    try:
+        return dict(key=key, caption=caption, svg=figure_svg(build(*args), key), wide=wide)
+    except Exception as err:  # noqa: BLE001 - one bad figure must not cost the whole report
+        errors.append(f"{caption or key}: {_one_line(err)}")
+        return dict(key=key, error=errors[-1])
 
 
-def _summary_row(label: str, values: Sequence[float], color: str, summary: Summary | None = None,
-                 points: Sequence[str] = ()) -> ForestRow:
-    s = summary or summarize(values)
+def _summary_row(label: str, values: Sequence[float], color: str) -> ForestRow:
+    s = summarize(values)
     ci = (s.ci_low, s.ci_high) if s.ci_low is not None and s.ci_high is not None and s.n > 1 else None
-    return ForestRow(label, list(values), s.mean, ci, s.best_minus_mean if s.n > 1 else None, color, points)
+    return ForestRow(label, list(values), s.mean, ci, s.best_minus_mean if s.n > 1 else None, color)
 
 
-def bench_columns(table: pa.Table) -> list[str]:
-    return sorted(c for c in table.column_names if c.startswith("bench_acc_"))
+def _metrics(exp: Experiment) -> list[tuple[str, str, Callable[[SeedRun], float | None]]]:
+    """(name, colour in a group's forest, value of a seed) of every accuracy: search val, retrained, NB201."""
+    bench = [(f"NB201 {c[len('bench_acc_'):]}", "#9467bd", lambda r, c=c: _finite(r.trial.get(c))) for c in exp.bench]
+    return [("search val acc", "#1f77b4", lambda r: r.val_acc), ("retrained test acc", "#2ca02c", lambda r: r.eval_acc),
+            *bench]
 
 
-def baseline_sources(evaluations: pa.Table) -> dict[str, list[float]]:
-    """Retrained accuracies of the random and published cells, by label (the same protocol as the groups')."""
-    out: dict[str, list[float]] = {}
-    protocols = {r.get("protocol") for r in _rows(evaluations)} - {None}
-    for row in _rows(evaluations):
-        if row.get("status") not in (None, "done") or _finite(row.get("test_acc")) is None:
-            continue
-        kind, value = parse_source(row["source"])
-        if kind not in ("random", "published"):
-            continue
-        label = "random cells" if kind == "random" else f"published {value}"
-        if len(protocols) > 1 and row.get("protocol"):
-            label += f" [{row['protocol']}]"
-        out.setdefault(label, []).append(float(row["test_acc"]))
-    return dict(sorted(out.items()))
-
-
-def consensus_accs(evaluations: pa.Table) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {}
-    for row in _rows(evaluations):
-        if row.get("status") in (None, "done") and _finite(row.get("test_acc")) is not None:
-            kind, value = parse_source(row["source"])
-            if kind == "consensus":
-                out.setdefault(value, []).append(float(row["test_acc"]))
-    return out
+def _done_values(runs: Sequence[SeedRun], get: Callable[[SeedRun], float | None]) -> list[float]:
+    return [v for v in (get(r) for r in runs if r.status == "done") if v is not None]
 
 
 def accuracy_rows(exp: Experiment, group: str) -> list[ForestRow]:
     """A group's accuracies: search val acc, retrained test acc, consensus, benchmark lookups, then baselines."""
-    done = [r for r in exp.seeds[group] if r.status == "done"]
-    rows = []
-    val = [(r.val_acc, r.label) for r in done if r.val_acc is not None]
-    if val:
-        rows.append(_summary_row(f"search val acc ({len(val)} seeds)", [v for v, _ in val], "#1f77b4"))
-    ev = [(r.eval_acc, r.label) for r in done if r.eval_acc is not None]
-    if ev:
-        rows.append(_summary_row(f"retrained test acc ({len(ev)})", [v for v, _ in ev], "#2ca02c"))
-    cons = consensus_accs(exp.evaluations).get(group)
-    if cons:
-        rows.append(_summary_row("consensus cell, retrained", cons, "#17becf"))
-    for col in bench_columns(exp.trials):
-        vals = [_finite(r.trial.get(col)) for r in done]
-        vals = [v for v in vals if v is not None]
-        if vals:
-            rows.append(_summary_row(f"NB201 {col[len('bench_acc_'):]} ({len(vals)})", vals, "#9467bd"))
-    if ev or cons:
-        for label, vals in baseline_sources(exp.evaluations).items():
-            rows.append(_summary_row(label, vals, "#7f7f7f"))
+    rows, cons = [], exp.retrained.get(("consensus", group))
+    for i, (name, color, get) in enumerate(_metrics(exp)):
+        if vals := _done_values(exp.seeds[group], get):
+            rows.append(_summary_row(f"{name} ({len(vals)}{' seeds' if i == 0 else ''})", vals, color))
+        if i == 1 and cons:
+            rows.append(_summary_row("consensus cell, retrained", cons, "#17becf"))
+    if cons or _done_values(exp.seeds[group], lambda r: r.eval_acc):
+        rows += [_summary_row(label, vals, "#7f7f7f") for label, vals in exp.baselines()]
     return rows
 
 
 def overview_accuracy(exp: Experiment, labels: Mapping[str, str]) -> list[tuple[str, list[ForestRow]]]:
-    """Across groups: one forest per metric (search val acc, retrained test acc, each benchmark dataset)."""
-    out: list[tuple[str, list[ForestRow]]] = []
-    metrics: list[tuple[str, Callable[[SeedRun], float | None]]] = [
-        ("search val acc", lambda r: r.val_acc), ("retrained test acc", lambda r: r.eval_acc)]
-    metrics += [(f"NB201 {c[len('bench_acc_'):]} test acc", lambda r, c=c: _finite(r.trial.get(c)))
-                for c in bench_columns(exp.trials)]
-    for title, get in metrics:
-        rows = []
-        for i, group in enumerate(exp.groups):
-            vals = [v for v in (get(r) for r in exp.seeds[group] if r.status == "done") if v is not None]
-            if vals:
-                rows.append(_summary_row(labels[group], vals, series_color(i)))
-        if not rows:
-            continue
-        if title == "retrained test acc":
-            cons = consensus_accs(exp.evaluations)
-            for i, group in enumerate(exp.groups):
-                if cons.get(group):
-                    rows.append(_summary_row(f"{labels[group]} consensus", cons[group], series_color(i)))
-            rows += [_summary_row(label, vals, "#7f7f7f") for label, vals in baseline_sources(exp.evaluations).items()]
-        out.append((title, rows))
+    """Across groups: one forest per accuracy; the retrained one with the consensus cells and the baselines."""
+    out = []
+    for i, (name, _, get) in enumerate(_metrics(exp)):
+        rows = [_summary_row(labels[g], vals, series_color(j)) for j, g in enumerate(exp.groups)
+                if (vals := _done_values(exp.seeds[g], get))]
+        if rows and i == 1:
+            rows += [_summary_row(f"{labels[g]} consensus", cons, series_color(j)) for j, g in enumerate(exp.groups)
+                     if (cons := exp.retrained.get(("consensus", g)))]
+            rows += [_summary_row(label, vals, "#7f7f7f") for label, vals in exp.baselines()]
+        if rows:
+            out.append((name + (" test acc" if i > 1 else ""), rows))
     return out
 
 
-#: the key of a cell in the epochs (``alphas_<cell>``) and frequency tables: a one-cell space's cell is 'normal'
-def _cell_key(name: str) -> str:
-    return name if name in CELL_TYPES else "normal"
-
-
 def frequency_figure(stats: Mapping[str, Any], name: str, graph: CellGraph) -> Any:
-    """Heatmap of how often each (op, edge) was chosen across the group's seeds (stability's edge_op JSON), over
-    every edge the cell could have."""
-    freqs = frequencies_from_json(stats.get("edge_op_frequencies")).get(_cell_key(name), {})
+    """Heatmap: the share of the group's seeds choosing each (op, edge), over every edge the cell could have."""
+    freqs = frequencies_from_json(stats.get("edge_op_frequencies")).get(
+        name if name in CELL_TYPES else "normal", {})  # a one-cell space's cell is 'normal' in the tables
     seen = {op for per in freqs.values() for op in per}
     ops = [op for op in _OP_ORDER if op in seen] + sorted(seen - set(_OP_ORDER))
     slots = graph.slots()
@@ -315,392 +272,130 @@ def frequency_figure(stats: Mapping[str, Any], name: str, graph: CellGraph) -> A
 
 
 def distance_figure(runs: Sequence[SeedRun]) -> Any:
-    d = pairwise_distances([r.genotype for r in runs])
     labels = [f"s{r.seed}" for r in runs]
-    return heatmap(d, labels, labels, "genotype distance between seeds", cmap="magma_r", fmt="{:.2f}",
-                   colorbar="distance")
+    return heatmap(pairwise_distances([r.genotype for r in runs]), labels, labels, "genotype distance between seeds",
+                   cmap="magma_r", fmt="{:.2f}", colorbar="distance")
 
 
 def alpha_ops(width: int, trial: Mapping[str, Any]) -> list[str]:
-    """The op of each alpha column: the op list a ``cfg_*primitives*`` column gives, else the core's PRIMITIVES
-    for 8 columns; other widths are named by position."""
+    """The op of each alpha column: a ``cfg_*primitives*`` list, the core's PRIMITIVES, or ``op <i>``."""
     for key, value in trial.items():
         if key.startswith("cfg_") and "primitives" in key and isinstance(value, str):
-            try:
-                names = json.loads(value)
-            except ValueError:
-                names = None
-            if isinstance(names, (list, tuple)) and len(names) == width and all(isinstance(n, str) for n in names):
-                return list(names)
-    if width == len(PRIMITIVES):
-        return list(PRIMITIVES)
-    return [f"op {i}" for i in range(width)]
+            with contextlib.suppress(ValueError):
+                if isinstance(names := json.loads(value), list) and len(names) == width and \
+                        all(isinstance(n, str) for n in names):
+                    return names
+    return list(PRIMITIVES) if width == len(PRIMITIVES) else [f"op {i}" for i in range(width)]
 
 
-def _softmax(a: np.ndarray) -> np.ndarray:
-    e = np.exp(a - a.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def alpha_figure(runs: Sequence[SeedRun], name: str, kept_by: CellGraph | None, title: str,
-                 slots_of: CellGraph) -> Any:
-    """Mean over seeds of softmax(alphas) per edge and op, per epoch (epochs whose alphas have the first
-    epoch's shape: P-DARTS's pruned stages are left out). ``slots_of`` names the rows (every edge the cell could
-    have); the ops ``kept_by`` (the consensus cell) kept are drawn thick."""
-    col = f"alphas_{_cell_key(name)}"
-    per_epoch: dict[int, list[np.ndarray]] = {}
-    shape = None
-    for run in runs:
-        for row in run.epochs:
-            a = row.get(col)
-            if a is None:
-                continue
-            arr = np.asarray(a, dtype=float)
-            shape = shape or arr.shape
-            if arr.shape == shape:
-                per_epoch.setdefault(int(row["epoch"]), []).append(_softmax(arr))
+def alpha_figure(runs: Sequence[SeedRun], name: str, slots_of: CellGraph, kept_by: CellGraph | None) -> Any:
+    """Mean over seeds of softmax(alphas) per edge (every edge ``slots_of`` could have) and op, per epoch (those
+    with the first epoch's shape: P-DARTS's pruned stages are left out); the ops ``kept_by`` kept are thick."""
+    col, per_epoch, shape = f"alphas_{name if name in CELL_TYPES else 'normal'}", {}, None
+    for row in (row for run in runs for row in run.epochs if row.get(col) is not None):
+        a = np.asarray(row[col], dtype=float)
+        shape = shape or a.shape
+        if a.shape == shape:
+            e = np.exp(a - a.max(axis=-1, keepdims=True))
+            per_epoch.setdefault(int(row["epoch"]), []).append(e / e.sum(axis=-1, keepdims=True))
     if not per_epoch or shape is None:
         raise ValueError(f"no {col} in the epochs table")
     slots = slots_of.slots()
     if len(slots) != shape[0]:
         raise ValueError(f"{col} has {shape[0]} rows but the cell has {len(slots)} possible edges")
     epochs = np.array(sorted(per_epoch))
-    probs = np.stack([np.mean(per_epoch[e], axis=0) for e in epochs])
-    kept: dict[tuple[str, str], set[str]] = {}
-    for src, dst, op in kept_by.edges if kept_by is not None else ():
-        kept.setdefault((src, dst), set()).add(op)
-    return op_probability_grid(epochs, probs, [(node_label(s), node_label(d)) for s, d in slots],
-                               alpha_ops(shape[1], runs[0].trial), title,
-                               [kept.get(slot, set()) for slot in slots] if kept_by is not None else ())
-
-
-def _epoch_values(run: SeedRun, key: str) -> tuple[list[int], list[float]]:
-    xs, ys = [], []
-    for row in run.epochs:
-        v = _finite(row.get(key))
-        if v is not None and row.get("epoch") is not None:
-            xs.append(int(row["epoch"]))
-            ys.append(v)
-    return xs, ys
-
-
-def stop_epoch(run: SeedRun) -> int | None:
-    """The epoch from which the seed's per-epoch genotype never changed (stability.stopped_changing_epoch)."""
-    rows = [r for r in run.epochs if r.get("genotype")]
-    if not rows:
-        return None
-    return stopped_changing_epoch([r["genotype"] for r in rows], [int(r["epoch"]) for r in rows])
-
-
-def distance_to_final(run: SeedRun) -> tuple[list[int], list[float]]:
-    rows = [r for r in run.epochs if r.get("genotype")]
-    final = run.genotype
-    if not rows or not final:
-        return [], []
-    d = cross_distances(encode([r["genotype"] for r in rows]), encode([final]))[:, 0]
-    return [int(r["epoch"]) for r in rows], [float(v) for v in d]
+    return op_probability_grid(epochs, np.stack([np.mean(per_epoch[e], axis=0) for e in epochs]),
+                               [(node_label(s), node_label(d)) for s, d in slots], alpha_ops(shape[1], runs[0].trial),
+                               f"{name} cell: op probabilities per edge",
+                               [{op for s, d, op in kept_by.edges if (s, d) == e} for e in slots] if kept_by else ())
 
 
 def curve_panels(runs: Sequence[SeedRun], collapse_threshold: int | None) -> list[Panel]:
     """Per-seed curves of one group: what the search did epoch by epoch."""
     def series(key: str, marks: bool = False, dashed: bool = False, suffix: str = "") -> list[Series]:
-        out = []
-        for i, run in enumerate(runs):
-            x, y = _epoch_values(run, key)
-            if x:
-                stop = stop_epoch(run) if marks else None
-                out.append(Series(run.label + suffix, x, y, series_color(i), dashed, (stop,) if stop is not None
-                                  else ()))
-        return out
+        curves = [(i, run, run.curve(key)) for i, run in enumerate(runs)]
+        return [Series(run.label + suffix, x, y, series_color(i), dashed,
+                       (run.stop,) if marks and run.stop is not None else ()) for i, run, (x, y) in curves if x]
 
     panels = [Panel("arch entropy", "nats", series("arch_entropy", marks=True)),
               Panel("skip-connects (normal cell)", "count", series("n_skip_normal"),
                     ((collapse_threshold, f"collapse ≥ {collapse_threshold}"),) if collapse_threshold else ()),
               Panel("val acc (- - train)", "accuracy",
-                    series("val_acc") + series("train_acc", dashed=True, suffix=" train"))]
-    moved = []
-    for i, run in enumerate(runs):
-        x, y = distance_to_final(run)
-        if x:
-            stop = stop_epoch(run)
-            moved.append(Series(run.label, x, y, series_color(i), marks=(stop,) if stop is not None else ()))
-    if moved:
-        panels.append(Panel("distance to final genotype", "distance", moved, ylim=(-0.03, 1.03)))
-    hessian = series("hessian_eigenvalue")
-    if hessian:
-        panels.append(Panel("Hessian eigenvalue λmax", "λmax", hessian))
+                    series("val_acc") + series("train_acc", dashed=True, suffix=" train")),
+              Panel("distance to final genotype", "distance", series("distance_to_final", marks=True),
+                    ylim=(-0.03, 1.03)),
+              Panel("Hessian eigenvalue λmax", "λmax", series("hessian_eigenvalue"))]
     return [p for p in panels if p.series]
 
 
 def overview_curves(exp: Experiment, labels: Mapping[str, str]) -> list[Panel]:
-    """Across groups: the mean over a group's seeds, per epoch, of entropy, skip-connects and val accuracy."""
-    panels = []
-    for key, title, unit in (("n_skip_normal", "skip-connects (normal cell)", "count"),
-                             ("arch_entropy", "arch entropy", "nats"),
-                             ("val_acc", "search val acc", "accuracy"),
-                             ("hessian_eigenvalue", "Hessian eigenvalue λmax", "λmax")):
-        lines = []
-        for i, group in enumerate(exp.groups):
-            per: dict[int, list[float]] = {}
-            for run in exp.seeds[group]:
-                for x, y in zip(*_epoch_values(run, key)):
-                    per.setdefault(x, []).append(y)
-            if per:
-                xs = sorted(per)
-                lines.append(Series(labels[group], xs, [float(np.mean(per[x])) for x in xs], series_color(i)))
-        if lines:
-            panels.append(Panel(title, unit, lines))
-    return panels
+    """Across groups: the mean over a group's seeds, per epoch, of skip-connects, entropy, val acc and λmax."""
+    def mean(i: int, group: str, key: str) -> list[Series]:
+        xy = [p for run in exp.seeds[group] for p in zip(*run.curve(key))]
+        xs = sorted({x for x, _ in xy})
+        return [Series(labels[group], xs, [float(np.mean([v for e, v in xy if e == x])) for x in xs],
+                       series_color(i))] if xs else []
+
+    curves = (("n_skip_normal", "skip-connects (normal cell)", "count"), ("arch_entropy", "arch entropy", "nats"),
+              ("val_acc", "search val acc", "accuracy"), ("hessian_eigenvalue", "Hessian eigenvalue λmax", "λmax"))
+    panels = [Panel(title, unit, [s for i, g in enumerate(exp.groups) for s in mean(i, g, key)])
+              for key, title, unit in curves]
+    return [p for p in panels if p.series]
 
 
 def pareto_figure(exp: Experiment, labels: Mapping[str, str]) -> Any:
-    rows = [r for r in _rows(exp.stability) if r.get("n_seeds")]
-    x = [_finite(r.get("genotype_distance_mean")) for r in rows]
-    y = [_finite(r.get("val_acc_mean")) for r in rows]
-    ok = [i for i in range(len(rows)) if x[i] is not None and y[i] is not None]
-    if not ok:
+    rows = [r for r in exp.stats.values() if r.get("n_seeds") and _finite(r.get("genotype_distance_mean"))
+            is not None and _finite(r.get("val_acc_mean")) is not None]
+    if not rows:
         raise ValueError("no group has two finished seeds yet (a distance needs a pair)")
-    err = [(rows[i]["val_acc_ci_low"], rows[i]["val_acc_ci_high"]) if rows[i].get("val_acc_ci_low") is not None
-           else None for i in ok]
-    title = ("HPO Pareto front: accuracy vs stability" if exp.hpo else
-             "accuracy vs stability of the groups (Pareto front)")
-    return pareto([x[i] for i in ok], [y[i] for i in ok], [labels[rows[i]["group"]] for i in ok], title,
+    err = [(r["val_acc_ci_low"], r["val_acc_ci_high"]) if r.get("val_acc_ci_low") is not None else None for r in rows]
+    return pareto([r["genotype_distance_mean"] for r in rows], [r["val_acc_mean"] for r in rows],
+                  [labels[r["group"]] for r in rows], "HPO Pareto front: accuracy vs stability" if exp.hpo else
+                  "accuracy vs stability of the groups (Pareto front)",
                   "mean pairwise genotype distance between seeds (lower = more stable)",
                   "mean search val acc (bar: 95% CI)", err)
 
 
-# -- HTML -------------------------------------------------------------------------------------------------------
-#: the page's stylesheet, and a script that marks every figure with its laid-out size once the page has loaded
-#: (``data-size``) and the body with the count of non-empty figures (``data-figures``), which the tests read
-CSS = (Path(__file__).parent / "report.css").read_text(encoding="utf-8")
-CHECK_SCRIPT = (Path(__file__).parent / "report.js").read_text(encoding="utf-8")
-
-
-def _keys(items: Iterable[tuple[str, str]]) -> str:
-    return '<div class="keys">' + "".join(f'<div class="key"><b>{_esc(v)}</b><span>{_esc(k)}</span></div>'
-                                          for k, v in items) + "</div>"
-
-
-def _acc_text(mean: Any, low: Any, high: Any) -> str:
-    if _finite(mean) is None:
-        return "–"
-    text = _fmt(mean)
-    if _finite(low) is not None and _finite(high) is not None:
-        text += f" [{_fmt(low)}, {_fmt(high)}]"
-    return text
-
-
-def stability_html(exp: Experiment, labels: Mapping[str, str]) -> str:
-    head = ("group", "seeds", "val acc [95% CI]", "best−mean", "retrained [CI]", "consensus retrained",
-            "distance", "distinct", "skips (normal)", "collapsed", "stops changing")
-    out = ['<table class="stats"><tr>' + "".join(f'<th class="{"l" if i == 0 else ""}">{h}</th>'
-                                                 for i, h in enumerate(head)) + "</tr>"]
-    for r in _rows(exp.stability):
-        seeds = f"{r['n_seeds']}" + (f" (+{r['n_running']} running)" if r.get("n_running") else "") + \
-            (f" ({r['n_failed']} failed)" if r.get("n_failed") else "")
-        collapse = r.get("collapse_rate")
-        cells = [f'<a href="#{_anchor(r["group"])}">{_esc(labels.get(r["group"], r["group"]))}</a>', seeds,
-                 _acc_text(r.get("val_acc_mean"), r.get("val_acc_ci_low"), r.get("val_acc_ci_high")),
-                 _fmt(r.get("best_minus_mean")),
-                 _acc_text(r.get("eval_acc_mean"), r.get("eval_acc_ci_low"), r.get("eval_acc_ci_high")),
-                 _fmt(r.get("consensus_eval_acc_mean")), _fmt(r.get("genotype_distance_mean")),
-                 str(r.get("n_distinct_genotypes") if r.get("n_distinct_genotypes") is not None else "–"),
-                 _fmt(r.get("skip_normal_mean"), ".1f"), "–" if collapse is None else f"{collapse:.0%}",
-                 _fmt(r.get("stop_changing_epoch_mean"), ".1f")]
-        out.append("<tr>" + "".join(f'<td class="{"l" if i == 0 else ""}">{c}</td>' for i, c in enumerate(cells))
-                   + "</tr>")
-    out.append("</table>")
-    return "".join(out)
-
-
-def _anchor(group: str) -> str:
-    return "g-" + re.sub(r"[^A-Za-z0-9_-]+", "-", group).strip("-")
-
-
-def skip_count(genotype: str) -> int:
-    """skip_connect edges of the first cell (the normal cell; NB201's only cell)."""
-    return sum(op == "skip_connect" for _, _, op in cell_graphs(genotype)[0][1].edges)
-
-
-def seed_table(runs: Sequence[SeedRun], consensus: str | None) -> str:
-    cons = encode([consensus]) if consensus else None
-    head = ("seed", "trial", "status", "epochs", "search val acc", "retrained", "skips (normal)",
-            "stops changing", "distance to consensus")
-    out = ['<table class="stats"><tr>' + "".join(f'<th class="{"l" if i < 3 else ""}">{h}</th>'
-                                                 for i, h in enumerate(head)) + "</tr>"]
-    for run in runs:
-        g = run.genotype
-        skips = skip_count(g) if g else None
-        dist = float(cross_distances(encode([g]), cons)[0, 0]) if (g and cons is not None) else None
-        stop = stop_epoch(run)
-        cells = [run.seed, run.trial_id, run.status, run.last_epoch if run.last_epoch is not None else "–",
-                 _fmt(run.val_acc), _fmt(run.eval_acc), "–" if skips is None else skips,
-                 "–" if stop is None else stop, _fmt(dist)]
-        out.append(f'<tr class="{_esc(run.status)}">' + "".join(
-            f'<td class="{"l" if i < 3 else ""}">{_esc(c)}</td>' for i, c in enumerate(cells)) + "</tr>")
-    out.append("</table>")
-    if any(r.status == "running" for r in runs):
-        out.append('<p class="q">Running searches show the genotype of their latest epoch.</p>')
-    return "".join(out)
-
-
-def cells_html(figs: Figures, key: str, genotype: str, label: str, caption: str = "") -> str:
-    return "".join(figs.figure(f"{key}-{cell}", caption, lambda svg=svg: svg)
-                   for cell, svg in genotype_svgs(genotype, label, key))
-
-
-def group_html(exp: Experiment, group: str, index: int, labels: Mapping[str, str], figs: Figures) -> str:
-    runs = exp.seeds[group]
+# -- the page ------------------------------------------------------------------------------------------------------
+def group_view(exp: Experiment, group: str) -> dict[str, Any]:
+    """What the page shows of one group; the template draws its figures."""
+    runs, stats = exp.seeds[group], exp.stats.get(group, {})
     done = [r for r in runs if r.status == "done" and r.trial.get("genotype")]
-    stats = exp.stats(group)
-    key = f"g{index}"
-    consensus = stats.get("consensus_genotype")
-    parts = [f'<section id="{_anchor(group)}"><h2>{_esc(labels[group])}</h2>',
-             f'<p class="q"><code>{_esc(group)}</code></p>']
-    collapse = stats.get("collapse_rate")
-    parts.append(_keys([
-        ("finished seeds", f"{len(done)} / {len(runs)}"),
-        ("search val acc mean [CI]", _acc_text(stats.get("val_acc_mean"), stats.get("val_acc_ci_low"),
-                                               stats.get("val_acc_ci_high"))),
-        ("best − mean", _fmt(stats.get("best_minus_mean"))),
-        ("mean pairwise distance", _fmt(stats.get("genotype_distance_mean"))),
-        ("distinct cells", str(stats.get("n_distinct_genotypes", "–"))),
-        ("collapsed (≥ {} skips)".format(stats.get("collapse_threshold") or 3),
-         "–" if collapse is None else f"{collapse:.0%}"),
-        ("genotype stops changing (mean epoch)", _fmt(stats.get("stop_changing_epoch_mean"), ".1f")),
-    ]))
+    with_epochs, consensus = [r for r in runs if r.epochs], stats.get("consensus_genotype")
+    return dict(group=group, runs=runs, stats=stats, done=done, with_epochs=with_epochs, consensus=consensus,
+                threshold=stats.get("collapse_threshold") or 3, accuracy=accuracy_rows(exp, group),
+                best=max(done, key=lambda r: r.val_acc if r.val_acc is not None else -1.0, default=None),
+                reference=consensus or next((r.genotype for r in with_epochs if r.genotype), None))
 
-    rows = accuracy_rows(exp, group)
-    if rows:
-        parts.append("<h3>Accuracy of every seed</h3><p class=\"q\">How good is a typical search, how much does "
-                     "best-of-N flatter it, and does it beat random and published cells trained the same way?</p>")
-        parts.append(figs.figure(f"{key}-acc", "Dots: seeds; diamond: mean; bar: 95% bootstrap CI of the mean.",
-                                 lambda: forest(rows, "accuracy per seed"), wide=True))
 
-    if done:
-        best = max(done, key=lambda r: r.val_acc if r.val_acc is not None else -1.0)
-        parts.append("<h3>Cells</h3><p class=\"q\">What did the seeds agree on (consensus: per node the most "
-                     "chosen (op, input) pairs), and what did the best search find?</p><div class=\"figs\">")
-        if consensus:
-            parts.append(cells_html(figs, f"{key}-cons", consensus, "consensus",
-                                    f"Consensus of {len(done)} seeds"))
-        parts.append(cells_html(figs, f"{key}-best", best.genotype, f"best search ({best.label})",
-                                f"Best search by val acc: {best.label}, val acc {_fmt(best.val_acc)}"))
-        parts.append("</div>")
-
-        parts.append("<h3>Agreement across seeds</h3><p class=\"q\">Which (edge, op) choices are stable across "
-                     "seeds, and which seeds found similar cells?</p><div class=\"figs\">")
-        for name, graph in cell_graphs(consensus or done[0].genotype):
-            parts.append(figs.figure(f"{key}-freq-{name}", f"{name} cell: fraction of the {len(done)} seeds whose "
-                                     "cell has this edge with this op (op names in the diagrams' colours).",
-                                     lambda name=name, graph=graph: frequency_figure(stats, name, graph)))
-        if len(done) > 1:
-            parts.append(figs.figure(f"{key}-dist", "Fraction of the (input, op) choices two seeds' cells differ in.",
-                                     lambda: distance_figure(done)))
-        parts.append("</div>")
-
-    with_epochs = [r for r in runs if r.epochs]
-    if with_epochs:
-        panels = curve_panels(with_epochs, stats.get("collapse_threshold") or 3)
-        parts.append("<h3>Search dynamics</h3><p class=\"q\">Did the architecture distribution sharpen, did "
-                     "skip-connects take over (collapse), when did the derived cell stop changing?</p>")
-        parts.append(figs.figure(f"{key}-curves", "One line per seed; ▼ marks the epoch from which the seed's "
-                                 "derived genotype never changed again.", lambda: line_panels(panels), wide=True))
-        reference = consensus or next((r.genotype for r in with_epochs if r.genotype), None)
-        for name, graph in cell_graphs(reference) if reference else []:
-            note = ("thick lines: the op the consensus cell kept on that edge; grey panels: edges it dropped."
-                    if consensus else "no consensus yet (no finished seed).")
-            parts.append(figs.figure(
-                f"{key}-alpha-{name}", f"{name} cell: softmax(α) per edge, mean over the seeds at each epoch; {note}",
-                lambda name=name, graph=graph: alpha_figure(with_epochs, name, graph if consensus else None,
-                                                            f"{name} cell: op probabilities per edge",
-                                                            slots_of=graph), wide=True))
-
-    parts.append("<h3>Every seed</h3>")
-    parts.append(seed_table(runs, consensus))
-    shown = [r for r in runs if r.genotype]
-    if shown:
-        is_open = " open" if len(shown) <= OPEN_SEED_CELLS else ""
-        parts.append(f"<details{is_open}><summary>cells of the {len(shown)} seeds</summary><div class=\"figs\">")
-        for run in shown:
-            state = "" if run.status == "done" else f" ({run.status}, epoch {run.last_epoch})"
-            parts.append(f'<div class="seedcard"><h4>{_esc(run.label)}{_esc(state)} · val acc '
-                         f'{_fmt(run.val_acc)}</h4><div class="figs">')
-            parts.append(cells_html(figs, f"{key}-s{_anchor(str(run.trial_id))}", run.genotype, run.label))
-            parts.append("</div></div>")
-        parts.append("</div></details>")
-    parts.append("</section>")
-    return "".join(parts)
+_PAGE.globals.update({f.__name__: f for f in (  # what the page draws with
+    genotype_svgs, cell_graphs, overview_accuracy, overview_curves, pareto_figure, forest, line_panels, curve_panels,
+    alpha_figure, frequency_figure, distance_figure)}, OPEN_SEED_CELLS=OPEN_SEED_CELLS)
 
 
 def render(exp: Experiment, generated: str | None = None) -> str:
     """The report of ``exp`` as one HTML document."""
-    figs = Figures()
-    labels = short_labels(exp.groups)
-    counts = exp.status_counts()
-    generated = generated or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    kind = "HPO study" if exp.hpo else "stability sweep"
-    body: list[str] = []
-    if counts.get("running"):
-        body.append(f'<div class="banner"><b>Still running:</b> {counts["running"]} search(es) unfinished. This '
-                    f"is a snapshot taken {generated}; build the report again for newer results.</div>")
-    if not exp.groups:
-        body.append('<section><h2>No results yet</h2><p class="q">No search has reported an epoch.</p></section>')
-    else:
-        overview = ['<section id="overview"><h2>Across groups</h2>',
-                    '<p class="q">Which configuration searches best and most reliably?</p>',
-                    stability_html(exp, labels), '<div class="figs">']
-        for i, (title, rows) in enumerate(overview_accuracy(exp, labels)):
-            overview.append(figs.figure(f"ov-acc{i}", f"{title}: dots are seeds, diamonds means, bars 95% bootstrap "
-                                        "CIs; grey rows: baselines retrained under the same protocol.",
-                                        lambda title=title, rows=rows: forest(rows, title), wide=True))
-        if exp.hpo or len(exp.groups) > 1:
-            overview.append(figs.figure("ov-pareto", "Each point a configuration: up is more accurate, left "
-                                        "is more stable (its seeds find more similar cells). Red: not dominated.",
-                                        lambda: pareto_figure(exp, labels), wide=True))
-        panels = overview_curves(exp, labels)
-        if panels:
-            overview.append(figs.figure("ov-curves", "Per group, the mean over its seeds at each epoch.",
-                                        lambda: line_panels(panels), wide=True))
-        overview.append("</div></section>")
-        groups = [group_html(exp, g, i, labels, figs) for i, g in enumerate(exp.groups)]
-        body += overview + groups
-    if figs.errors:
-        body.insert(0, '<div class="fig-error"><b>Some figures could not be drawn:</b><br>' +
-                    "<br>".join(_esc(e) for e in figs.errors) + "</div>")
-    nav = "".join(f'<a href="#{_anchor(g)}">{_esc(labels[g])}</a>' for g in exp.groups)
-    pills = "".join(f'<span class="pill {s}">{n} {s}</span>' for s, n in counts.items() if n)
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
-            f'content="width=device-width, initial-scale=1"><title>{_esc(exp.name)}: stability report</title>'
-            f"<style>{CSS}</style></head><body><header><h1>{_esc(exp.name)} — search stability report</h1>"
-            f'<div class="meta">{kind} · {len(exp.groups)} group(s) · {pills} · <code>{_esc(exp.location)}</code> · '
-            f'{_esc(generated)}</div></header><nav><a href="#overview">overview</a>{nav}</nav><main>'
-            + "".join(body) + "</main><footer>Built by <code>python -m orchestrator.report</code> from the experiment's "
-            f"Parquet files; statistics from <code>orchestrator.stability</code>.</footer><script>{CHECK_SCRIPT}"
-            "</script></body></html>")
+    errors: list[str] = []
+    return _PAGE.get_template("report.html.j2").render(
+        exp=exp, labels=short_labels(exp.groups), groups=[group_view(exp, g) for g in exp.groups], errors=errors,
+        figure=partial(figure, errors), css=CSS, script=CHECK_SCRIPT,
+        counts={"done": 0, "running": 0, "failed": 0} | Counter(r.status for runs in exp.seeds.values() for r in runs),
+        generated=generated or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
 
 
 # -- writing -------------------------------------------------------------------------------------------------------
-def default_out(store: ResultStore) -> str:
-    return f"{store.root}/{REPORT_FILE}"
-
-
 def write_report(store: ResultStore, out: str | None = None) -> str:
-    """Build the report and write it (default ``<experiment>/report.html`` on the store's filesystem, replaced
-    atomically); returns where it went."""
+    """Write the report (replaced atomically; default ``<experiment>/report.html`` in the store); returns where."""
     text = render(load_experiment(store)).encode("utf-8")
-    if out is not None:
-        out = os.path.abspath(os.path.expanduser(out))
-        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-        tmp = f"{out}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(text)
-        os.replace(tmp, out)
-        return out
-    path = default_out(store)
-    store.write_file(REPORT_FILE, text)
-    scheme = store.storage.split("://", 1)[0] if "://" in store.storage else "file"
-    return path if scheme == "file" else f"{scheme}://{path}"  # s3://bucket/... as the user gave the storage
+    if out is None:
+        store.write_file(REPORT_FILE, text)
+        scheme = store.storage.split("://", 1)[0] if "://" in store.storage else "file"  # s3://... as given
+        return f"{store.root}/{REPORT_FILE}" if scheme == "file" else f"{scheme}://{store.root}/{REPORT_FILE}"
+    out = os.path.abspath(os.path.expanduser(out))
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    Path(tmp := f"{out}.tmp{os.getpid()}").write_bytes(text)
+    os.replace(tmp, out)
+    return out
 
 
 def publish(store: ResultStore, say: Callable[[str], Any] = print) -> str | None:
@@ -709,7 +404,7 @@ def publish(store: ResultStore, say: Callable[[str], Any] = print) -> str | None
     try:
         path = write_report(store)
     except Exception as err:  # noqa: BLE001 - the sweep's results matter more than its report
-        say(f"warning: the report could not be written: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        say(f"warning: the report could not be written: {_one_line(err)}")
         return None
     say(f"report: {path}")
     return path
