@@ -1,37 +1,24 @@
 """``python -m orchestrator.evaluate``: retrain derived genotypes from scratch as Ray Tune trials, several seeds each.
 
-    python -m orchestrator.evaluate --from EXPERIMENT [--storage PATH_OR_URI] [--top-k N] [--consensus]
-        [--genotype NAME_OR_FILE ...] [--random N] [--seeds 0 1 2] [--preset NAME | --config FILE]
-        [--set evaluate.epochs=20 ...] [--address auto|ray://...]
-
-What is evaluated (``source`` column of ``evaluations.parquet``):
-
-- ``trial:<id>``: the genotype a search of the experiment found; ``--top-k N`` takes the N searches with the best
-  ``val_acc`` of every group;
-- ``consensus:<group>``: a group's consensus genotype (per node, the (op, input) pairs its seeds chose most);
-- ``published:<name>``: a published genotype (``PC_DARTS_CIFAR``, ...) or a genotype file;
-- ``random:<i>``: the baseline, the i-th random cell of the DARTS space (per node 2 distinct inputs, each with an
-  op drawn uniformly from the 7 non-``none`` ops; cell i is drawn from ``random.Random(i)``, so ``random:3`` is
-  the same cell in every experiment), trained under the same protocol as everything else.
-
-Without any of ``--top-k/--consensus/--genotype/--random`` the preset's ``evaluate:`` section says what to evaluate.
-The protocol (EvalConfig: epochs, channels, layers, ...) is the ``evaluate:`` section of ``--preset``/``--config``,
-else of the preset the experiment was run with. Evaluations already done under the same protocol are not rerun;
-running the same command again resumes an interrupted evaluation. Results are upserted into
-``evaluations.parquet`` (key ``eval_id`` = ``<source>|seed=<seed>``) and the stability table is recomputed.
+What is evaluated (``source`` of ``evaluations.parquet``): ``trial:<id>`` (the ``--top-k`` searches with the best
+``val_acc`` of every group), ``consensus:<group>``, ``published:<name>`` (a published genotype or a genotype file)
+and ``random:<i>`` (the i-th random cell of the space, the baseline); without a selection flag, the preset's
+``evaluate:`` section chooses. The protocol is that section of ``--preset``/``--config``, else of the experiment's
+preset. Evaluations done under the same protocol are not rerun (so the same command resumes); results are upserted
+(key ``eval_id`` = ``<source>|seed=<seed>``) and the stability table is recomputed.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
-import random
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Mapping, Sequence
 
-from pcdarts_core.genotypes import CELL_TYPES, Genotype, PUBLISHED, consensus_genotype, load_genotype, parse_genotype
+from pcdarts_core.genotypes import PUBLISHED, consensus_genotype, load_genotype, parse_genotype, random_genotype
 from pcdarts_core.nb201_arch import random_arch
 
 from .cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Parser, check_name, run_cli, split_experiment
@@ -41,25 +28,6 @@ from .experiment import (REUSE_ACTORS, ParquetResults, abs_data_dir, experiment_
 from .presets import EvaluateSpec, Preset, apply_sets, check_resources, load_preset, preset_from_dict
 from .progress import TuneProgress, console, last_error_line
 from .results import (ExperimentLock, ResultStore, eval_row, source_consensus, source_published, source_random, source_trial)
-
-#: the DARTS space's ops a derived cell may use (``none`` is never selected)
-RANDOM_OPS = ("max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3",
-              "dil_conv_5x5")
-
-
-def random_genotype(index: int, steps: int = 4) -> Genotype:
-    """The ``index``-th random DARTS-space cell pair: per node two distinct inputs drawn uniformly from the
-    earlier states, each with an op drawn uniformly from the 7 non-``none`` ops (``random.Random(index)``)."""
-    rng = random.Random(int(index))
-    cells: dict[str, tuple[tuple[str, int], ...]] = {}
-    for cell in CELL_TYPES:
-        edges: list[tuple[str, int]] = []
-        for node in range(steps):
-            for inp in sorted(rng.sample(range(node + 2), 2)):
-                edges.append((rng.choice(RANDOM_OPS), inp))
-        cells[cell] = tuple(edges)
-    concat = tuple(range(2, 2 + steps))
-    return Genotype(cells["normal"], concat, cells["reduce"], concat)
 
 
 @dataclass(frozen=True)
@@ -77,10 +45,6 @@ class EvaluateRequest:
         return cls(top_k=0 if spec.top_k is None else spec.top_k, consensus=spec.consensus,
                    genotypes=spec.genotypes, random=spec.random_baseline, seeds=spec.seeds)
 
-    @property
-    def empty(self) -> bool:
-        return self.top_k is None and not self.consensus and not self.genotypes and not self.random
-
 
 def protocol_id(eval_cfg: Mapping[str, Any]) -> str:
     """A short hash of the evaluation protocol (EvalConfig without seed and where it runs)."""
@@ -89,45 +53,30 @@ def protocol_id(eval_cfg: Mapping[str, Any]) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
-#: search space -> its random-cell baseline (the others: random DARTS-space cells)
-RANDOM_CELLS: dict[str, Callable[[int], Any]] = {"nb201": random_arch}
-
-
 def evaluation_specs(store: ResultStore, request: EvaluateRequest, protocol: str,
                      space: str = "darts") -> list[dict[str, Any]]:
     """One spec per (source, seed): ``eval_id``, ``source``, ``genotype`` (JSON), ``seed``, ``group``, ``protocol``.
     Random cells come from ``space`` (NAS-Bench-201 cells for nb201, DARTS-space cells otherwise)."""
-    random_cell = RANDOM_CELLS.get(space, random_genotype)
-    sources: list[tuple[str, Genotype, str | None]] = []
+    sources: list[tuple[str, Any, str | None]] = []
     if request.top_k is not None or request.consensus:
-        trials = store.read("trials")
-        done = [r for r in trials.select(["trial_id", "group", "status", "val_acc", "genotype"]).to_pylist()
-                if r["status"] == "done" and r["genotype"]]
+        rows = store.read("trials").select(["trial_id", "group", "status", "val_acc", "genotype"]).to_pylist()
+        done = sorted((r for r in rows if r["status"] == "done" and r["genotype"]), key=lambda r: (
+            r["group"], -(r["val_acc"] if r["val_acc"] is not None else -1), r["trial_id"]))
         if not done:
             raise ValueError(f"experiment {store.name!r} in {store.storage} has no finished searches to evaluate")
-        by_group: dict[str, list[dict[str, Any]]] = {}
-        for r in done:
-            by_group.setdefault(r["group"], []).append(r)
-        for group in sorted(by_group):
-            rows = sorted(by_group[group], key=lambda r: (-(r["val_acc"] if r["val_acc"] is not None else -1),
-                                                          r["trial_id"]))
+        for group, group_rows in itertools.groupby(done, key=lambda r: r["group"]):
+            genotypes = [(r["trial_id"], parse_genotype(r["genotype"])) for r in group_rows]  # best first
             if request.top_k is not None:
-                for r in rows[:request.top_k] if request.top_k else rows:
-                    sources.append((source_trial(r["trial_id"]), parse_genotype(r["genotype"]), group))
+                sources += [(source_trial(t), g, group) for t, g in genotypes[:request.top_k or None]]
             if request.consensus:
-                cons = consensus_genotype([parse_genotype(r["genotype"]) for r in rows])
-                sources.append((source_consensus(group), cons, group))
+                sources.append((source_consensus(group), consensus_genotype([g for _, g in genotypes]), group))
     for name in request.genotypes:
         label = name if name in PUBLISHED else name.replace("|", "_")
         sources.append((source_published(label), load_genotype(name), None))
-    for i in range(request.random):
-        sources.append((source_random(i), random_cell(i), None))
-    specs = []
-    for source, genotype, group in sources:
-        for seed in request.seeds:
-            specs.append({"eval_id": f"{source}|seed={seed}", "source": source, "genotype": genotype.to_json(),
-                          "seed": int(seed), "group": group, "protocol": protocol})
-    return specs
+    random_cell = random_arch if space == "nb201" else random_genotype
+    sources += [(source_random(i), random_cell(i), None) for i in range(request.random)]
+    return [{"eval_id": f"{source}|seed={seed}", "source": source, "genotype": genotype.to_json(), "seed": int(seed),
+             "group": group, "protocol": protocol} for source, genotype, group in sources for seed in request.seeds]
 
 
 def pending(store: ResultStore, specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -246,13 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
         raise ValueError("--seeds must be distinct integers >= 0")
     request = EvaluateRequest(args.top_k, args.consensus, tuple(args.genotype), args.random, seeds)
-    if request.empty:
-        from dataclasses import replace
-
+    if request == EvaluateRequest(seeds=seeds):  # no selection flag: the preset's evaluate: section chooses
         request = replace(EvaluateRequest.from_spec(spec), seeds=seeds)
-    if request.empty:
-        raise ValueError("nothing to evaluate: give --top-k, --consensus, --genotype or --random "
-                         "(or an evaluate: section that selects some)")
     address = cluster_address(args.address)
     if not (address or "").startswith("ray://"):
         from pcdarts_core.data import check_dataset

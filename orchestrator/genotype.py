@@ -22,7 +22,7 @@ from rich.table import Table
 
 from pcdarts_core.config import eval_config
 from pcdarts_core.data import DATASETS
-from pcdarts_core.genotypes import CELL_TYPES, Genotype, genotype_from_arch, load_genotype
+from pcdarts_core.genotypes import CELL_TYPES, Genotype, genotype_from_arch, load_genotype, saved_arch
 from pcdarts_core.nb201_arch import NB201Arch
 from pcdarts_core.profile import count_madds, count_parameters
 from pcdarts_core.runtime import load_checkpoint
@@ -41,7 +41,6 @@ MAX_CHANNELS, MAX_LAYERS = 1024, 100
 MAX_JSON_BYTES = 64 * 1024 * 1024
 #: the checkpoint files of a single run, a Ray Train run and a sweep trial (orchestrator.distributed/trainable)
 CHECKPOINT_FILES = (CHECKPOINT_FILE, RAY_CHECKPOINT_FILE, TRIAL_CHECKPOINT_FILE)
-ARCH_KEYS = ("alphas_normal", "alphas_reduce", "betas_normal", "betas_reduce")
 
 
 # -- info --------------------------------------------------------------------------------------------------------
@@ -139,26 +138,19 @@ def cmd_show(args: argparse.Namespace, console: Console) -> None:
 
 
 # -- derive ------------------------------------------------------------------------------------------------------
-def checkpoint_in(path: Path) -> Path:
-    """``path`` itself, or for a directory the checkpoint in it or in its newest ``checkpoint_*`` folder."""
-    if not path.exists():
-        raise ValueError(f"{path}: no such file or directory")
-    if not path.is_dir():
-        return path
-    folders = [path, *sorted((p for p in path.glob("checkpoint_*") if p.is_dir()), reverse=True)]
-    for candidate in (folder / name for folder in folders for name in CHECKPOINT_FILES):
-        if candidate.is_file():
-            return candidate
-    raise ValueError(f"{path}: a directory without a checkpoint ({', '.join(CHECKPOINT_FILES)}, directly or in a "
-                     f"checkpoint_* folder)")
-
-
-def read_arch_file(path: Path) -> dict[str, Any]:
-    """The arch parameters (``alphas_normal`` etc.) in a JSON file or in a checkpoint: a state dict, one with a
-    ``model``/``state_dict`` holding them, or one of this project's, whose runs and HPO trials wrap the search's
-    own state under ``searcher``."""
+def read_saved(path: Path) -> tuple[Path, dict[str, Any]]:
+    """(the file, what it holds): a JSON file or a checkpoint (``weights_only=True``), or for a directory the
+    checkpoint in it or in its newest ``checkpoint_*`` folder. This project's runs and HPO trials wrap the search's
+    own state under ``searcher``: it is unwrapped."""
+    if path.is_dir():
+        folders = [path, *sorted((p for p in path.glob("checkpoint_*") if p.is_dir()), reverse=True)]
+        files = [f / name for f in folders for name in CHECKPOINT_FILES if (f / name).is_file()]
+        if not files:
+            raise ValueError(f"{path}: a directory without a checkpoint ({', '.join(CHECKPOINT_FILES)}, directly or "
+                             f"in a checkpoint_* folder)")
+        path = files[0]
     if not path.is_file():
-        raise ValueError(f"{path}: not a regular file")
+        raise ValueError(f"{path}: " + ("not a regular file" if path.exists() else "no such file or directory"))
     with path.open("rb") as fh:
         head = fh.read(64).lstrip()
     if path.suffix.lower() == ".json" or head.startswith((b"{", b"[")):
@@ -171,38 +163,19 @@ def read_arch_file(path: Path) -> dict[str, Any]:
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected an object with alphas_normal/alphas_reduce, got {type(data).__name__}")
     else:
-        data = load_checkpoint(path)  # weights_only; a truncated or foreign file is one error naming it
-    if "alphas_normal" not in data:
-        while "searcher" in data:
-            if not isinstance(data["searcher"], dict):
-                raise ValueError(f"{path}: this checkpoint holds no running search (an HPO trial saved between two "
-                                 f"seeds: the finished seeds' genotypes are in the experiment's results)")
-            data = data["searcher"]
-        state = next((data[k] for k in ("model", "state_dict") if isinstance(data.get(k), dict)), None)
-        if state is not None:
-            method_state = data["method"] if isinstance(data.get("method"), dict) else {}
-            primitives = data.get("primitives", method_state.get("primitives"))  # P-DARTS's pruned per-edge ops
-            data = {} if primitives is None else {"primitives": primitives}
-            for key in ARCH_KEYS:  # allowing a wrapper prefix (``module.alphas_normal``)
-                hits = [k for k in state if isinstance(k, str) and k.rpartition(".")[2] == key]
-                if len(hits) > 1:
-                    raise ValueError(f"{path}: the model state dict holds several {key} entries: "
-                                     f"{', '.join(hits[:3])}")
-                if hits:
-                    data[key] = state[hits[0]]
-    missing = [k for k in ARCH_KEYS[:2] if k not in data]
-    if missing:
-        raise ValueError(f"{path}: missing {', '.join(missing)} (expected alphas_normal, alphas_reduce and "
-                         f"optionally betas_*, primitives, a 'model' state dict holding them, or a checkpoint "
-                         f"of this project)")
-    return data
+        data = load_checkpoint(path)  # a truncated or foreign file is one error naming it
+    while "alphas_normal" not in data and "searcher" in data:
+        if not isinstance(data["searcher"], dict):
+            raise ValueError(f"{path}: this checkpoint holds no running search (an HPO trial saved between two "
+                             f"seeds: the finished seeds' genotypes are in the experiment's results)")
+        data = data["searcher"]
+    return path, data
 
 
 def cmd_derive(args: argparse.Namespace, console: Console) -> None:
-    path = checkpoint_in(Path(args.file))
-    data = read_arch_file(path)
+    path, data = read_saved(Path(args.file))
     try:
-        genotype = genotype_from_arch(data)
+        genotype = genotype_from_arch(saved_arch(data))
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
     print_genotype(genotype, console)
