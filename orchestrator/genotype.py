@@ -1,12 +1,9 @@
 """``python -m orchestrator.genotype``: look at a genotype, size its evaluation network, derive one from alphas.
 
-- ``info NAME_OR_FILE --dataset D [--space S]``: parameters (auxiliary head excluded) and multiply-adds of the
-  evaluation network, as DARTS/PC-DARTS tables report them (nb201: the benchmark's network and ``params`` column).
-- ``show NAME_OR_FILE [--space S] [--svg FILE]``: the cells node by node, optionally drawn into an SVG file.
-- ``derive FILE``: the PC-DARTS derivation rule applied to saved arch parameters: JSON, or any checkpoint this
-  project writes (or the folder holding one), loaded with ``weights_only=True``: nothing is unpickled.
-
-``--json`` makes the last line of stdout a JSON object. Bad input is one ``error: ...`` line and exit status 2.
+``info`` counts parameters (auxiliary head excluded) and multiply-adds as the papers' tables do (nb201: as the
+benchmark's ``params`` column), ``show`` prints and draws the cells, ``derive`` applies PC-DARTS's rule to saved arch
+parameters (JSON or any checkpoint of this project, read with ``weights_only=True``). ``--json``: the last line of
+stdout is a JSON object. Bad input is one ``error: ...`` line and exit status 2.
 """
 
 from __future__ import annotations
@@ -18,7 +15,7 @@ from typing import Any, Sequence
 
 import torch
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from pcdarts_core.config import eval_config
 from pcdarts_core.data import DATASETS
@@ -44,30 +41,6 @@ CHECKPOINT_FILES = (CHECKPOINT_FILE, RAY_CHECKPOINT_FILE, TRIAL_CHECKPOINT_FILE)
 
 
 # -- info --------------------------------------------------------------------------------------------------------
-def network_info(genotype: Genotype | NB201Arch, dataset: str, channels: int | None = None,
-                 layers: int | None = None, space: str = "darts") -> dict[str, Any]:
-    """Parameters and multiply-adds of ``dataset``'s evaluation network in ``space`` (DARTS's with its auxiliary
-    head on, as trained, but excluded from the counts; NAS-Bench-201's ``TinyNetwork``)."""
-    if dataset not in SPACE_DATASETS[get_space(space).name]:
-        raise ValueError(f"--dataset {dataset} is not one of search space {space}'s: "
-                         f"{', '.join(SPACE_DATASETS[space])}")
-    defaults = eval_config(dataset, search_space=space)
-    channels = defaults.init_channels if channels is None else channels
-    layers = defaults.layers if layers is None else layers
-    min_layers = 1 if space == "nb201" else 3
-    if not 1 <= channels <= MAX_CHANNELS:
-        raise ValueError(f"--channels must be in 1..{MAX_CHANNELS}, got {channels}")
-    if not min_layers <= layers <= MAX_LAYERS:
-        raise ValueError(f"--layers must be in {min_layers}..{MAX_LAYERS}, got {layers}")
-    cfg = eval_config(dataset, search_space=space, init_channels=channels, layers=layers)
-    size = DATASETS[dataset].image_size
-    with torch.no_grad():
-        model = get_space(space).eval_network(cfg, genotype, DATASETS[dataset].num_classes)
-        params, madds = count_parameters(model), count_madds(model, size)
-    return {"params": params, "madds": madds, "dataset": dataset, "space": space, "channels": channels,
-            "layers": layers, "input_size": size, "genotype": genotype.to_dict()}
-
-
 def load_for_space(text: str, space: str) -> Genotype | NB201Arch:
     """A genotype (name, file or text) of ``space``: NAS-Bench-201 cells for nb201, DARTS genotypes otherwise."""
     genotype = load_genotype(text)
@@ -78,21 +51,37 @@ def load_for_space(text: str, space: str) -> Genotype | NB201Arch:
     return genotype
 
 
-def cmd_info(args: argparse.Namespace, console: Console) -> None:
+def cmd_info(args: argparse.Namespace, console: Console) -> str:
+    """Parameters and multiply-adds of the evaluation network (DARTS's with its auxiliary head on, as trained, but
+    excluded from the counts; NAS-Bench-201's ``TinyNetwork``); returns them as JSON."""
     genotype = load_for_space(args.genotype, args.space)
-    info = network_info(genotype, args.dataset, args.channels, args.layers, args.space)
-    table = Table(title=f"Evaluation network: {args.genotype}", show_header=False)
-    table.add_column("what", style="bold")
-    table.add_column("value", justify="right")
-    table.add_row("search space", args.space)
-    table.add_row("dataset", f"{info['dataset']} ({info['input_size']}x{info['input_size']})")
-    table.add_row("channels C / " + ("cells per stage N" if args.space == "nb201" else "cells"),
-                  f"{info['channels']} / {info['layers']}")
-    for label, key in (("parameters (no aux head)", "params"), ("multiply-adds", "madds")):
-        table.add_row(label, f"{info[key]:,} ({info[key] / 1e6:.2f}M)")
+    dataset, space = args.dataset, args.space
+    if dataset not in SPACE_DATASETS[get_space(space).name]:
+        raise ValueError(f"--dataset {dataset} is not one of search space {space}'s: "
+                         f"{', '.join(SPACE_DATASETS[space])}")
+    defaults = eval_config(dataset, search_space=space)
+    channels = defaults.init_channels if args.channels is None else args.channels
+    layers = defaults.layers if args.layers is None else args.layers
+    min_layers = 1 if space == "nb201" else 3
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise ValueError(f"--channels must be in 1..{MAX_CHANNELS}, got {channels}")
+    if not min_layers <= layers <= MAX_LAYERS:
+        raise ValueError(f"--layers must be in {min_layers}..{MAX_LAYERS}, got {layers}")
+    cfg = eval_config(dataset, search_space=space, init_channels=channels, layers=layers)
+    size = DATASETS[dataset].image_size
+    with torch.no_grad():
+        model = get_space(space).eval_network(cfg, genotype, DATASETS[dataset].num_classes)
+        params, madds = count_parameters(model), count_madds(model, size)
+    table = Table(Column("what", style="bold"), Column("value", justify="right"),
+                  title=f"Evaluation network: {args.genotype}", show_header=False)
+    table.add_row("search space", space)
+    table.add_row("dataset", f"{dataset} ({size}x{size})")
+    table.add_row("channels C / " + ("cells per stage N" if space == "nb201" else "cells"), f"{channels} / {layers}")
+    for label, n in (("parameters (no aux head)", params), ("multiply-adds", madds)):
+        table.add_row(label, f"{n:,} ({n / 1e6:.2f}M)")
     console.print(table)
-    if args.json:
-        print(json.dumps(info, sort_keys=True))
+    return json.dumps({"params": params, "madds": madds, "dataset": dataset, "space": space, "channels": channels,
+                       "layers": layers, "input_size": size, "genotype": genotype.to_dict()}, sort_keys=True)
 
 
 # -- show --------------------------------------------------------------------------------------------------------
@@ -103,9 +92,7 @@ def input_name(index: int) -> str:
 
 def print_cell(console: Console, title: str, rows: list[tuple[str, str, str]], output: str, **kwargs: Any) -> None:
     """One cell as a (node, input, op) table, then the line saying what the cell outputs."""
-    table = Table(title=title)
-    for column in ("node", "input", "op"):
-        table.add_column(column)
+    table = Table("node", "input", "op", title=title)
     for row in rows:
         table.add_row(*row)
     console.print(table)
@@ -121,7 +108,7 @@ def print_genotype(genotype: Genotype, console: Console) -> None:
         print_cell(console, f"{cell} cell", rows, f"output = concat({concat})")
 
 
-def cmd_show(args: argparse.Namespace, console: Console) -> None:
+def cmd_show(args: argparse.Namespace, console: Console) -> str:
     genotype = load_for_space(args.genotype, args.space)
     if isinstance(genotype, NB201Arch):
         rows = [(f"node {dst}" if src == 0 else "", "input (node 0)" if src == 0 else f"node {src}", op)
@@ -133,8 +120,7 @@ def cmd_show(args: argparse.Namespace, console: Console) -> None:
         from pcdarts_core.visualize import write_genotype_svg  # matplotlib only when drawing
 
         console.print(f"cell diagrams: {write_genotype_svg(genotype, args.svg, args.genotype)}", markup=False)
-    if args.json:
-        print(genotype.to_json())
+    return genotype.to_json()
 
 
 # -- derive ------------------------------------------------------------------------------------------------------
@@ -172,7 +158,7 @@ def read_saved(path: Path) -> tuple[Path, dict[str, Any]]:
     return path, data
 
 
-def cmd_derive(args: argparse.Namespace, console: Console) -> None:
+def cmd_derive(args: argparse.Namespace, console: Console) -> str:
     path, data = read_saved(Path(args.file))
     try:
         genotype = genotype_from_arch(saved_arch(data))
@@ -180,8 +166,7 @@ def cmd_derive(args: argparse.Namespace, console: Console) -> None:
         raise ValueError(f"{path}: {err}") from None
     print_genotype(genotype, console)
     console.print(str(genotype), markup=False, highlight=False, soft_wrap=True)
-    if args.json:
-        print(genotype.to_json())
+    return genotype.to_json()
 
 
 # -- entry point -------------------------------------------------------------------------------------------------
@@ -197,10 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--space", default="darts", choices=SPACE_NAMES, help="search space of the cell" + (
             " (nb201: a NAS-Bench-201 string |op~0|+...)" if command is info else ""))
     info.add_argument("--dataset", required=True, choices=sorted({d for t in SPACE_DATASETS.values() for d in t}))
-    info.add_argument("--channels", type=int, default=None,
-                      help="initial channels C (36 CIFAR, 48 ImageNet; nb201: 16)")
-    info.add_argument("--layers", type=int, default=None,
-                      help="cells (20 CIFAR, 14 ImageNet; nb201: N=5 cells per stage)")
+    info.add_argument("--channels", type=int, help="initial channels C (36 CIFAR, 48 ImageNet; nb201: 16)")
+    info.add_argument("--layers", type=int, help="cells (20 CIFAR, 14 ImageNet; nb201: N=5 cells per stage)")
     derive.add_argument("file", metavar="FILE", help="a .json/.pt file or a checkpoint folder")
     for command in (info, show, derive):
         command.add_argument("--json", action="store_true", help="last line of stdout: " + (
@@ -211,8 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console(highlight=False)
-    {"info": cmd_info, "show": cmd_show, "derive": cmd_derive}[args.command](args, console)
+    as_json = {"info": cmd_info, "show": cmd_show, "derive": cmd_derive}[args.command](args, Console(highlight=False))
+    if args.json:
+        print(as_json)
     return 0
 
 
