@@ -1,11 +1,8 @@
 """``python -m orchestrator.evaluate``: retrain derived genotypes from scratch as Ray Tune trials, several seeds each.
 
-What is evaluated (``source`` of ``evaluations.parquet``): ``trial:<id>`` (the ``--top-k`` searches with the best
-``val_acc`` of every group), ``consensus:<group>``, ``published:<name>`` (a published genotype or a genotype file)
-and ``random:<i>`` (the i-th random cell of the space, the baseline); without a selection flag, the preset's
-``evaluate:`` section chooses. The protocol is that section of ``--preset``/``--config``, else of the experiment's
-preset. Evaluations done under the same protocol are not rerun (so the same command resumes); results are upserted
-(key ``eval_id`` = ``<source>|seed=<seed>``) and the stability table is recomputed.
+Sources (``evaluations.parquet``'s ``source``): the ``--top-k`` searches of every group, their ``--consensus`` cells,
+``--genotype`` names or files, ``--random`` cells (the baseline); without one, the preset's ``evaluate:`` section
+chooses. Evaluations done under the same protocol are not rerun, so the same command resumes.
 """
 
 from __future__ import annotations
@@ -21,13 +18,14 @@ from typing import Any, Mapping, Sequence
 from pcdarts_core.genotypes import PUBLISHED, consensus_genotype, load_genotype, parse_genotype, random_genotype
 from pcdarts_core.nb201_arch import random_arch
 
-from .cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Parser, check_name, run_cli, split_experiment
+from .cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Parser, run_cli, split_experiment
 from .cluster import check_storage, cluster_address, connect, local_resources
 from .experiment import (REUSE_ACTORS, ParquetResults, abs_data_dir, experiment_uri, finish,
                          read_claim, run_config, run_tuner, trial_dirname, tune_resources)
 from .presets import EvaluateSpec, Preset, apply_sets, check_resources, load_preset, preset_from_dict
 from .progress import TuneProgress, console, last_error_line
-from .results import (ExperimentLock, ResultStore, eval_row, source_consensus, source_published, source_random, source_trial)
+from .results import (ExperimentLock, ResultStore, eval_row, source_consensus, source_published, source_random,
+                      source_trial)
 
 
 @dataclass(frozen=True)
@@ -82,10 +80,8 @@ def evaluation_specs(store: ResultStore, request: EvaluateRequest, protocol: str
 def pending(store: ResultStore, specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The specs not already done under the same protocol (evaluations.parquet)."""
     table = store.read("evaluations")
-    if table.num_rows == 0 or "protocol" not in table.column_names:
-        return specs
-    done = {(r["eval_id"], r["protocol"]) for r in table.select(["eval_id", "status", "protocol"]).to_pylist()
-            if r["status"] == "done"}
+    rows = table.select(["eval_id", "status", "protocol"]).to_pylist() if "protocol" in table.column_names else []
+    done = {(r["eval_id"], r["protocol"]) for r in rows if r["status"] == "done"}
     return [s for s in specs if (s["eval_id"], s["protocol"]) not in done]
 
 
@@ -106,8 +102,7 @@ def run_evaluations(preset: Preset, store: ResultStore, request: EvaluateRequest
                     f"({len(specs) - len(todo)} already done) of {spec.config.epochs} epochs, protocol {protocol}")
     counts = {"failed": 0, "running": 0}
     if todo:
-        available = connect(address, verbose)
-        check_resources(spec.resources, available, "evaluate.resources")
+        check_resources(spec.resources, connect(address, verbose), "evaluate.resources")
         key = hashlib.sha1(json.dumps([sorted(s["eval_id"] for s in todo), protocol]).encode()).hexdigest()[:10]
         exp = experiment_uri(store.storage, store.name)
         trainable = tune.with_resources(eval_trainable, tune_resources(spec.resources))
@@ -124,15 +119,12 @@ def run_evaluations(preset: Preset, store: ResultStore, request: EvaluateRequest
         start = time.perf_counter()
         grid = run_tuner(trainable, f"{exp}/evaluate-{key}", make_tuner, verbose)
         rows = []
-        for result in grid:
-            cfg = result.config or {}
-            if "spec" not in cfg:
-                continue
+        for result in (r for r in grid if "spec" in (r.config or {})):  # not started before an interruption
             metrics = result.metrics or {}
             error = last_error_line(str(result.error)) if result.error is not None else None
             status = "failed" if error else ("done" if metrics.get("done") else "running")
             counts[status] = counts.get(status, 0) + 1
-            rows.append(eval_row(cfg["spec"], eval_cfg, metrics, status, error, metrics.get("trial_id")))
+            rows.append(eval_row(result.config["spec"], eval_cfg, metrics, status, error, metrics.get("trial_id")))
         if rows:
             store.upsert("evaluations", rows)
         console().print(f"evaluations: {counts.get('done', 0)} done, {counts['failed']} failed, "
@@ -145,8 +137,7 @@ def run_evaluations(preset: Preset, store: ResultStore, request: EvaluateRequest
 # -- command line --------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m orchestrator.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--from", dest="experiment", required=True,
-                   help="experiment name (under --storage) or its folder")
+    p.add_argument("--from", dest="experiment", required=True, help="experiment name (under --storage) or its folder")
     p.add_argument("--storage", help="results root (default $PCDARTS_STORAGE or ./results)")
     p.add_argument("--top-k", type=int, metavar="N", help="the N best searches (val_acc) of every group")
     p.add_argument("--consensus", action="store_true", help="each group's consensus genotype")
@@ -163,27 +154,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def experiment_preset(store: ResultStore, args: argparse.Namespace) -> Preset:
-    if args.preset and args.config:
-        raise ValueError("give either --preset NAME or --config FILE, not both")
-    if args.preset or args.config:
-        return load_preset(args.preset or args.config, args.sets)
-    claim = read_claim(store)
-    raw = dict((claim or {}).get("preset") or {})
-    if not raw:
-        raise ValueError(f"experiment {store.name!r} has no recorded preset; pass --preset NAME for the protocol")
-    raw = apply_sets(raw, args.sets, section="evaluate")
-    return preset_from_dict(raw, default_name=store.name, where=f"{store.name} preset")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     storage, name = split_experiment(args.experiment, args.storage)
-    store = ResultStore(storage, check_name(name))
+    store = ResultStore(storage, name)
     check_storage(store)
-    if read_claim(store) is None and not store.exists("trials"):
+    claim = read_claim(store)
+    if claim is None and not store.exists("trials"):
         raise ValueError(f"no experiment {name!r} in {storage}")
-    preset = experiment_preset(store, args)
+    if args.preset and args.config:
+        raise ValueError("give either --preset NAME or --config FILE, not both")
+    if args.preset or args.config:
+        preset = load_preset(args.preset or args.config, args.sets)
+    elif not (claim or {}).get("preset"):
+        raise ValueError(f"experiment {name!r} has no recorded preset; pass --preset NAME for the protocol")
+    else:  # the protocol of the preset the experiment ran with
+        raw = apply_sets(dict(claim["preset"]), args.sets, section="evaluate")
+        preset = preset_from_dict(raw, default_name=name, where=f"{name} preset")
     spec = preset.evaluation()
     if args.top_k is not None and args.top_k < 1:
         raise ValueError("--top-k must be at least 1")
