@@ -1,8 +1,7 @@
 """``python -m orchestrator.evaluate``: retrain derived genotypes from scratch as Ray Tune trials, several seeds each.
 
-Sources (``evaluations.parquet``'s ``source``): the ``--top-k`` searches of every group, their ``--consensus`` cells,
-``--genotype`` names or files, ``--random`` cells (the baseline); without one, the preset's ``evaluate:`` section
-chooses. Evaluations done under the same protocol are not rerun, so the same command resumes.
+What is evaluated: ``--top-k``, ``--consensus``, ``--genotype``, ``--random``, else the preset's ``evaluate:`` section.
+Evaluations done under the same protocol are not rerun, so the same command resumes.
 """
 
 from __future__ import annotations
@@ -46,9 +45,8 @@ class EvaluateRequest:
 
 def protocol_id(eval_cfg: Mapping[str, Any]) -> str:
     """A short hash of the evaluation protocol (EvalConfig without seed and where it runs)."""
-    skip = {"seed", "device", "num_workers", "data_dir"}
-    text = json.dumps({k: v for k, v in eval_cfg.items() if k not in skip}, sort_keys=True, default=str)
-    return hashlib.sha1(text.encode()).hexdigest()[:10]
+    kept = {k: v for k, v in eval_cfg.items() if k not in ("seed", "device", "num_workers", "data_dir")}
+    return hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def evaluation_specs(store: ResultStore, request: EvaluateRequest, protocol: str,

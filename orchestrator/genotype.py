@@ -1,9 +1,7 @@
 """``python -m orchestrator.genotype``: look at a genotype, size its evaluation network, derive one from alphas.
 
-``info`` counts parameters (auxiliary head excluded) and multiply-adds as the papers' tables do (nb201: as the
-benchmark's ``params`` column), ``show`` prints and draws the cells, ``derive`` applies PC-DARTS's rule to saved arch
-parameters (JSON or any checkpoint of this project, read with ``weights_only=True``). ``--json``: the last line of
-stdout is a JSON object. Bad input is one ``error: ...`` line and exit status 2.
+``derive`` reads JSON or any checkpoint of this project with ``weights_only=True``: nothing is unpickled. ``--json``:
+the last line of stdout is a JSON object. Bad input is one ``error: ...`` line and exit status 2.
 """
 
 from __future__ import annotations
@@ -45,15 +43,14 @@ def load_for_space(text: str, space: str) -> Genotype | NB201Arch:
     """A genotype (name, file or text) of ``space``: NAS-Bench-201 cells for nb201, DARTS genotypes otherwise."""
     genotype = load_genotype(text)
     if isinstance(genotype, NB201Arch) != (space == "nb201"):
-        kind = "a NAS-Bench-201 cell" if isinstance(genotype, NB201Arch) else "a DARTS genotype"
-        hint = "--space nb201" if isinstance(genotype, NB201Arch) else "--space darts (or s1-s4)"
+        kind, hint = (("a NAS-Bench-201 cell", "--space nb201") if isinstance(genotype, NB201Arch)
+                      else ("a DARTS genotype", "--space darts (or s1-s4)"))
         raise ValueError(f"{text[:80]!r} is {kind}, not a cell of search space {space}; use {hint}")
     return genotype
 
 
 def cmd_info(args: argparse.Namespace, console: Console) -> str:
-    """Parameters and multiply-adds of the evaluation network (DARTS's with its auxiliary head on, as trained, but
-    excluded from the counts; NAS-Bench-201's ``TinyNetwork``); returns them as JSON."""
+    """Parameters (auxiliary head excluded) and multiply-adds of the evaluation network; returns them as JSON."""
     genotype = load_for_space(args.genotype, args.space)
     dataset, space = args.dataset, args.space
     if dataset not in SPACE_DATASETS[get_space(space).name]:
@@ -62,11 +59,10 @@ def cmd_info(args: argparse.Namespace, console: Console) -> str:
     defaults = eval_config(dataset, search_space=space)
     channels = defaults.init_channels if args.channels is None else args.channels
     layers = defaults.layers if args.layers is None else args.layers
-    min_layers = 1 if space == "nb201" else 3
-    if not 1 <= channels <= MAX_CHANNELS:
-        raise ValueError(f"--channels must be in 1..{MAX_CHANNELS}, got {channels}")
-    if not min_layers <= layers <= MAX_LAYERS:
-        raise ValueError(f"--layers must be in {min_layers}..{MAX_LAYERS}, got {layers}")
+    for flag, value, low, high in (("--channels", channels, 1, MAX_CHANNELS),
+                                   ("--layers", layers, 1 if space == "nb201" else 3, MAX_LAYERS)):
+        if not low <= value <= high:
+            raise ValueError(f"{flag} must be in {low}..{high}, got {value}")
     cfg = eval_config(dataset, search_space=space, init_channels=channels, layers=layers)
     size = DATASETS[dataset].image_size
     with torch.no_grad():
@@ -125,9 +121,8 @@ def cmd_show(args: argparse.Namespace, console: Console) -> str:
 
 # -- derive ------------------------------------------------------------------------------------------------------
 def read_saved(path: Path) -> tuple[Path, dict[str, Any]]:
-    """(the file, what it holds): a JSON file or a checkpoint (``weights_only=True``), or for a directory the
-    checkpoint in it or in its newest ``checkpoint_*`` folder. This project's runs and HPO trials wrap the search's
-    own state under ``searcher``: it is unwrapped."""
+    """(the file, what it holds, unwrapped from a run's ``searcher``): JSON or a checkpoint, or for a folder the
+    checkpoint in it or in its newest ``checkpoint_*`` folder."""
     if path.is_dir():
         folders = [path, *sorted((p for p in path.glob("checkpoint_*") if p.is_dir()), reverse=True)]
         files = [f / name for f in folders for name in CHECKPOINT_FILES if (f / name).is_file()]

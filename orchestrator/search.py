@@ -1,9 +1,7 @@
 """``python -m orchestrator.search``: one PC-DARTS-family search, in this process or data-parallel on Ray Train.
 
-``single`` runs it here (no Ray); ``distributed`` on N Ray Train workers, a killed worker group restarting from the
-last epoch's checkpoint. Both take a preset's ``search:`` section (its ``grid`` and ``seeds`` are for sweeps), write
-a sweep trial's layout under ``<storage>/<name>/`` and resume a run of the same name. Bad input exits with 2, a
-failed search with 3 (one ``error:`` line each), Ctrl-C with 130.
+Both commands take a preset's ``search:`` section, write a sweep trial's layout under ``<storage>/<name>/`` and
+resume a run of the same name. Bad input exits with 2, a failed search with 3 (one ``error:`` line), Ctrl-C with 130.
 """
 
 from __future__ import annotations
@@ -34,9 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                        help="override a preset value (search.k=2, or just k=2; distributed.num_workers=4)")
         p.add_argument("--seed", type=int, help="search seed (default: the preset's first seed, else 0)")
-        p.add_argument("--storage", default=None,
-                       help=f"results root: a directory or s3://bucket/prefix (default ${DEFAULT_STORAGE_ENV} or "
-                            f"./results)")
+        p.add_argument("--storage", help=f"results root: a directory or s3://bucket/prefix (default "
+                                         f"${DEFAULT_STORAGE_ENV} or ./results)")
         p.add_argument("--name", help="run name (default: PRESET-METHOD-DATASET-sSEED, plus -dp for distributed); "
                                       "the same name resumes")
         p.add_argument("--resume", action="store_true",
@@ -67,10 +64,9 @@ def resolve(args: argparse.Namespace) -> tuple[Preset, dict[str, Any], str, str]
     values.setdefault("dataset", "cifar10")
     values["seed"] = args.seed if args.seed is not None else preset.seeds[0]
     preset.search_config({k: v for k, v in values.items() if k != "seed"}, seed=values["seed"])  # validate
-    storage = resolve_storage(args.storage)
     suffix = "-dp" if args.command == "distributed" else ""  # default names never collide across commands
     name = check_name(args.name or f"{preset.name}-{values['method']}-{values['dataset']}-s{values['seed']}{suffix}")
-    return preset, values, storage, name
+    return preset, values, resolve_storage(args.storage), name
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,8 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 import torch
 
                 torch.set_num_threads(args.threads)
-            result = run_single(values, storage, name, resume=args.resume,
-                                lr_reference_batch=opts.lr_reference_batch)
+            result = run_single(values, storage, name, resume=args.resume, lr_reference_batch=opts.lr_reference_batch)
         else:
             if args.num_workers is None and "num_workers" not in preset.distributed:
                 raise ValueError("distributed needs --num-workers N (or distributed.num_workers in the preset)")
