@@ -59,9 +59,7 @@ def did_you_mean(key: str, known: Iterable[str]) -> str:
 def resolve_storage(storage: str | None) -> str:
     """``--storage``, else ``$PCDARTS_STORAGE``, else ``./results``; local paths made absolute."""
     storage = storage or os.environ.get(DEFAULT_STORAGE_ENV) or DEFAULT_STORAGE
-    if "://" in storage:
-        return storage.rstrip("/")
-    return os.path.abspath(os.path.expanduser(storage))
+    return storage.rstrip("/") if "://" in storage else os.path.abspath(os.path.expanduser(storage))
 
 
 def check_name(name: str) -> str:

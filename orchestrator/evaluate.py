@@ -66,9 +66,8 @@ def evaluation_specs(store: ResultStore, request: EvaluateRequest, protocol: str
                 sources += [(source_trial(t), g, group) for t, g in genotypes[:request.top_k or None]]
             if request.consensus:
                 sources.append((source_consensus(group), consensus_genotype([g for _, g in genotypes]), group))
-    for name in request.genotypes:
-        label = name if name in PUBLISHED else name.replace("|", "_")
-        sources.append((source_published(label), load_genotype(name), None))
+    sources += [(source_published(name if name in PUBLISHED else name.replace("|", "_")), load_genotype(name), None)
+                for name in request.genotypes]  # a file's path, or an NB201 string, as the label
     random_cell = random_arch if space == "nb201" else random_genotype
     sources += [(source_random(i), random_cell(i), None) for i in range(request.random)]
     return [{"eval_id": f"{source}|seed={seed}", "source": source, "genotype": genotype.to_json(), "seed": int(seed),
