@@ -1,8 +1,6 @@
-"""What every command shares: its parser, where results go, and exit statuses that tell the truth.
-
-Exit statuses: 0 every requested search/evaluation finished; 2 bad input or an unreachable cluster/storage (one
-``error: ...`` line, never a traceback, nothing written); 3 the command ran but some searches/evaluations failed
-(their count and where the errors are is printed); 130 interrupted (run the same command again to resume).
+"""What every command shares: its parser, where results go, and exit statuses that tell the truth: 0 all finished,
+2 bad input or an unreachable cluster/storage (one ``error: ...`` line, never a traceback, nothing written), 3 some
+searches/evaluations failed (their count and errors' place are printed), 130 interrupted (the same command resumes).
 """
 
 from __future__ import annotations
@@ -61,9 +59,7 @@ def did_you_mean(key: str, known: Iterable[str]) -> str:
 def resolve_storage(storage: str | None) -> str:
     """``--storage``, else ``$PCDARTS_STORAGE``, else ``./results``; local paths made absolute."""
     storage = storage or os.environ.get(DEFAULT_STORAGE_ENV) or DEFAULT_STORAGE
-    if "://" in storage:
-        return storage.rstrip("/")
-    return os.path.abspath(os.path.expanduser(storage))
+    return storage.rstrip("/") if "://" in storage else os.path.abspath(os.path.expanduser(storage))
 
 
 def check_name(name: str) -> str:
@@ -74,10 +70,7 @@ def check_name(name: str) -> str:
 
 def split_experiment(experiment: str, storage: str | None) -> tuple[str, str]:
     """``EXPERIMENT`` as (storage, name): a name under ``--storage``, or a path/URI of the experiment folder."""
-    if "/" in experiment or "://" in experiment:
-        path = experiment.rstrip("/")
-        if "://" not in path:
-            path = os.path.abspath(os.path.expanduser(path))
-        parent, _, name = path.rpartition("/")
-        return parent, check_name(name)
-    return resolve_storage(storage), check_name(experiment)
+    if "/" not in experiment:
+        return resolve_storage(storage), check_name(experiment)
+    parent, _, name = resolve_storage(experiment).rpartition("/")
+    return parent, check_name(name)

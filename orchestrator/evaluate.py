@@ -1,65 +1,30 @@
 """``python -m orchestrator.evaluate``: retrain derived genotypes from scratch as Ray Tune trials, several seeds each.
 
-    python -m orchestrator.evaluate --from EXPERIMENT [--storage PATH_OR_URI] [--top-k N] [--consensus]
-        [--genotype NAME_OR_FILE ...] [--random N] [--seeds 0 1 2] [--preset NAME | --config FILE]
-        [--set evaluate.epochs=20 ...] [--address auto|ray://...]
-
-What is evaluated (``source`` column of ``evaluations.parquet``):
-
-- ``trial:<id>``: the genotype a search of the experiment found; ``--top-k N`` takes the N searches with the best
-  ``val_acc`` of every group;
-- ``consensus:<group>``: a group's consensus genotype (per node, the (op, input) pairs its seeds chose most);
-- ``published:<name>``: a published genotype (``PC_DARTS_CIFAR``, ...) or a genotype file;
-- ``random:<i>``: the baseline, the i-th random cell of the DARTS space (per node 2 distinct inputs, each with an
-  op drawn uniformly from the 7 non-``none`` ops; cell i is drawn from ``random.Random(i)``, so ``random:3`` is
-  the same cell in every experiment), trained under the same protocol as everything else.
-
-Without any of ``--top-k/--consensus/--genotype/--random`` the preset's ``evaluate:`` section says what to evaluate.
-The protocol (EvalConfig: epochs, channels, layers, ...) is the ``evaluate:`` section of ``--preset``/``--config``,
-else of the preset the experiment was run with. Evaluations already done under the same protocol are not rerun;
-running the same command again resumes an interrupted evaluation. Results are upserted into
-``evaluations.parquet`` (key ``eval_id`` = ``<source>|seed=<seed>``) and the stability table is recomputed.
+What is evaluated: ``--top-k``, ``--consensus``, ``--genotype``, ``--random``, else the preset's ``evaluate:`` section.
+Evaluations done under the same protocol are not rerun, so the same command resumes.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
-import random
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Mapping, Sequence
 
-from pcdarts_core.genotypes import CELL_TYPES, Genotype, PUBLISHED, consensus_genotype, load_genotype, parse_genotype
+from pcdarts_core.genotypes import PUBLISHED, consensus_genotype, load_genotype, parse_genotype, random_genotype
 from pcdarts_core.nb201_arch import random_arch
 
-from .cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Parser, check_name, run_cli, split_experiment
+from .cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Parser, run_cli, split_experiment
 from .cluster import check_storage, cluster_address, connect, local_resources
 from .experiment import (REUSE_ACTORS, ParquetResults, abs_data_dir, experiment_uri, finish,
                          read_claim, run_config, run_tuner, trial_dirname, tune_resources)
 from .presets import EvaluateSpec, Preset, apply_sets, check_resources, load_preset, preset_from_dict
 from .progress import TuneProgress, console, last_error_line
-from .results import (ExperimentLock, ResultStore, eval_row, source_consensus, source_published, source_random, source_trial)
-
-#: the DARTS space's ops a derived cell may use (``none`` is never selected)
-RANDOM_OPS = ("max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3",
-              "dil_conv_5x5")
-
-
-def random_genotype(index: int, steps: int = 4) -> Genotype:
-    """The ``index``-th random DARTS-space cell pair: per node two distinct inputs drawn uniformly from the
-    earlier states, each with an op drawn uniformly from the 7 non-``none`` ops (``random.Random(index)``)."""
-    rng = random.Random(int(index))
-    cells: dict[str, tuple[tuple[str, int], ...]] = {}
-    for cell in CELL_TYPES:
-        edges: list[tuple[str, int]] = []
-        for node in range(steps):
-            for inp in sorted(rng.sample(range(node + 2), 2)):
-                edges.append((rng.choice(RANDOM_OPS), inp))
-        cells[cell] = tuple(edges)
-    concat = tuple(range(2, 2 + steps))
-    return Genotype(cells["normal"], concat, cells["reduce"], concat)
+from .results import (ExperimentLock, ResultStore, eval_row, source_consensus, source_published, source_random,
+                      source_trial)
 
 
 @dataclass(frozen=True)
@@ -77,66 +42,43 @@ class EvaluateRequest:
         return cls(top_k=0 if spec.top_k is None else spec.top_k, consensus=spec.consensus,
                    genotypes=spec.genotypes, random=spec.random_baseline, seeds=spec.seeds)
 
-    @property
-    def empty(self) -> bool:
-        return self.top_k is None and not self.consensus and not self.genotypes and not self.random
-
 
 def protocol_id(eval_cfg: Mapping[str, Any]) -> str:
     """A short hash of the evaluation protocol (EvalConfig without seed and where it runs)."""
-    skip = {"seed", "device", "num_workers", "data_dir"}
-    text = json.dumps({k: v for k, v in eval_cfg.items() if k not in skip}, sort_keys=True, default=str)
-    return hashlib.sha1(text.encode()).hexdigest()[:10]
-
-
-#: search space -> its random-cell baseline (the others: random DARTS-space cells)
-RANDOM_CELLS: dict[str, Callable[[int], Any]] = {"nb201": random_arch}
+    kept = {k: v for k, v in eval_cfg.items() if k not in ("seed", "device", "num_workers", "data_dir")}
+    return hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def evaluation_specs(store: ResultStore, request: EvaluateRequest, protocol: str,
                      space: str = "darts") -> list[dict[str, Any]]:
     """One spec per (source, seed): ``eval_id``, ``source``, ``genotype`` (JSON), ``seed``, ``group``, ``protocol``.
     Random cells come from ``space`` (NAS-Bench-201 cells for nb201, DARTS-space cells otherwise)."""
-    random_cell = RANDOM_CELLS.get(space, random_genotype)
-    sources: list[tuple[str, Genotype, str | None]] = []
+    sources: list[tuple[str, Any, str | None]] = []
     if request.top_k is not None or request.consensus:
-        trials = store.read("trials")
-        done = [r for r in trials.select(["trial_id", "group", "status", "val_acc", "genotype"]).to_pylist()
-                if r["status"] == "done" and r["genotype"]]
+        rows = store.read("trials").select(["trial_id", "group", "status", "val_acc", "genotype"]).to_pylist()
+        done = sorted((r for r in rows if r["status"] == "done" and r["genotype"]), key=lambda r: (
+            r["group"], -(r["val_acc"] if r["val_acc"] is not None else -1), r["trial_id"]))
         if not done:
             raise ValueError(f"experiment {store.name!r} in {store.storage} has no finished searches to evaluate")
-        by_group: dict[str, list[dict[str, Any]]] = {}
-        for r in done:
-            by_group.setdefault(r["group"], []).append(r)
-        for group in sorted(by_group):
-            rows = sorted(by_group[group], key=lambda r: (-(r["val_acc"] if r["val_acc"] is not None else -1),
-                                                          r["trial_id"]))
+        for group, group_rows in itertools.groupby(done, key=lambda r: r["group"]):
+            genotypes = [(r["trial_id"], parse_genotype(r["genotype"])) for r in group_rows]  # best first
             if request.top_k is not None:
-                for r in rows[:request.top_k] if request.top_k else rows:
-                    sources.append((source_trial(r["trial_id"]), parse_genotype(r["genotype"]), group))
+                sources += [(source_trial(t), g, group) for t, g in genotypes[:request.top_k or None]]
             if request.consensus:
-                cons = consensus_genotype([parse_genotype(r["genotype"]) for r in rows])
-                sources.append((source_consensus(group), cons, group))
-    for name in request.genotypes:
-        label = name if name in PUBLISHED else name.replace("|", "_")
-        sources.append((source_published(label), load_genotype(name), None))
-    for i in range(request.random):
-        sources.append((source_random(i), random_cell(i), None))
-    specs = []
-    for source, genotype, group in sources:
-        for seed in request.seeds:
-            specs.append({"eval_id": f"{source}|seed={seed}", "source": source, "genotype": genotype.to_json(),
-                          "seed": int(seed), "group": group, "protocol": protocol})
-    return specs
+                sources.append((source_consensus(group), consensus_genotype([g for _, g in genotypes]), group))
+    sources += [(source_published(name if name in PUBLISHED else name.replace("|", "_")), load_genotype(name), None)
+                for name in request.genotypes]  # a file's path, or an NB201 string, as the label
+    random_cell = random_arch if space == "nb201" else random_genotype
+    sources += [(source_random(i), random_cell(i), None) for i in range(request.random)]
+    return [{"eval_id": f"{source}|seed={seed}", "source": source, "genotype": genotype.to_json(), "seed": int(seed),
+             "group": group, "protocol": protocol} for source, genotype, group in sources for seed in request.seeds]
 
 
 def pending(store: ResultStore, specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The specs not already done under the same protocol (evaluations.parquet)."""
     table = store.read("evaluations")
-    if table.num_rows == 0 or "protocol" not in table.column_names:
-        return specs
-    done = {(r["eval_id"], r["protocol"]) for r in table.select(["eval_id", "status", "protocol"]).to_pylist()
-            if r["status"] == "done"}
+    rows = table.select(["eval_id", "status", "protocol"]).to_pylist() if "protocol" in table.column_names else []
+    done = {(r["eval_id"], r["protocol"]) for r in rows if r["status"] == "done"}
     return [s for s in specs if (s["eval_id"], s["protocol"]) not in done]
 
 
@@ -157,8 +99,7 @@ def run_evaluations(preset: Preset, store: ResultStore, request: EvaluateRequest
                     f"({len(specs) - len(todo)} already done) of {spec.config.epochs} epochs, protocol {protocol}")
     counts = {"failed": 0, "running": 0}
     if todo:
-        available = connect(address, verbose)
-        check_resources(spec.resources, available, "evaluate.resources")
+        check_resources(spec.resources, connect(address, verbose), "evaluate.resources")
         key = hashlib.sha1(json.dumps([sorted(s["eval_id"] for s in todo), protocol]).encode()).hexdigest()[:10]
         exp = experiment_uri(store.storage, store.name)
         trainable = tune.with_resources(eval_trainable, tune_resources(spec.resources))
@@ -175,15 +116,12 @@ def run_evaluations(preset: Preset, store: ResultStore, request: EvaluateRequest
         start = time.perf_counter()
         grid = run_tuner(trainable, f"{exp}/evaluate-{key}", make_tuner, verbose)
         rows = []
-        for result in grid:
-            cfg = result.config or {}
-            if "spec" not in cfg:
-                continue
+        for result in (r for r in grid if "spec" in (r.config or {})):  # not started before an interruption
             metrics = result.metrics or {}
             error = last_error_line(str(result.error)) if result.error is not None else None
             status = "failed" if error else ("done" if metrics.get("done") else "running")
             counts[status] = counts.get(status, 0) + 1
-            rows.append(eval_row(cfg["spec"], eval_cfg, metrics, status, error, metrics.get("trial_id")))
+            rows.append(eval_row(result.config["spec"], eval_cfg, metrics, status, error, metrics.get("trial_id")))
         if rows:
             store.upsert("evaluations", rows)
         console().print(f"evaluations: {counts.get('done', 0)} done, {counts['failed']} failed, "
@@ -196,8 +134,7 @@ def run_evaluations(preset: Preset, store: ResultStore, request: EvaluateRequest
 # -- command line --------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m orchestrator.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--from", dest="experiment", required=True,
-                   help="experiment name (under --storage) or its folder")
+    p.add_argument("--from", dest="experiment", required=True, help="experiment name (under --storage) or its folder")
     p.add_argument("--storage", help="results root (default $PCDARTS_STORAGE or ./results)")
     p.add_argument("--top-k", type=int, metavar="N", help="the N best searches (val_acc) of every group")
     p.add_argument("--consensus", action="store_true", help="each group's consensus genotype")
@@ -214,27 +151,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def experiment_preset(store: ResultStore, args: argparse.Namespace) -> Preset:
-    if args.preset and args.config:
-        raise ValueError("give either --preset NAME or --config FILE, not both")
-    if args.preset or args.config:
-        return load_preset(args.preset or args.config, args.sets)
-    claim = read_claim(store)
-    raw = dict((claim or {}).get("preset") or {})
-    if not raw:
-        raise ValueError(f"experiment {store.name!r} has no recorded preset; pass --preset NAME for the protocol")
-    raw = apply_sets(raw, args.sets, section="evaluate")
-    return preset_from_dict(raw, default_name=store.name, where=f"{store.name} preset")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     storage, name = split_experiment(args.experiment, args.storage)
-    store = ResultStore(storage, check_name(name))
+    store = ResultStore(storage, name)
     check_storage(store)
-    if read_claim(store) is None and not store.exists("trials"):
+    claim = read_claim(store)
+    if claim is None and not store.exists("trials"):
         raise ValueError(f"no experiment {name!r} in {storage}")
-    preset = experiment_preset(store, args)
+    if args.preset and args.config:
+        raise ValueError("give either --preset NAME or --config FILE, not both")
+    if args.preset or args.config:
+        preset = load_preset(args.preset or args.config, args.sets)
+    elif not (claim or {}).get("preset"):
+        raise ValueError(f"experiment {name!r} has no recorded preset; pass --preset NAME for the protocol")
+    else:  # the protocol of the preset the experiment ran with
+        raw = apply_sets(dict(claim["preset"]), args.sets, section="evaluate")
+        preset = preset_from_dict(raw, default_name=name, where=f"{name} preset")
     spec = preset.evaluation()
     if args.top_k is not None and args.top_k < 1:
         raise ValueError("--top-k must be at least 1")
@@ -246,13 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
         raise ValueError("--seeds must be distinct integers >= 0")
     request = EvaluateRequest(args.top_k, args.consensus, tuple(args.genotype), args.random, seeds)
-    if request.empty:
-        from dataclasses import replace
-
+    if request == EvaluateRequest(seeds=seeds):  # no selection flag: the preset's evaluate: section chooses
         request = replace(EvaluateRequest.from_spec(spec), seeds=seeds)
-    if request.empty:
-        raise ValueError("nothing to evaluate: give --top-k, --consensus, --genotype or --random "
-                         "(or an evaluate: section that selects some)")
     address = cluster_address(args.address)
     if not (address or "").startswith("ray://"):
         from pcdarts_core.data import check_dataset

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import ast
 import json
+import random
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -355,6 +356,32 @@ def genotype_from_arch(data: Any) -> Genotype:
                            per_cell["reduce"])
 
 
+#: the arch parameters a search saves: its network's alphas and (PC-DARTS edge normalization) betas
+ARCH_KEYS = ("alphas_normal", "alphas_reduce", "betas_normal", "betas_reduce")
+
+
+def saved_arch(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    """What :func:`genotype_from_arch` takes, from saved data: ``data`` itself when it holds ``alphas_normal``, else
+    the arch parameters (any wrapper prefix, e.g. ``module.``) of its ``model``/``state_dict`` state dict, with the
+    ``primitives`` saved beside it or in a search state's ``method`` state (P-DARTS's pruned per-edge ops)."""
+    state = next((data[k] for k in ("model", "state_dict") if isinstance(data.get(k), dict)), None)
+    if "alphas_normal" not in data and state is not None:
+        method_state = data["method"] if isinstance(data.get("method"), dict) else {}
+        primitives = data.get("primitives", method_state.get("primitives"))
+        data = {} if primitives is None else {"primitives": primitives}
+        for key in ARCH_KEYS:
+            hits = [k for k in state if isinstance(k, str) and k.rpartition(".")[2] == key]
+            if len(hits) > 1:
+                raise ValueError(f"the model state dict holds several {key} entries: {', '.join(hits[:3])}")
+            if hits:
+                data[key] = state[hits[0]]
+    missing = [k for k in ARCH_KEYS[:2] if k not in data]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)} (expected alphas_normal, alphas_reduce and optionally "
+                         f"betas_*, primitives, a 'model' state dict holding them, or a checkpoint of this project)")
+    return data
+
+
 def _steps_for(n_edges: int) -> int:
     steps, total = 0, 0
     while total < n_edges:
@@ -418,6 +445,22 @@ def consensus_genotype(genotypes: Iterable[Genotype], n_inputs: int = 2) -> Geno
     concat = tuple(range(2, 2 + steps))
     return Genotype(tuple(cells["normal"]), concat, tuple(cells["reduce"]), concat,
                     counts_per_cell["normal"], counts_per_cell["reduce"])
+
+
+#: the ops a derived DARTS cell may use (``none`` is never selected)
+RANDOM_OPS = tuple(op for op in PRIMITIVES if op != "none")
+
+
+def random_genotype(index: int) -> Genotype:
+    """The ``index``-th random DARTS-space cell pair (the random baseline): per node two distinct inputs drawn
+    uniformly from the earlier states, each with an op drawn uniformly from ``RANDOM_OPS``; ``random.Random(index)``
+    makes ``random:3`` the same cells in every experiment."""
+    rng = random.Random(int(index))
+    cells: dict[str, list[Edge]] = {cell: [] for cell in CELL_TYPES}
+    for cell in CELL_TYPES:
+        for node in range(4):
+            cells[cell] += [(rng.choice(RANDOM_OPS), inp) for inp in sorted(rng.sample(range(node + 2), 2))]
+    return Genotype(tuple(cells["normal"]), (2, 3, 4, 5), tuple(cells["reduce"]), (2, 3, 4, 5))
 
 
 def genotype_to_dict_safe(text_or_genotype: str | Genotype) -> dict[str, Any]:

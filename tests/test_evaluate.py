@@ -9,10 +9,9 @@ from collections import Counter
 
 import pytest
 
-from orchestrator.evaluate import (RANDOM_OPS, EvaluateRequest, evaluation_specs, pending, protocol_id,
-                                   random_genotype)
+from orchestrator.evaluate import EvaluateRequest, evaluation_specs, pending, protocol_id
 from orchestrator.results import ResultStore, trial_row
-from pcdarts_core.genotypes import CELL_TYPES, PUBLISHED, genotype_distance
+from pcdarts_core.genotypes import CELL_TYPES, PUBLISHED, RANDOM_OPS, genotype_distance, random_genotype
 
 
 def test_random_genotypes_are_uniform_over_the_darts_space():

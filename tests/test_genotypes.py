@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pcdarts_core.genotypes import (PUBLISHED, Genotype, consensus_genotype, derive_genotype, genotype_distance,
-                                    load_genotype, normalized_betas, parse_genotype)
+                                    load_genotype, normalized_betas, parse_genotype, saved_arch)
 from pcdarts_core.ops import PRIMITIVES
 
 OP = {name: i for i, name in enumerate(PRIMITIVES)}
@@ -138,3 +138,18 @@ def test_distance_and_consensus():
     # one changed choice out of 16
     changed = Genotype((("dil_conv_5x5", 0),) + a.normal[1:], a.normal_concat, a.reduce, a.reduce_concat)
     assert genotype_distance(a, changed) == pytest.approx(1 / 16)
+
+
+def test_saved_arch_finds_the_arch_parameters_of_a_saved_search():
+    a, b = torch.zeros(14, 8), torch.ones(14, 8)
+    arch = {"alphas_normal": a, "alphas_reduce": b, "model": {}}
+    assert saved_arch(arch) is arch  # arch parameters themselves
+    state = {"model": {"module.alphas_normal": a, "alphas_reduce": b, "module.stem.weight": a},
+             "method": {"primitives": [["none"]]}}  # a search's own state (P-DARTS: its pruned ops)
+    assert {k: id(v) for k, v in saved_arch(state).items()} == {"primitives": id(state["method"]["primitives"]),
+                                                               "alphas_normal": id(a), "alphas_reduce": id(b)}
+    assert "primitives" not in saved_arch({**state, "primitives": None})  # saved as None: the default ops
+    with pytest.raises(ValueError, match="several alphas_normal entries: a.alphas_normal, b.alphas_normal"):
+        saved_arch({"state_dict": {"a.alphas_normal": a, "b.alphas_normal": a}})
+    with pytest.raises(ValueError, match="^missing alphas_reduce "):
+        saved_arch({"model": {"alphas_normal": a}})
