@@ -1,8 +1,7 @@
 """The Ray cluster a command runs on: joining one within a bounded time, or starting one on this machine.
 
 An address's port is probed for ``$PCDARTS_CONNECT_TIMEOUT_S`` seconds (default 30) before ``ray.init``, so an
-unreachable cluster is one ``error:`` line, never minutes of GCS retries. A local Ray is owned by its process.
-"""
+unreachable cluster is one ``error:`` line, never minutes of GCS retries. A local Ray is owned by its process."""
 
 from __future__ import annotations
 
@@ -59,15 +58,13 @@ def local_resources() -> dict[str, float]:
 
 def resolve(address: str) -> str:
     """``address`` checked to be reachable; ``auto`` becomes the local cluster's GCS address."""
-    timeout = connect_timeout()
-    target = address
-    if address == "auto":
-        from ray._private.services import find_bootstrap_address
+    from ray._private.services import find_bootstrap_address
 
-        target = find_bootstrap_address(None)
-        if not target:
-            raise Unreachable("--address auto: no Ray cluster is running on this machine; start one with "
-                              "`ray start --head` or leave out --address to run Ray here")
+    timeout = connect_timeout()
+    target = find_bootstrap_address(None) if address == "auto" else address
+    if not target:
+        raise Unreachable("--address auto: no Ray cluster is running on this machine; start one with "
+                          "`ray start --head` or leave out --address to run Ray here")
     host, sep, port = target.split("://", 1)[-1].rstrip("/").rpartition(":")
     if not sep or not port.isdigit():
         raise ValueError(f"--address {address!r} must be auto, HOST:PORT or ray://HOST:PORT")
@@ -117,10 +114,8 @@ def connect(address: str | None, verbose: bool = False) -> dict[str, float]:
 
     address = cluster_address(address)
     if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"log_to_driver": verbose,
-                                  "logging_level": logging.INFO if verbose else logging.WARNING,
-                                  "runtime_env": {"env_vars": {k: v for k, v in os.environ.items()
-                                                               if k.startswith("PCDARTS_")}}}
+        kwargs = dict(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING,
+                      runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("PCDARTS_")}})
         if address:
             try:
                 ray.init(address=resolve(address), **kwargs)
@@ -181,11 +176,10 @@ def cluster_capacity() -> dict[str, float]:
     """The most CPUs/GPUs this cluster can have: the autoscaler's limits when it publishes them, else its nodes'."""
     import ray
 
-    now = ray.cluster_resources()
-    try:
+    limits: Any = {}
+    with contextlib.suppress(Exception):  # a private API; without it the current totals are the best we know
         from ray._private.state import state
 
         limits = state.get_max_resources_from_cluster_config() or {}
-    except Exception:  # noqa: BLE001 - a private API; without it the current totals are the best we know
-        limits = {}
+    now = ray.cluster_resources()
     return {key: max(float(now.get(key, 0)), float(limits.get(key) or 0)) for key in ("CPU", "GPU")}

@@ -2,11 +2,11 @@
 
 Exported as ``ray_`` + the names below (+ ``_total`` for the counter; README, "Inside a sweep, and on the dashboard").
 Re-run epochs after a restart count again; the epoch time includes validation, the step time (arch + weights, one
-global batch) does not. A finished trial's gauges leave the endpoint about two report intervals after it stops.
-"""
+global batch) does not. A finished trial's gauges leave the endpoint about two report intervals after it stops."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from typing import Any, Mapping
@@ -46,14 +46,11 @@ def record_epoch(metrics: Mapping[str, Any], *, run: str, trial: str) -> bool:
                     for name, (kind, about, _) in DEFINITIONS.items()}
             _instruments.update(made)
     for name, (kind, _, key) in DEFINITIONS.items():
+        value = metrics.get(key)
+        with contextlib.suppress(TypeError, ValueError):  # None or text: skipped too (left as they are)
+            value = math.nan if isinstance(value, bool) else float(value)
         if kind == "counter":
             _instruments[name].inc(1.0, tags=tags)
-            continue
-        value = metrics.get(key)
-        try:
-            value = math.nan if isinstance(value, bool) else float(value)  # None or text: skipped too
-        except (TypeError, ValueError):
-            continue
-        if math.isfinite(value):
+        elif isinstance(value, float) and math.isfinite(value):
             _instruments[name].set(value, tags=tags)
     return True
