@@ -78,7 +78,6 @@ class TuneProgress(Callback):
         self._progress.update(self._progress.task_ids[0], completed=sum(self._done_epochs.values()), description=text)
 
     def _record(self, trial: Any, result: dict[str, Any]) -> None:
-        """A trial's epochs so far and its value of the metric (for the best so far)."""
         self._done_epochs[trial.trial_id] = float(result.get(self.epoch_key) or 0)
         value = result.get(self.metric)
         if isinstance(value, (int, float)) and math.isfinite(value) and (self._best is None or value > self._best[0]):
@@ -106,8 +105,7 @@ class TuneProgress(Callback):
                 del self._ends[t.trial_id]  # an errored trial resumed on restore
         self._refresh(trials)
 
-    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any],
-                        **info: Any) -> None:
+    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict, **info: Any) -> None:
         self._record(trial, result)
         self._refresh(trials)
 
@@ -150,8 +148,7 @@ def error_line(trial: Any) -> str:
                lambda: trial.get_error())  # (written before callbacks run), else storage's: maybe an older failure
     for read in readers:
         with contextlib.suppress(Exception):  # missing, unreadable or remote
-            text = read()
-            if text:
+            if text := read():
                 return last_error_line(text)
     return "unknown error (see the trial's error.txt)"
 
