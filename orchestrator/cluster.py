@@ -1,8 +1,5 @@
-"""The Ray cluster a command runs on: joining one within a bounded time, or starting one on this machine.
-
-An address's port is probed for ``$PCDARTS_CONNECT_TIMEOUT_S`` seconds (default 30) before ``ray.init``, so an
-unreachable cluster is one ``error:`` line, never minutes of GCS retries. A local Ray is owned by its process.
-"""
+"""The Ray cluster a command runs on: joined (its port probed for ``$PCDARTS_CONNECT_TIMEOUT_S`` s, default 30, so
+an unreachable one is one ``error:`` line, never minutes of GCS retries) or started here, owned by this process."""
 
 from __future__ import annotations
 
@@ -18,10 +15,6 @@ from pathlib import Path
 from typing import Any
 
 CONNECT_TIMEOUT_ENV = "PCDARTS_CONNECT_TIMEOUT_S"
-
-
-class Unreachable(ValueError):
-    """The cluster or the storage cannot be reached (one line saying what to check)."""
 
 
 def connect_timeout() -> float:
@@ -59,15 +52,13 @@ def local_resources() -> dict[str, float]:
 
 def resolve(address: str) -> str:
     """``address`` checked to be reachable; ``auto`` becomes the local cluster's GCS address."""
-    timeout = connect_timeout()
-    target = address
-    if address == "auto":
-        from ray._private.services import find_bootstrap_address
+    from ray._private.services import find_bootstrap_address
 
-        target = find_bootstrap_address(None)
-        if not target:
-            raise Unreachable("--address auto: no Ray cluster is running on this machine; start one with "
-                              "`ray start --head` or leave out --address to run Ray here")
+    timeout = connect_timeout()
+    target = find_bootstrap_address(None) if address == "auto" else address
+    if not target:
+        raise ValueError("--address auto: no Ray cluster is running on this machine; start one with "
+                         "`ray start --head` or leave out --address to run Ray here")
     host, sep, port = target.split("://", 1)[-1].rstrip("/").rpartition(":")
     if not sep or not port.isdigit():
         raise ValueError(f"--address {address!r} must be auto, HOST:PORT or ray://HOST:PORT")
@@ -79,15 +70,14 @@ def resolve(address: str) -> str:
         except OSError as err:
             if time.monotonic() >= deadline:
                 what = address if address == target else f"{address} ({target})"
-                raise Unreachable(f"cannot reach the Ray cluster at {what} ({err.strerror or err}) within "
-                                  f"{timeout:g} s: check that it is running and the address/port "
-                                  f"(or set {CONNECT_TIMEOUT_ENV})") from None
+                raise ValueError(f"cannot reach the Ray cluster at {what} ({err.strerror or err}) within "
+                                 f"{timeout:g} s: check that it is running and the address/port "
+                                 f"(or set {CONNECT_TIMEOUT_ENV})") from None
             time.sleep(0.5)
 
 
 def check_storage(store: Any) -> None:
-    """``Unreachable`` unless the experiment's storage answers within the connect timeout (object stores that do
-    not exist or cannot be reached would otherwise retry for minutes before the first write fails)."""
+    """A ``ValueError`` unless the storage answers within the connect timeout (else object stores retry for minutes)."""
     if "://" not in store.storage or store.storage.startswith("file://"):
         return
     errors: list[BaseException] = []
@@ -103,29 +93,25 @@ def check_storage(store: Any) -> None:
     thread.start()
     thread.join(timeout := connect_timeout())
     if thread.is_alive():
-        raise Unreachable(f"storage {store.storage} did not answer within {timeout:g} s: check the bucket, the "
-                          f"credentials and the network (or set {CONNECT_TIMEOUT_ENV})")
+        raise ValueError(f"storage {store.storage} did not answer within {timeout:g} s: check the bucket, the "
+                         f"credentials and the network (or set {CONNECT_TIMEOUT_ENV})")
     if errors:
-        raise Unreachable(f"storage {store.storage} cannot be read: "
-                          f"{str(errors[0]).splitlines()[0] if str(errors[0]) else type(errors[0]).__name__}")
+        raise ValueError(f"storage {store.storage} cannot be read: "
+                         f"{str(errors[0]).splitlines()[0] if str(errors[0]) else type(errors[0]).__name__}")
 
 
 def connect(address: str | None, verbose: bool = False) -> dict[str, float]:
-    """Join the cluster at ``address`` (or ``$RAY_ADDRESS``) or start a local Ray sized to this machine, unless
-    connected; the driver's ``PCDARTS_*`` settings reach the workers. Returns :func:`cluster_capacity`."""
+    """Join the cluster at ``address`` (or ``$RAY_ADDRESS``) or start Ray here, unless connected; its capacity."""
     import ray
 
-    address = cluster_address(address)
     if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"log_to_driver": verbose,
-                                  "logging_level": logging.INFO if verbose else logging.WARNING,
-                                  "runtime_env": {"env_vars": {k: v for k, v in os.environ.items()
-                                                               if k.startswith("PCDARTS_")}}}
-        if address:
+        kwargs = dict(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING,
+                      runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("PCDARTS_")}})
+        if address := cluster_address(address):
             try:
                 ray.init(address=resolve(address), **kwargs)
             except (ConnectionError, RuntimeError) as err:
-                raise Unreachable(f"cannot join the Ray cluster at {address}: {str(err).splitlines()[0]}") from None
+                raise ValueError(f"cannot join the Ray cluster at {address}: {str(err).splitlines()[0]}") from None
         else:
             reap_orphans()
             ctx = ray.init(num_cpus=machine_cpus(), **kwargs)
@@ -181,11 +167,10 @@ def cluster_capacity() -> dict[str, float]:
     """The most CPUs/GPUs this cluster can have: the autoscaler's limits when it publishes them, else its nodes'."""
     import ray
 
-    now = ray.cluster_resources()
-    try:
+    limits: Any = {}
+    with contextlib.suppress(Exception):  # a private API; without it the current totals are the best we know
         from ray._private.state import state
 
         limits = state.get_max_resources_from_cluster_config() or {}
-    except Exception:  # noqa: BLE001 - a private API; without it the current totals are the best we know
-        limits = {}
+    now = ray.cluster_resources()
     return {key: max(float(now.get(key, 0)), float(limits.get(key) or 0)) for key in ("CPU", "GPU")}

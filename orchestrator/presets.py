@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal, Mapping, Sequence
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, InstanceOf, PrivateAttr,
-                      ValidationError, ValidationInfo, field_validator, model_validator)
+                      ValidationError, ValidationInfo, model_validator)
 
 from pcdarts_core.config import EvalConfig, SearchConfig, eval_config, search_config_from_dict
 
@@ -70,6 +70,20 @@ def _resources(res: dict[str, float]) -> dict[str, float]:
     return res
 
 
+def _workers(value: Any) -> int | tuple[int, int]:
+    """``4``, ``"4"``, ``[2, 8]`` or ``"2-8"`` (elastic: at least 2, at most 8 workers)."""
+    pair = isinstance(value, (list, tuple)) and len(value) == 2
+    match = re.fullmatch(r"\s*(-?\d+)\s*(?:[-:,]\s*(-?\d+)\s*)?", "{}-{}".format(*value) if pair else str(value))
+    if not match:
+        raise ValueError(f"num_workers must be an integer N or a range MIN-MAX, got {value!r}")
+    low, high = int(match[1]), int(match[2] or match[1])
+    if low < 1 and match[2] is None:
+        raise ValueError(f"num_workers must be >= 1, got {low}")
+    if not 1 <= low <= high:
+        raise ValueError(f"num_workers range must satisfy 1 <= MIN <= MAX, got {low}-{high}")
+    return (low, high) if low != high else low
+
+
 Int = Annotated[int, Field(strict=True)]  # not a bool, float or string
 Seeds = Annotated[tuple[int, ...], BeforeValidator(_seeds)]
 Resources = Annotated[dict[str, Annotated[float, Field(strict=True, ge=0)]], AfterValidator(_resources)]
@@ -122,27 +136,13 @@ class EvaluateSpec(Section):
 class DistributedOptions(Section):
     """The ``distributed:`` section of a preset (and the CLI flags that override it)."""
 
-    num_workers: int | tuple[int, int] = 1  # an int, or (min, max) for an elastic worker group
+    # an int, or (min, max) for an elastic worker group
+    num_workers: Annotated[int | tuple[int, int], BeforeValidator(_workers)] = 1
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0, le=1024)  # Ray CPUs per worker; torch uses that many threads
     max_failures: int = Field(3, ge=-1)  # worker-group restarts from the last checkpoint (-1: forever)
     lr_reference_batch: int | None = Field(None, ge=1)  # lr was tuned for this global batch: scale linearly
     checkpoints_to_keep: int = Field(2, ge=1)
-
-    @field_validator("num_workers", mode="before")
-    @classmethod
-    def _workers(cls, value: Any) -> int | tuple[int, int]:
-        """``4``, ``"4"``, ``[2, 8]`` or ``"2-8"`` (elastic: at least 2, at most 8 workers)."""
-        pair = isinstance(value, (list, tuple)) and len(value) == 2
-        match = re.fullmatch(r"\s*(-?\d+)\s*(?:[-:,]\s*(-?\d+)\s*)?", "{}-{}".format(*value) if pair else str(value))
-        if not match:
-            raise ValueError(f"num_workers must be an integer N or a range MIN-MAX, got {value!r}")
-        low, high = int(match[1]), int(match[2] or match[1])
-        if low < 1 and match[2] is None:
-            raise ValueError(f"num_workers must be >= 1, got {low}")
-        if not 1 <= low <= high:
-            raise ValueError(f"num_workers range must satisfy 1 <= MIN <= MAX, got {low}-{high}")
-        return (low, high) if low != high else low
 
     elastic = property(lambda self: not isinstance(self.num_workers, int))
     min_workers = property(lambda self: self.num_workers[0] if self.elastic else self.num_workers)
@@ -204,10 +204,19 @@ class ParamSpec(Section):
         return cls(name=name, kind=kind, values=tuple(values))
 
 
+def _space(space: Any, info: ValidationInfo) -> list[ParamSpec]:
+    if not isinstance(space, dict) or not space:
+        raise ValueError("space must map search settings to distributions, e.g. "
+                         "arch_lr: {loguniform: [1.0e-4, 1.0e-2]}")
+    if "seed" in space:
+        raise ValueError("space cannot tune 'seed': seeds are what stability is measured over")
+    return [ParamSpec.of(str(name), spec, info.context["search"]) for name, spec in space.items()]
+
+
 class HpoSpec(Section):
     """``hpo:``: Optuna over search settings; a configuration's mean val_acc and stability are measured over seeds."""
 
-    space: tuple[ParamSpec, ...]
+    space: Annotated[tuple[ParamSpec, ...], BeforeValidator(_space)]
     num_samples: Int = Field(8, ge=1)
     seeds: Seeds = (0, 1, 2)
     max_concurrent_trials: Int = Field(0, ge=0)
@@ -218,16 +227,6 @@ class HpoSpec(Section):
     seed: Int = Field(0, ge=0)  # the sampler's seed
     resources: Resources
     study_storage: str | None = None  # an Optuna storage URL; default: sqlite under the experiment dir
-
-    @field_validator("space", mode="before")
-    @classmethod
-    def _space(cls, space: Any, info: ValidationInfo) -> list[ParamSpec]:
-        if not isinstance(space, dict) or not space:
-            raise ValueError("space must map search settings to distributions, e.g. "
-                             "arch_lr: {loguniform: [1.0e-4, 1.0e-2]}")
-        if "seed" in space:
-            raise ValueError("space cannot tune 'seed': seeds are what stability is measured over")
-        return [ParamSpec.of(str(name), spec, info.context["search"]) for name, spec in space.items()]
 
     @model_validator(mode="after")
     def _checks(self) -> HpoSpec:

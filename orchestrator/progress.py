@@ -1,8 +1,7 @@
 """Live terminal progress of a Tune experiment with ``rich``: trials running/done/failed, best so far, ETA.
 
 The bar counts *epochs* over all trials (so the ETA moves with the work); finished, failed and retried trials also
-get one printed line each (all a log file sees besides the final bar).
-"""
+get one printed line each (all a log file sees besides the final bar)."""
 
 from __future__ import annotations
 
@@ -15,8 +14,7 @@ from typing import Any
 
 from ray.tune import Callback
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 _console: Console | None = None
 _live: "weakref.WeakSet[TuneProgress]" = weakref.WeakSet()
@@ -39,19 +37,19 @@ def stop_all() -> None:
 
 class TuneProgress(Callback):
     """``label`` names the experiment; ``total_epochs`` is the work of all trials in epochs (None: unknown);
-    ``metric``/``mode`` pick the "best so far"; ``epoch_key`` is the result key counting a trial's epochs."""
+    ``metric`` (higher is better) picks the "best so far"; ``epoch_key`` is the result key counting a trial's epochs."""
 
     def __init__(self, label: str, total_trials: int, total_epochs: int | None, metric: str = "val_acc",
-                 mode: str = "max", epoch_key: str = "epoch"):
+                 epoch_key: str = "epoch"):
         self.label, self.total_trials, self.total_epochs = label, total_trials, total_epochs
-        self.metric, self.mode, self.epoch_key = metric, mode, epoch_key
+        self.metric, self.epoch_key = metric, epoch_key
         self._progress: Progress | None = None
         self._done_epochs: dict[str, float] = {}
         self._ends: dict[str, str] = {}  # trial id -> "TERMINATED" or "ERROR", by this callback's own records
         self._best: tuple[float, str] | None = None
 
     def __reduce__(self) -> tuple[Any, ...]:  # Tune pickles its callbacks: the settings only, not the display
-        return type(self), (self.label, self.total_trials, self.total_epochs, self.metric, self.mode, self.epoch_key)
+        return type(self), (self.label, self.total_trials, self.total_epochs, self.metric, self.epoch_key)
 
     def stop(self) -> None:
         if self._progress is not None:
@@ -80,11 +78,9 @@ class TuneProgress(Callback):
         self._progress.update(self._progress.task_ids[0], completed=sum(self._done_epochs.values()), description=text)
 
     def _record(self, trial: Any, result: dict[str, Any]) -> None:
-        """A trial's epochs so far and its value of the metric (for the best so far)."""
         self._done_epochs[trial.trial_id] = float(result.get(self.epoch_key) or 0)
         value = result.get(self.metric)
-        if isinstance(value, (int, float)) and math.isfinite(value) and (
-                self._best is None or (value > self._best[0] if self.mode == "max" else value < self._best[0])):
+        if isinstance(value, (int, float)) and math.isfinite(value) and (self._best is None or value > self._best[0]):
             self._best = (float(value), str(trial.trial_id))
 
     def _ended(self, trials: list[Any], trial: Any, status: str, line: str) -> None:
@@ -109,8 +105,7 @@ class TuneProgress(Callback):
                 del self._ends[t.trial_id]  # an errored trial resumed on restore
         self._refresh(trials)
 
-    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any],
-                        **info: Any) -> None:
+    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict, **info: Any) -> None:
         self._record(trial, result)
         self._refresh(trials)
 
@@ -153,8 +148,7 @@ def error_line(trial: Any) -> str:
                lambda: trial.get_error())  # (written before callbacks run), else storage's: maybe an older failure
     for read in readers:
         with contextlib.suppress(Exception):  # missing, unreadable or remote
-            text = read()
-            if text:
+            if text := read():
                 return last_error_line(text)
     return "unknown error (see the trial's error.txt)"
 
