@@ -1,6 +1,5 @@
-"""The experiment's Parquet records (``<storage>/<name>/<kind>.parquet/`` folders of fragments; the README's
-"Results" describes them) and the row builders, the one place a reported result becomes a row. No Ray import here.
-"""
+"""The experiment's Parquet records (``<storage>/<name>/<kind>.parquet/`` folders of fragments, see the README's
+"Results") and the row builders, the one place a reported result becomes a row. No Ray import here."""
 
 from __future__ import annotations
 
@@ -104,24 +103,21 @@ def trial_row(trial_id: str, config: Mapping[str, Any], status: str, group: str 
             "seed": config.get("seed"), "status": status, **method, **fields, **config_columns(config)}
 
 
-#: result keys Tune adds itself; never copied into the Parquet files
-TUNE_KEYS = {"timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date",
-             "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip", "config", "time_since_restore",
-             "iterations_since_restore", "experiment_tag", "should_checkpoint"}
-EPOCH_COLUMNS = ("epoch", "train_acc", "train_loss", "val_acc", "val_loss", "lr", "alphas_normal", "alphas_reduce",
-                 "betas_normal", "betas_reduce", "genotype", "arch_entropy", "n_skip_normal")
-#: result keys of the loops that are not per-epoch columns of their own
-NOT_EPOCH_EXTRAS = {"search_done", "final_genotype", "epochs_total", "seed", "seed_done", "seed_index",
+#: result keys that are no per-epoch columns of their own: Tune's own (never copied into the Parquet files), then
+#: the loops' bookkeeping
+NOT_EPOCH_EXTRAS = {"timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date",
+                    "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip", "config", "time_since_restore",
+                    "iterations_since_restore", "experiment_tag", "should_checkpoint",
+                    "search_done", "final_genotype", "epochs_total", "seed", "seed_done", "seed_index",
                     "seeds_done", "eval_id", "source", "hpo_epochs_done", "wall_time_s", "seed_wall_time_s"}
 
 
 def epoch_row(trial_id: str, group: str, seed: Any, metrics: Mapping[str, Any]) -> dict[str, Any]:
     """An ``epochs`` row from one reported search epoch: the known columns, then any other numeric metric."""
-    row: dict[str, Any] = {"trial_id": trial_id, "group": group, "seed": seed,
-                           **{key: _num(metrics.get(key)) for key in EPOCH_COLUMNS}}
-    row["wall_time_s"] = finite_or_none(metrics.get("wall_time_s", metrics.get("time_total_s")))
-    row.update({key: _num(value) for key, value in metrics.items() if key not in row and key not in TUNE_KEYS
-                and key not in NOT_EPOCH_EXTRAS and isinstance(value, (bool, int, float))})
+    row = {**{key: _num(metrics.get(key)) for key in SCHEMAS["epochs"].names}, "trial_id": trial_id, "group": group,
+           "seed": seed, "wall_time_s": finite_or_none(metrics.get("wall_time_s", metrics.get("time_total_s")))}
+    row.update({key: _num(value) for key, value in metrics.items()
+                if key not in row and key not in NOT_EPOCH_EXTRAS and isinstance(value, (bool, int, float))})
     return row
 
 
@@ -175,9 +171,8 @@ def parse_source(source: str) -> tuple[str, str]:
 
 def finite_or_none(value: Any) -> float | None:
     """``value`` as a float, or ``None`` when it is missing, not a number or not finite (Parquet nulls, not NaN)."""
-    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return float(value) if numeric and math.isfinite(value) else None
 
 
 # -- tables ----------------------------------------------------------------------------------------------------

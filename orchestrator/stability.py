@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from rich.console import Console
+from rich.table import Column, Table
 
 from pcdarts_core.genotypes import Genotype, parse_genotype
 from pcdarts_core.spaces import TRIAL_METRIC_PREFIXES
@@ -17,10 +19,6 @@ from pcdarts_core.stability import (StabilityOptions, Summary, canonical_key, ge
                                     parse_genotype_json, summarize)
 
 from .results import parse_source, to_table
-
-if TYPE_CHECKING:
-    from rich.console import Console
-    from rich.table import Table as RichTable
 
 
 # -- the table -------------------------------------------------------------------------------------------------
@@ -73,10 +71,9 @@ def _stop_epochs(epochs: pa.Table, trial_ids: set[str]) -> dict[str, int]:
     real = text_change[cls[code[text_change]] != cls[code[text_change - 1]]]
     starts = np.flatnonzero(np.r_[True, ~same_trial])
     # Position of the last change inside each trial (or the trial's first row): the genotype held from there.
-    marker = np.full(len(code), -1, dtype=np.int64)
+    marker = np.zeros(len(code), dtype=np.int64)
     marker[real] = real
-    marker[starts] = np.maximum(marker[starts], starts)
-    last = np.maximum.reduceat(marker, starts)
+    last = np.maximum(np.maximum.reduceat(marker, starts), starts)
     names = tid.dictionary.to_pylist()
     return {names[trial[s]]: int(epoch[i]) for s, i in zip(starts, last)}
 
@@ -161,16 +158,12 @@ def _acc_cell(mean: Any, std: Any, low: Any = None, high: Any = None, n: Any = N
     return _fmt(mean) + (f" ± {_fmt(std)}" if std is not None else "") + ci + ("" if n is None else f" ({n})")
 
 
-def render_table(table: pa.Table, console: Console | None = None,
-                 title: str = "Search stability per group") -> RichTable:
-    """A ``rich`` table of a :func:`stability_table` (fits 120 columns; groups wrap); printed on ``console``."""
-    from rich.table import Table
-
-    out = Table(title=title, show_lines=True, expand=False)
-    out.add_column("group", overflow="fold", max_width=34, style="cyan")
-    for header in ("seeds", "val acc\nmean ± std [CI]", "best\n- mean", "dist", "dis-\ntinct", "skip", "coll-\napse",
-                   "eval acc\nmean ± std (n)", "cons.\neval"):
-        out.add_column(header, justify="right", no_wrap=True)
+def render_table(table: pa.Table, console: Console, title: str = "Search stability per group") -> None:
+    """Print a :func:`stability_table` on ``console`` as a ``rich`` table (fits 120 columns; groups wrap)."""
+    headers = ("seeds", "val acc\nmean ± std [CI]", "best\n- mean", "dist", "dis-\ntinct", "skip", "coll-\napse",
+               "eval acc\nmean ± std (n)", "cons.\neval")
+    out = Table(Column("group", overflow="fold", max_width=34, style="cyan"),
+                *(Column(header, justify="right", no_wrap=True) for header in headers), title=title, show_lines=True)
     for row in table.to_pylist():
         seeds = str(row.get("n_seeds", 0)) + (f"\n{row['n_failed']} fail" if row.get("n_failed") else "")
         out.add_row(str(row.get("group", "")), seeds,
@@ -180,6 +173,4 @@ def render_table(table: pa.Table, console: Console | None = None,
                     _fmt(row.get("collapse_rate"), ".0%"),
                     _acc_cell(row.get("eval_acc_mean"), row.get("eval_acc_std"), n=row.get("n_evaluated", 0)),
                     _fmt(row.get("consensus_eval_acc_mean")))
-    if console is not None:
-        console.print(out)
-    return out
+    console.print(out)
