@@ -3,7 +3,6 @@ driver callback that records it, running it, and its end (what ``orchestrator.sw
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -151,15 +150,12 @@ class ParquetResults(Callback):
                  eval_config: Mapping[str, Any] | None = None):
         self.storage, self.name, self.kind = storage, name, kind
         self.grid_keys, self.eval_config = list(grid_keys), dict(eval_config or {})
+        self.store = ResultStore(storage, name)
         self._epochs: list[dict[str, Any]] = []
         self._last_flush = self._last_beat = time.monotonic()
 
     def __reduce__(self) -> tuple:  # Tune pickles the callback: only its settings travel, not buffers or the store
         return type(self), (self.storage, self.name, self.kind, self.grid_keys, self.eval_config)
-
-    @functools.cached_property
-    def store(self) -> ResultStore:
-        return ResultStore(self.storage, self.name)
 
     def _upsert(self, kind: str, rows: list[dict[str, Any]]) -> bool:
         try:
@@ -291,11 +287,10 @@ def render_baselines(store: ResultStore) -> None:
         if row["status"] == "done" and row["test_acc"] is not None and sep and kind in ("random", "published"):
             label = "random DARTS-space cells" if kind == "random" else f"published {value}"
             per.setdefault(label, []).append(float(row["test_acc"]))
-    if not per:
-        return
-    table = Table("source", *(Column(col, justify="right") for col in ("evaluations", "test acc mean ± std", "best")),
-                  title="Baselines under the same evaluation protocol")
-    for label, values in sorted(per.items()):
-        std = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
-        table.add_row(label, str(len(values)), f"{sum(values) / len(values):.4f}{std}", f"{max(values):.4f}")
-    console().print(table)
+    if per:
+        table = Table("source", *(Column(c, justify="right") for c in ("evaluations", "test acc mean ± std", "best")),
+                      title="Baselines under the same evaluation protocol")
+        for label, values in sorted(per.items()):
+            std = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
+            table.add_row(label, str(len(values)), f"{sum(values) / len(values):.4f}{std}", f"{max(values):.4f}")
+        console().print(table)

@@ -10,7 +10,7 @@ import os
 import socket
 import time
 import uuid
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterable, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -23,6 +23,8 @@ from pcdarts_core.spaces import TRIAL_METRIC_PREFIXES
 _F, _I, _S = pa.float64(), pa.int64(), pa.string()
 _VECTOR = pa.list_(_F)
 _MATRIX = pa.list_(_VECTOR)
+#: The statistics of the stability table's summaries of accuracies (``val_acc_mean``, ``eval_acc_best``, ...)
+SUMMARY_STATS = ("mean", "std", "ci_low", "ci_high", "best")
 
 #: The known columns of each kind of record (the kinds: trials, one row per search; epochs, one per search and
 #: epoch; stability, one per configuration group, see :mod:`orchestrator.stability`; evaluations, one per retraining).
@@ -38,20 +40,17 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("genotype", _S), ("arch_entropy", _F), ("n_skip_normal", _I), ("wall_time_s", _F)]),
     "stability": pa.schema([
         ("group", _S), ("n_seeds", _I), ("n_failed", _I), ("n_running", _I),
-        ("val_acc_mean", _F), ("val_acc_std", _F), ("val_acc_ci_low", _F), ("val_acc_ci_high", _F),
-        ("val_acc_best", _F), ("best_minus_mean", _F),
-        ("n_evaluated", _I), ("eval_acc_mean", _F), ("eval_acc_std", _F), ("eval_acc_ci_low", _F),
-        ("eval_acc_ci_high", _F), ("eval_acc_best", _F), ("eval_best_minus_mean", _F),
+        *[(f"val_acc_{stat}", _F) for stat in SUMMARY_STATS], ("best_minus_mean", _F),
+        ("n_evaluated", _I), *[(f"eval_acc_{stat}", _F) for stat in SUMMARY_STATS], ("eval_best_minus_mean", _F),
         ("consensus_eval_acc_mean", _F), ("n_consensus_evals", _I),
         ("n_genotypes", _I), ("genotype_distance_mean", _F), ("n_distinct_genotypes", _I),
         ("consensus_genotype", _S), ("consensus_distance_mean", _F),
         ("skip_normal_mean", _F), ("collapse_threshold", _I), ("collapse_rate", _F), ("stop_changing_epoch_mean", _F),
-        ("edge_frequencies", _S), ("edge_op_frequencies", _S), ("op_frequencies", _S)]),
+        *[(f"{name}_frequencies", _S) for name in ("edge", "edge_op", "op")]]),
     "evaluations": pa.schema([
         ("eval_id", _S), ("source", _S), ("genotype", _S), ("seed", _I), ("status", _S),
         ("test_acc", _F), ("params", _I), ("epochs_done", _I), ("error", _S), ("wall_time_s", _F)]),
 }
-KINDS: dict[str, str] = {kind: f"{kind}.parquet" for kind in SCHEMAS}
 #: The key :meth:`ResultStore.upsert` uses when none is given: the identity of a row of each kind.
 DEFAULT_KEYS: dict[str, tuple[str, ...]] = {"trials": ("trial_id",), "epochs": ("trial_id", "epoch"),
                                             "stability": ("group",), "evaluations": ("eval_id",)}
@@ -74,10 +73,9 @@ def _scalar_text(value: Any) -> str:
     return json.dumps(str(value))
 
 
-def group_key(config: Mapping[str, Any], exclude: Iterable[str] = ("seed",)) -> str:
+def group_key(config: Mapping[str, Any], exclude: Collection[str] = ("seed",)) -> str:
     """A group's identity: ``config`` without ``exclude`` as deterministic text, ``method`` first (``method=x,k=4``)."""
-    skip = set(exclude)
-    lookup = {str(k): v for k, v in config.items() if str(k) not in skip}
+    lookup = {str(k): v for k, v in config.items() if str(k) not in exclude}
     return ",".join(f"{k}={_scalar_text(lookup[k])}" for k in sorted(lookup, key=lambda k: (k != "method", k)))
 
 
@@ -114,27 +112,21 @@ NOT_EPOCH_EXTRAS = {"timestamp", "checkpoint_dir_name", "done", "training_iterat
 
 def epoch_row(trial_id: str, group: str, seed: Any, metrics: Mapping[str, Any]) -> dict[str, Any]:
     """An ``epochs`` row from one reported search epoch: the known columns, then any other numeric metric."""
-    row = {**{key: _num(metrics.get(key)) for key in SCHEMAS["epochs"].names}, "trial_id": trial_id, "group": group,
+    row = {**{key: metrics.get(key) for key in SCHEMAS["epochs"].names}, "trial_id": trial_id, "group": group,
            "seed": seed, "wall_time_s": finite_or_none(metrics.get("wall_time_s", metrics.get("time_total_s")))}
-    row.update({key: _num(value) for key, value in metrics.items()
+    row.update({key: value for key, value in metrics.items()
                 if key not in row and key not in NOT_EPOCH_EXTRAS and isinstance(value, (bool, int, float))})
     return row
-
-
-def _num(value: Any) -> Any:
-    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def search_row(trial_id: str, values: Mapping[str, Any], status: str, metrics: Mapping[str, Any] | None = None,
                *, group: str | None = None, error: str | None = None, **fields: Any) -> dict[str, Any]:
     """A ``trials`` row of one search (run, sweep trial, HPO seed): ``values`` with the seed, metrics, ``fields``."""
     m = metrics or {}
-    accuracies = {k: finite_or_none(m.get(k)) for k in ("val_acc", "train_acc", "val_loss", "train_loss")}
-    return trial_row(trial_id, values, status, group, **accuracies,
-                     genotype=m.get("final_genotype") or m.get("genotype"), error=error,
-                     wall_time_s=finite_or_none(m.get("wall_time_s", m.get("time_total_s"))),
-                     epochs_done=m.get("epoch"), arch_entropy=finite_or_none(m.get("arch_entropy")),
-                     n_skip_normal=m.get("n_skip_normal"),
+    floats = {k: finite_or_none(m.get(k)) for k in ("val_acc", "train_acc", "val_loss", "train_loss", "arch_entropy")}
+    return trial_row(trial_id, values, status, group, **floats, genotype=m.get("final_genotype") or m.get("genotype"),
+                     error=error, wall_time_s=finite_or_none(m.get("wall_time_s", m.get("time_total_s"))),
+                     epochs_done=m.get("epoch"), n_skip_normal=m.get("n_skip_normal"),
                      # what the search space adds (NAS-Bench-201 accuracies, parameter-free shares)
                      **{k: finite_or_none(v) for k, v in m.items() if k.startswith(TRIAL_METRIC_PREFIXES)}, **fields)
 
@@ -176,9 +168,10 @@ def finite_or_none(value: Any) -> float | None:
 
 
 # -- tables ----------------------------------------------------------------------------------------------------
-def _check_kind(kind: str) -> None:
-    if kind not in KINDS:
-        raise ValueError(f"unknown result kind {kind!r}; known kinds: {', '.join(KINDS)}")
+def _schema(kind: str) -> pa.Schema:
+    if kind not in SCHEMAS:
+        raise ValueError(f"unknown result kind {kind!r}; known kinds: {', '.join(SCHEMAS)}")
+    return SCHEMAS[kind]
 
 
 def _normalize(value: Any) -> Any:
@@ -191,8 +184,7 @@ def _normalize(value: Any) -> Any:
 def to_table(kind: str, rows_or_table: pa.Table | Sequence[Mapping[str, Any]]) -> pa.Table:
     """Rows (mappings) or a table as a table of ``kind``: known columns typed and first, extra ones inferred; a
     ``ValueError`` (one line) for a value that cannot be stored or a ``status`` outside :data:`STATUSES`."""
-    _check_kind(kind)
-    schema = SCHEMAS[kind]
+    schema = _schema(kind)
     rows = rows_or_table if isinstance(rows_or_table, pa.Table) else list(rows_or_table)
     if isinstance(rows, pa.Table):
         columns: dict[str, Any] = dict(zip(rows.column_names, rows.columns))
@@ -213,8 +205,8 @@ def to_table(kind: str, rows_or_table: pa.Table | Sequence[Mapping[str, Any]]) -
             detail = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise ValueError(f"{kind} column {name!r} cannot be stored: {detail}") from None
         if not is_arrow and pa.types.is_floating(array.type) and array.null_count < len(array):
-            # NaN metrics (a diverged search) are stored as nulls, which every reader treats as missing.
-            array = pc.if_else(pc.is_nan(array), pa.scalar(None, array.type), array)
+            # NaN or infinite metrics (a diverged search) are stored as nulls, which every reader treats as missing.
+            array = pc.if_else(pc.is_finite(array), array, pa.scalar(None, array.type))
         arrays[name] = array
     table = pa.table(arrays)
     if kind in ("trials", "evaluations"):
@@ -258,8 +250,8 @@ class ResultStore:
 
     def path(self, kind: str) -> str:
         """The folder of ``kind`` on :attr:`fs` (a local path, or ``bucket/prefix/...`` on object stores)."""
-        _check_kind(kind)
-        return f"{self.root}/{KINDS[kind]}"
+        _schema(kind)  # unknown kinds: a ValueError
+        return f"{self.root}/{kind}.parquet"
 
     def uri(self, kind: str) -> str:
         """The folder of ``kind`` as pandas, DuckDB or Ray Data want it (``s3://...`` on S3, a path locally)."""
@@ -391,10 +383,9 @@ class ExperimentLock:
         self.store = store
 
     def __enter__(self) -> "ExperimentLock":
-        try:
+        lock = None
+        with contextlib.suppress(ValueError):  # an unreadable lock is no lock
             lock = self.store.read_json(LOCK_FILE)
-        except ValueError:
-            lock = None
         if isinstance(lock, dict) and lock.get("pid") != os.getpid() and _owner_alive(lock):
             raise ValueError(f"experiment {self.store.name!r} in {self.store.storage} is being run by process "
                              f"{lock.get('pid')} on {lock.get('host')}; wait for it to end or pick another --name")

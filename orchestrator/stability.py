@@ -18,7 +18,7 @@ from pcdarts_core.spaces import TRIAL_METRIC_PREFIXES
 from pcdarts_core.stability import (StabilityOptions, Summary, canonical_key, genotype_json_key, genotype_stats,
                                     parse_genotype_json, summarize)
 
-from .results import parse_source, to_table
+from .results import SUMMARY_STATS, parse_source, to_table
 
 
 # -- the table -------------------------------------------------------------------------------------------------
@@ -46,8 +46,7 @@ def _stop_epochs(epochs: pa.Table, trial_ids: set[str]) -> dict[str, int]:
     if epochs.num_rows == 0 or not {"trial_id", "epoch", "genotype"} <= set(epochs.column_names):
         return {}
     ids = pa.array(sorted(trial_ids), type=pa.string())
-    t = epochs.select(["trial_id", "epoch", "genotype"]).filter(
-        pc.field("genotype").is_valid() & pc.field("epoch").is_valid() & pc.field("trial_id").isin(ids))
+    t = epochs.select(["trial_id", "epoch", "genotype"]).drop_null().filter(pc.field("trial_id").isin(ids))
     if t.num_rows == 0:
         return {}
     tid = pc.dictionary_encode(t["trial_id"]).combine_chunks()
@@ -78,7 +77,7 @@ def _stop_epochs(epochs: pa.Table, trial_ids: set[str]) -> dict[str, int]:
     return {names[trial[s]]: int(epoch[i]) for s, i in zip(starts, last)}
 
 
-def _summary(prefix: str, s: Summary, fields: tuple[str, ...] = ("mean", "std", "ci_low", "ci_high", "best")) -> dict:
+def _summary(prefix: str, s: Summary, fields: tuple[str, ...] = SUMMARY_STATS) -> dict:
     return {f"{prefix}_{name}": getattr(s, name) for name in fields}
 
 
@@ -106,14 +105,13 @@ def stability_table(trials: pa.Table, epochs: pa.Table | None = None, evaluation
     stop = _stop_epochs(epochs, done_ids) if epochs is not None else {}
 
     evals: dict[tuple[str, str], list[float]] = {}  # test accuracies of ("trial", <id>) and ("consensus", <group>)
-    if evaluations is not None and evaluations.num_rows and "source" in evaluations.column_names:
-        for source, st, acc in zip(_column(evaluations, "source"), _column(evaluations, "status"),
-                                   _column(evaluations, "test_acc", floats=True)):
-            if source is None or st not in (None, "done") or not math.isfinite(acc):
-                continue
-            kind, value = parse_source(source)
-            if kind == "consensus" or (kind == "trial" and value in done_ids):  # only done seeds count
-                evals.setdefault((kind, value), []).append(float(acc))
+    ev = evaluations if evaluations is not None else pa.table({})
+    for source, st, acc in zip(_column(ev, "source"), _column(ev, "status"), _column(ev, "test_acc", floats=True)):
+        if source is None or st not in (None, "done") or not math.isfinite(acc):
+            continue
+        kind, value = parse_source(source)
+        if kind == "consensus" or (kind == "trial" and value in done_ids):  # only done seeds count
+            evals.setdefault((kind, value), []).append(float(acc))
 
     rows: list[dict[str, Any]] = []
     for grp in sorted(by_group):
