@@ -270,8 +270,6 @@ class ResultStore:
     def read(self, kind: str, files: Sequence[str] | None = None) -> pa.Table:
         """The latest row per key of ``kind``, with all known columns; an empty table when nothing was written."""
         files = self.fragments(kind) if files is None else list(files)
-        if not files:
-            return SCHEMAS[kind].empty_table()
         schemas = [f.physical_schema for f in ds.dataset(files, filesystem=self.fs).get_fragments()]
         try:
             schema = pa.unify_schemas(schemas + [SCHEMAS[kind]], promote_options="permissive")
@@ -292,9 +290,7 @@ class ResultStore:
     def write_table(self, kind: str, rows_or_table: pa.Table | Sequence[Mapping[str, Any]]) -> pa.Table:
         """Replace everything of ``kind`` by these rows (a derived table such as ``stability``)."""
         table = to_table(kind, rows_or_table)
-        old = self.fragments(kind)
-        self._write_fragment(kind, table)
-        self._delete(old)
+        self._write_fragment(kind, table, old=self.fragments(kind))
         return table
 
     def compact(self, kind: str) -> int:
@@ -302,16 +298,16 @@ class ResultStore:
         files = self.fragments(kind)
         table = self.read(kind, files)
         if len(files) >= 2:
-            self._write_fragment(kind, table, files[-1].rsplit("/", 1)[-1][:-len(".parquet")] + "~c")
-            self._delete(files)
+            self._write_fragment(kind, table, files[-1].rsplit("/", 1)[-1][:-len(".parquet")] + "~c", old=files)
         return table.num_rows
 
     # -- files ---------------------------------------------------------------------------------------------------
-    def _write_fragment(self, kind: str, table: pa.Table, stem: str | None = None) -> None:
+    def _write_fragment(self, kind: str, table: pa.Table, stem: str | None = None, old: Iterable[str] = ()) -> None:
         # Names start with the write time, so reading a folder in name order and keeping the last row per key
         # (DEFAULT_KEYS) gives the latest state; a reader during compact() sees a row twice and keeps one.
         stem = stem or f"part-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._atomic_write(f"{self.path(kind)}/{stem}.parquet", lambda sink: pq.write_table(table, sink))
+        self._delete(old)  # the fragments this one replaces, once it is in place
 
     def _atomic_write(self, path: str, write: Callable[[Any], None]) -> None:
         if self._atomic_put:  # whole or not at all: one PUT on object stores (no directories to create either)

@@ -58,16 +58,12 @@ def _stop_epochs(epochs: pa.Table, trial_ids: set[str]) -> dict[str, int]:
     trial, epoch, code = trial[order], epoch[order], code[order]
     same_trial = trial[1:] == trial[:-1]
     text_change = np.flatnonzero(same_trial & (code[1:] != code[:-1])) + 1
-    # Only texts on either side of a textual change need parsing: a different text may be the same cell. Equal
-    # classes are genotypes at distance 0.
-    involved = np.unique(np.concatenate([code[text_change], code[text_change - 1]]))
-    cls = np.full(len(geno.dictionary), -1, dtype=np.int64)
-    classes: dict[tuple, int] = {}
-    for k in involved.tolist():
-        text = geno.dictionary[k].as_py()
-        key = genotype_json_key(text) or canonical_key(_genotype(text, "epochs genotype"))
-        cls[k] = classes.setdefault(key, len(classes))
-    real = text_change[cls[code[text_change]] != cls[code[text_change - 1]]]
+    # Only texts on either side of a textual change need parsing: a different text may be the same cell (equal keys:
+    # genotypes at distance 0).
+    texts, keys = geno.dictionary.to_pylist(), {}
+    for k in np.unique(np.concatenate([code[text_change], code[text_change - 1]])).tolist():
+        keys[k] = genotype_json_key(texts[k]) or canonical_key(_genotype(texts[k], "epochs genotype"))
+    real = [i for i in text_change.tolist() if keys[code[i]] != keys[code[i - 1]]]
     starts = np.flatnonzero(np.r_[True, ~same_trial])
     # Position of the last change inside each trial (or the trial's first row): the genotype held from there.
     marker = np.zeros(len(code), dtype=np.int64)
