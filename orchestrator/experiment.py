@@ -58,9 +58,8 @@ def read_claim(store: ResultStore) -> dict[str, Any] | None:
 # -- running on Tune -------------------------------------------------------------------------------------------
 def abs_data_dir(values: Mapping[str, Any]) -> dict[str, Any]:
     """Local paths (the dataset root, a NAS-Bench-201 file) made absolute: Ray workers run elsewhere."""
-    paths = {k: os.path.abspath(os.path.expanduser(str(v))) for k, v in values.items()
-             if k in ("data_dir", "nb201_benchmark") and v is not None and "://" not in str(v)}
-    return {**values, **paths}
+    return {**values, **{k: os.path.abspath(os.path.expanduser(str(v))) for k, v in values.items()
+                         if k in ("data_dir", "nb201_benchmark") and v is not None and "://" not in str(v)}}
 
 
 def tune_resources(res: Mapping[str, float]) -> dict[str, float]:
@@ -80,8 +79,7 @@ REUSE_ACTORS = True
 
 
 def run_tuner(trainable: Any, path: str, make_tuner: Any, verbose: bool = False) -> Any:
-    """``Tuner.restore(path, resume_errored=True)`` when ``path`` holds a Tune experiment, else ``make_tuner()``;
-    then ``fit()``, stopping live displays however it ends. Tune's own output is off unless ``verbose``."""
+    """Fit the Tune experiment at ``path`` (resuming errored trials) or ``make_tuner()``'s; quiet unless ``verbose``."""
     from ray import tune
 
     if not verbose:

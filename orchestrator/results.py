@@ -241,8 +241,7 @@ class ResultStore:
                 raise ValueError(f"storage {storage!r} is not a URI pyarrow understands: {err}") from None
         else:
             self.fs, base = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(storage))
-        self.storage, self.name = storage, name
-        self.root = f"{base.rstrip('/')}/{name}"
+        self.storage, self.name, self.root = storage, name, f"{base.rstrip('/')}/{name}"
         self._atomic_put = self.fs.type_name in {"s3", "gcs"}  # object stores: one PUT is atomic
 
     def __repr__(self) -> str:

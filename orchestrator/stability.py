@@ -23,20 +23,14 @@ from .results import SUMMARY_STATS, parse_source, to_table
 
 # -- the table -------------------------------------------------------------------------------------------------
 def _column(table: pa.Table, name: str, floats: bool = False) -> Any:
-    if name not in table.column_names:
-        return np.full(table.num_rows, np.nan) if floats else [None] * table.num_rows
-    col = table.column(name)
+    col = table.column(name) if name in table.column_names else pa.nulls(table.num_rows)
     return col.cast(pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False) if floats else col.to_pylist()
 
 
-@functools.lru_cache(maxsize=4096)  # a sweep's epochs repeat the same few cells many times
-def _parse(text: str) -> Genotype:
-    return parse_genotype_json(text) or parse_genotype(text)
-
-
+@functools.lru_cache(maxsize=4096)  # reports and the end of a command read the same cells again
 def _genotype(text: str, where: str) -> Genotype:
     try:
-        return _parse(text)
+        return parse_genotype_json(text) or parse_genotype(text)
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
 
@@ -45,15 +39,13 @@ def _stop_epochs(epochs: pa.Table, trial_ids: set[str]) -> dict[str, int]:
     """:func:`stopped_changing_epoch` of every listed trial with epoch rows, vectorized over the epochs table."""
     if epochs.num_rows == 0 or not {"trial_id", "epoch", "genotype"} <= set(epochs.column_names):
         return {}
-    ids = pa.array(sorted(trial_ids), type=pa.string())
+    ids = pa.array(list(trial_ids), pa.string())
     t = epochs.select(["trial_id", "epoch", "genotype"]).drop_null().filter(pc.field("trial_id").isin(ids))
     if t.num_rows == 0:
         return {}
-    tid = pc.dictionary_encode(t["trial_id"]).combine_chunks()
-    geno = pc.dictionary_encode(t["genotype"]).combine_chunks()
-    trial = tid.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    tid, geno = (pc.dictionary_encode(t[name]).combine_chunks() for name in ("trial_id", "genotype"))
+    trial, code = (encoded.indices.to_numpy(zero_copy_only=False) for encoded in (tid, geno))
     epoch = t["epoch"].to_numpy()
-    code = geno.indices.to_numpy(zero_copy_only=False).astype(np.int64)
     order = np.lexsort((epoch, trial))  # sort small integer arrays, never the genotype texts
     trial, epoch, code = trial[order], epoch[order], code[order]
     same_trial = trial[1:] == trial[:-1]
@@ -69,8 +61,7 @@ def _stop_epochs(epochs: pa.Table, trial_ids: set[str]) -> dict[str, int]:
     marker = np.zeros(len(code), dtype=np.int64)
     marker[real] = real
     last = np.maximum(np.maximum.reduceat(marker, starts), starts)
-    names = tid.dictionary.to_pylist()
-    return {names[trial[s]]: int(epoch[i]) for s, i in zip(starts, last)}
+    return {tid.dictionary[trial[s]].as_py(): int(epoch[i]) for s, i in zip(starts, last)}
 
 
 def _summary(prefix: str, s: Summary, fields: tuple[str, ...] = SUMMARY_STATS) -> dict:
@@ -101,8 +92,8 @@ def stability_table(trials: pa.Table, epochs: pa.Table | None = None, evaluation
     stop = _stop_epochs(epochs, done_ids) if epochs is not None else {}
 
     evals: dict[tuple[str, str], list[float]] = {}  # test accuracies of ("trial", <id>) and ("consensus", <group>)
-    ev = evaluations if evaluations is not None else pa.table({})
-    for source, st, acc in zip(_column(ev, "source"), _column(ev, "status"), _column(ev, "test_acc", floats=True)):
+    tab = evaluations if evaluations is not None else pa.table({})
+    for source, st, acc in zip(_column(tab, "source"), _column(tab, "status"), _column(tab, "test_acc", floats=True)):
         if source is None or st not in (None, "done") or not math.isfinite(acc):
             continue
         kind, value = parse_source(source)
@@ -110,8 +101,7 @@ def stability_table(trials: pa.Table, epochs: pa.Table | None = None, evaluation
             evals.setdefault((kind, value), []).append(float(acc))
 
     rows: list[dict[str, Any]] = []
-    for grp in sorted(by_group):
-        idx = by_group[grp]
+    for grp, idx in sorted(by_group.items()):
         done = [i for i in idx if status[i] == "done"]
         acc = summarize(val[done], opts)
         ev = summarize([sum(v) / len(v) for v in (evals.get(("trial", trial_ids[i])) for i in done) if v], opts)
@@ -123,15 +113,14 @@ def stability_table(trials: pa.Table, epochs: pa.Table | None = None, evaluation
         stops = [stop[trial_ids[i]] for i in done if trial_ids[i] in stop]
         cons_evals = evals.get(("consensus", grp), [])
         row = {"group": grp, "n_seeds": len(done), "n_failed": sum(status[i] == "failed" for i in idx),
-               "n_running": sum(status[i] == "running" for i in idx),
+               "n_running": sum(status[i] == "running" for i in idx), "collapse_threshold": opts.collapse_threshold,
                **_summary("val_acc", acc), "best_minus_mean": acc.best_minus_mean,
                "n_evaluated": ev.n, **_summary("eval_acc", ev), "eval_best_minus_mean": ev.best_minus_mean,
                "consensus_eval_acc_mean": float(np.mean(cons_evals)) if cons_evals else None,
-               "n_consensus_evals": len(cons_evals), "n_genotypes": gstats.n,
-               "genotype_distance_mean": gstats.distance_mean, "n_distinct_genotypes": gstats.n_distinct,
+               "n_consensus_evals": len(cons_evals), "n_genotypes": gstats.n, "n_distinct_genotypes": gstats.n_distinct,
+               "genotype_distance_mean": gstats.distance_mean, "collapse_rate": gstats.collapse_rate,
                "consensus_genotype": gstats.consensus.to_json() if gstats.consensus is not None else None,
                "consensus_distance_mean": gstats.consensus_distance_mean, "skip_normal_mean": gstats.skip_normal_mean,
-               "collapse_threshold": opts.collapse_threshold, "collapse_rate": gstats.collapse_rate,
                "stop_changing_epoch_mean": float(np.mean(stops)) if stops else None,
                **{f"{name}_frequencies": gstats.frequencies.to_json(name) for name in ("edge", "edge_op", "op")}}
         for name, values in bench.items():  # bench_acc_cifar10_mean, param_free_share_normal_ci_low, ...
