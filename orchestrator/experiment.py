@@ -221,8 +221,7 @@ class ParquetResults(Callback):
         self._upsert("trials", [hpo_seed_row(trial.trial_id, trial.config, result, "failed", error_line(trial))])
 
     def get_state(self) -> dict | None:
-        self.flush()  # before Tune records checkpoints that resumed trials will start from
-        return None
+        self.flush()  # before Tune records checkpoints that resumed trials will start from (no state of its own)
 
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
         self.flush()

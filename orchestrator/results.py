@@ -10,7 +10,7 @@ import os
 import socket
 import time
 import uuid
-from typing import Any, Callable, Collection, Iterable, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -112,11 +112,15 @@ NOT_EPOCH_EXTRAS = {"timestamp", "checkpoint_dir_name", "done", "training_iterat
 
 def epoch_row(trial_id: str, group: str, seed: Any, metrics: Mapping[str, Any]) -> dict[str, Any]:
     """An ``epochs`` row from one reported search epoch: the known columns, then any other numeric metric."""
-    row = {**{key: metrics.get(key) for key in SCHEMAS["epochs"].names}, "trial_id": trial_id, "group": group,
+    row = {**{key: _num(metrics.get(key)) for key in SCHEMAS["epochs"].names}, "trial_id": trial_id, "group": group,
            "seed": seed, "wall_time_s": finite_or_none(metrics.get("wall_time_s", metrics.get("time_total_s")))}
-    row.update({key: value for key, value in metrics.items()
+    row.update({key: _num(value) for key, value in metrics.items()
                 if key not in row and key not in NOT_EPOCH_EXTRAS and isinstance(value, (bool, int, float))})
     return row
+
+
+def _num(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def search_row(trial_id: str, values: Mapping[str, Any], status: str, metrics: Mapping[str, Any] | None = None,
@@ -205,8 +209,8 @@ def to_table(kind: str, rows_or_table: pa.Table | Sequence[Mapping[str, Any]]) -
             detail = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise ValueError(f"{kind} column {name!r} cannot be stored: {detail}") from None
         if not is_arrow and pa.types.is_floating(array.type) and array.null_count < len(array):
-            # NaN or infinite metrics (a diverged search) are stored as nulls, which every reader treats as missing.
-            array = pc.if_else(pc.is_finite(array), array, pa.scalar(None, array.type))
+            # NaN metrics (a diverged search) are stored as nulls, which every reader treats as missing.
+            array = pc.if_else(pc.is_nan(array), pa.scalar(None, array.type), array)
         arrays[name] = array
     table = pa.table(arrays)
     if kind in ("trials", "evaluations"):
@@ -370,28 +374,24 @@ def _owner_alive(lock: Mapping[str, Any]) -> bool:
     return int(lock.get("pid", 0)) > 0
 
 
-class ExperimentLock:
+@contextlib.contextmanager
+def ExperimentLock(store: ResultStore) -> Iterator[None]:  # noqa: N802 (named and used like a class)
     """``with ExperimentLock(store):`` the one writer of the experiment; a second is refused while the first lives
     (same host: its pid; another host: a heartbeat under :data:`LOCK_STALE_S` old)."""
-
-    def __init__(self, store: ResultStore):
-        self.store = store
-
-    def __enter__(self) -> "ExperimentLock":
-        lock = None
-        with contextlib.suppress(ValueError):  # an unreadable lock is no lock
-            lock = self.store.read_json(LOCK_FILE)
-        if isinstance(lock, dict) and lock.get("pid") != os.getpid() and _owner_alive(lock):
-            raise ValueError(f"experiment {self.store.name!r} in {self.store.storage} is being run by process "
-                             f"{lock.get('pid')} on {lock.get('host')}; wait for it to end or pick another --name")
-        self.existed = self.store.fs.get_file_info(self.store.root).type != pafs.FileType.NotFound
-        heartbeat(self.store)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.store._delete([f"{self.store.root}/{LOCK_FILE}"])
-        if not self.existed and not self.store.fs.get_file_info(pafs.FileSelector(self.store.root)):
-            self.store.fs.delete_dir(self.store.root)  # nothing was written: leave no empty folder behind
+    lock = None
+    with contextlib.suppress(ValueError):  # an unreadable lock is no lock
+        lock = store.read_json(LOCK_FILE)
+    if isinstance(lock, dict) and lock.get("pid") != os.getpid() and _owner_alive(lock):
+        raise ValueError(f"experiment {store.name!r} in {store.storage} is being run by process "
+                         f"{lock.get('pid')} on {lock.get('host')}; wait for it to end or pick another --name")
+    existed = store.fs.get_file_info(store.root).type != pafs.FileType.NotFound
+    heartbeat(store)
+    try:
+        yield
+    finally:
+        store._delete([f"{store.root}/{LOCK_FILE}"])
+        if not existed and not store.fs.get_file_info(pafs.FileSelector(store.root)):
+            store.fs.delete_dir(store.root)  # nothing was written: leave no empty folder behind
 
 
 def heartbeat(store: ResultStore) -> None:
