@@ -3,7 +3,6 @@ driver callback that records it, running it, and its end (what ``orchestrator.sw
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -41,8 +40,7 @@ def claim_experiment(store: ResultStore, kind: str, settings: Mapping[str, Any],
         raise ValueError(f"experiment {store.name!r} is a {previous.get('kind')} run, not {kind}; "
                          f"use --name for a new experiment")
     else:
-        before = json.loads(json.dumps(previous.get("settings"), sort_keys=True, default=str))
-        now = json.loads(json.dumps(settings, sort_keys=True, default=str))
+        before, now = (json.loads(json.dumps(s, default=str)) for s in (previous.get("settings"), settings))
         if before != now:
             changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
             raise ValueError(f"experiment {store.name!r} in {store.storage} was started with different settings "
@@ -60,9 +58,8 @@ def read_claim(store: ResultStore) -> dict[str, Any] | None:
 # -- running on Tune -------------------------------------------------------------------------------------------
 def abs_data_dir(values: Mapping[str, Any]) -> dict[str, Any]:
     """Local paths (the dataset root, a NAS-Bench-201 file) made absolute: Ray workers run elsewhere."""
-    paths = {k: os.path.abspath(os.path.expanduser(str(v))) for k, v in values.items()
-             if k in ("data_dir", "nb201_benchmark") and v is not None and "://" not in str(v)}
-    return {**values, **paths}
+    return {**values, **{k: os.path.abspath(os.path.expanduser(str(v))) for k, v in values.items()
+                         if k in ("data_dir", "nb201_benchmark") and v is not None and "://" not in str(v)}}
 
 
 def tune_resources(res: Mapping[str, float]) -> dict[str, float]:
@@ -82,8 +79,7 @@ REUSE_ACTORS = True
 
 
 def run_tuner(trainable: Any, path: str, make_tuner: Any, verbose: bool = False) -> Any:
-    """``Tuner.restore(path, resume_errored=True)`` when ``path`` holds a Tune experiment, else ``make_tuner()``;
-    then ``fit()``, stopping live displays however it ends. Tune's own output is off unless ``verbose``."""
+    """Fit the Tune experiment at ``path`` (resuming errored trials) or ``make_tuner()``'s; quiet unless ``verbose``."""
     from ray import tune
 
     if not verbose:
@@ -104,11 +100,10 @@ def run_config(name: str, exp: str, callbacks: list, failure: Any, verbose: bool
     """Tune's RunConfig of every kind of experiment: storage, retries from checkpoints, kept checkpoints."""
     from ray import tune
 
-    return tune.RunConfig(
-        name=name, storage_path=exp, callbacks=callbacks,
-        failure_config=tune.FailureConfig(max_failures=failure.max_failures, fail_fast=failure.fail_fast),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=failure.checkpoints_to_keep),
-        verbose=1 if verbose else 0)
+    failures = tune.FailureConfig(max_failures=failure.max_failures, fail_fast=failure.fail_fast)
+    return tune.RunConfig(name=name, storage_path=exp, callbacks=callbacks, failure_config=failures,
+                          checkpoint_config=tune.CheckpointConfig(num_to_keep=failure.checkpoints_to_keep),
+                          verbose=1 if verbose else 0)
 
 
 # -- rows of searches ------------------------------------------------------------------------------------------
@@ -152,17 +147,13 @@ class ParquetResults(Callback):
     def __init__(self, storage: str, name: str, kind: str, grid_keys: Sequence[str] = (),
                  eval_config: Mapping[str, Any] | None = None):
         self.storage, self.name, self.kind = storage, name, kind
-        self.grid_keys = list(grid_keys)
-        self.eval_config = dict(eval_config or {})
+        self.grid_keys, self.eval_config = list(grid_keys), dict(eval_config or {})
+        self.store = ResultStore(storage, name)
         self._epochs: list[dict[str, Any]] = []
         self._last_flush = self._last_beat = time.monotonic()
 
     def __reduce__(self) -> tuple:  # Tune pickles the callback: only its settings travel, not buffers or the store
         return type(self), (self.storage, self.name, self.kind, self.grid_keys, self.eval_config)
-
-    @functools.cached_property
-    def store(self) -> ResultStore:
-        return ResultStore(self.storage, self.name)
 
     def _upsert(self, kind: str, rows: list[dict[str, Any]]) -> bool:
         try:
@@ -178,7 +169,9 @@ class ParquetResults(Callback):
         self._last_flush = time.monotonic()
 
     def _write_trial(self, trial: Any, status: str, error: str | None = None) -> None:
-        """The row of a stability search or an evaluation as it starts, ends or fails (HPO rows are per seed)."""
+        """After the epochs so far, the row of a stability search or an evaluation as it starts, ends or fails."""
+        self.flush()
+        # HPO rows are per seed: on_trial_result and on_trial_error write them
         result = trial.last_result or {}
         if status == "done" and result.get("error"):  # a trial that ended on a deterministic failure
             status, error = "failed", result["error"]
@@ -214,13 +207,12 @@ class ParquetResults(Callback):
             heartbeat(self.store)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self.flush()
         self._write_trial(trial, "done")
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self.flush()
         if self.kind != "hpo":
             return self._write_trial(trial, "failed", error_line(trial))
+        self.flush()
         result = trial.last_result or {}
         if result.get("seed_done"):  # it failed after that seed: the next one is the failed search
             seeds = list(trial.config["seeds"])
@@ -229,8 +221,7 @@ class ParquetResults(Callback):
         self._upsert("trials", [hpo_seed_row(trial.trial_id, trial.config, result, "failed", error_line(trial))])
 
     def get_state(self) -> dict | None:
-        self.flush()  # before Tune records checkpoints that resumed trials will start from
-        return None
+        self.flush()  # before Tune records checkpoints that resumed trials will start from (no state of its own)
 
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
         self.flush()
@@ -239,6 +230,9 @@ class ParquetResults(Callback):
 # -- the end of an experiment ----------------------------------------------------------------------------------
 def reconcile_stability(store: ResultStore, grid: Any, grid_keys: Sequence[str]) -> dict[str, int]:
     """Upsert every trial's final row from the ``ResultGrid`` (rows a killed driver never wrote); counts by status."""
+    stored = store.read("trials")  # the driver's count of failures survives the final pass
+    failures = (dict(zip(stored["trial_id"].to_pylist(), stored["num_failures"].to_pylist()))
+                if "num_failures" in stored.column_names else {})
     rows, unstarted = [], 0
     for result in grid:
         config, metrics = dict(result.config or {}), dict(result.metrics or {})
@@ -248,17 +242,12 @@ def reconcile_stability(store: ResultStore, grid: Any, grid_keys: Sequence[str])
         trial_id = str(metrics.get("trial_id") or os.path.basename(str(result.path).rstrip("/")))
         error = (last_error_line(str(result.error)) if result.error is not None else None) or metrics.get("error")
         status = "failed" if error else ("done" if metrics.get("search_done") else "running")
-        rows.append(stability_trial_row(trial_id, config, metrics, status, grid_keys, error))
-    stored = store.read("trials")
-    if "num_failures" in stored.column_names:  # the driver's count survives the final pass
-        failures = dict(zip(stored["trial_id"].to_pylist(), stored["num_failures"].to_pylist()))
-        for row in rows:
-            row["num_failures"] = failures.get(row["trial_id"])
+        rows.append(stability_trial_row(trial_id, config, metrics, status, grid_keys, error, failures.get(trial_id)))
     store.upsert("trials", rows)  # nothing when there are no rows
     return Counter(row["status"] for row in rows) + Counter(running=unstarted)
 
 
-def finish(store: ResultStore, counts: Mapping[str, int], what: str = "search(es)", show: bool = True) -> int:
+def finish(store: ResultStore, counts: Mapping[str, int], what: str = "search(es)") -> int:
     """The end of every experiment command: compact the records (one file per kind), recompute the stability
     table, say what failed and where its errors are, and return the exit status (0, 3 failed, 130 unfinished)."""
     from .report import publish  # the HTML report of the experiment; its path is printed
@@ -270,10 +259,9 @@ def finish(store: ResultStore, counts: Mapping[str, int], what: str = "search(es
     if trials.num_rows:
         table = stability_table(trials, store.read("epochs"), store.read("evaluations"))
         store.write_table("stability", table)
-        if show:
-            render_table(table, console(), title=f"Search stability per group: {store.name}")
-            render_baselines(store)
-    elif show:
+        render_table(table, console(), title=f"Search stability per group: {store.name}")
+        render_baselines(store)
+    else:
         console().print(f"no search results in {store.root} yet")
     publish(store)
     failed, unfinished = counts.get("failed", 0), counts.get("running", 0)
@@ -288,7 +276,7 @@ def finish(store: ResultStore, counts: Mapping[str, int], what: str = "search(es
 
 def render_baselines(store: ResultStore) -> None:
     """Print the evaluated accuracy of the baselines (random cells, published genotypes), when there are any."""
-    from rich.table import Table
+    from rich.table import Column, Table
 
     per: dict[str, list[float]] = {}
     for row in store.read("evaluations").select(["source", "status", "test_acc"]).to_pylist():
@@ -296,12 +284,10 @@ def render_baselines(store: ResultStore) -> None:
         if row["status"] == "done" and row["test_acc"] is not None and sep and kind in ("random", "published"):
             label = "random DARTS-space cells" if kind == "random" else f"published {value}"
             per.setdefault(label, []).append(float(row["test_acc"]))
-    if not per:
-        return
-    table = Table(title="Baselines under the same evaluation protocol", show_lines=False)
-    for col in ("source", "evaluations", "test acc mean ± std", "best"):
-        table.add_column(col, justify="left" if col == "source" else "right")
-    for label, values in sorted(per.items()):
-        std = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
-        table.add_row(label, str(len(values)), f"{sum(values) / len(values):.4f}{std}", f"{max(values):.4f}")
-    console().print(table)
+    if per:
+        table = Table("source", *(Column(c, justify="right") for c in ("evaluations", "test acc mean ± std", "best")),
+                      title="Baselines under the same evaluation protocol")
+        for label, values in sorted(per.items()):
+            std = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
+            table.add_row(label, str(len(values)), f"{sum(values) / len(values):.4f}{std}", f"{max(values):.4f}")
+        console().print(table)

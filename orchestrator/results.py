@@ -1,6 +1,5 @@
-"""The experiment's Parquet records (``<storage>/<name>/<kind>.parquet/`` folders of fragments; the README's
-"Results" describes them) and the row builders, the one place a reported result becomes a row. No Ray import here.
-"""
+"""The experiment's Parquet records (``<storage>/<name>/<kind>.parquet/`` folders of fragments, see the README's
+"Results") and the row builders, the one place a reported result becomes a row. No Ray import here."""
 
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ import os
 import socket
 import time
 import uuid
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -24,6 +23,8 @@ from pcdarts_core.spaces import TRIAL_METRIC_PREFIXES
 _F, _I, _S = pa.float64(), pa.int64(), pa.string()
 _VECTOR = pa.list_(_F)
 _MATRIX = pa.list_(_VECTOR)
+#: The statistics of the stability table's summaries of accuracies (``val_acc_mean``, ``eval_acc_best``, ...)
+SUMMARY_STATS = ("mean", "std", "ci_low", "ci_high", "best")
 
 #: The known columns of each kind of record (the kinds: trials, one row per search; epochs, one per search and
 #: epoch; stability, one per configuration group, see :mod:`orchestrator.stability`; evaluations, one per retraining).
@@ -39,20 +40,17 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("genotype", _S), ("arch_entropy", _F), ("n_skip_normal", _I), ("wall_time_s", _F)]),
     "stability": pa.schema([
         ("group", _S), ("n_seeds", _I), ("n_failed", _I), ("n_running", _I),
-        ("val_acc_mean", _F), ("val_acc_std", _F), ("val_acc_ci_low", _F), ("val_acc_ci_high", _F),
-        ("val_acc_best", _F), ("best_minus_mean", _F),
-        ("n_evaluated", _I), ("eval_acc_mean", _F), ("eval_acc_std", _F), ("eval_acc_ci_low", _F),
-        ("eval_acc_ci_high", _F), ("eval_acc_best", _F), ("eval_best_minus_mean", _F),
+        *[(f"val_acc_{stat}", _F) for stat in SUMMARY_STATS], ("best_minus_mean", _F),
+        ("n_evaluated", _I), *[(f"eval_acc_{stat}", _F) for stat in SUMMARY_STATS], ("eval_best_minus_mean", _F),
         ("consensus_eval_acc_mean", _F), ("n_consensus_evals", _I),
         ("n_genotypes", _I), ("genotype_distance_mean", _F), ("n_distinct_genotypes", _I),
         ("consensus_genotype", _S), ("consensus_distance_mean", _F),
         ("skip_normal_mean", _F), ("collapse_threshold", _I), ("collapse_rate", _F), ("stop_changing_epoch_mean", _F),
-        ("edge_frequencies", _S), ("edge_op_frequencies", _S), ("op_frequencies", _S)]),
+        *[(f"{name}_frequencies", _S) for name in ("edge", "edge_op", "op")]]),
     "evaluations": pa.schema([
         ("eval_id", _S), ("source", _S), ("genotype", _S), ("seed", _I), ("status", _S),
         ("test_acc", _F), ("params", _I), ("epochs_done", _I), ("error", _S), ("wall_time_s", _F)]),
 }
-KINDS: dict[str, str] = {kind: f"{kind}.parquet" for kind in SCHEMAS}
 #: The key :meth:`ResultStore.upsert` uses when none is given: the identity of a row of each kind.
 DEFAULT_KEYS: dict[str, tuple[str, ...]] = {"trials": ("trial_id",), "epochs": ("trial_id", "epoch"),
                                             "stability": ("group",), "evaluations": ("eval_id",)}
@@ -75,10 +73,9 @@ def _scalar_text(value: Any) -> str:
     return json.dumps(str(value))
 
 
-def group_key(config: Mapping[str, Any], exclude: Iterable[str] = ("seed",)) -> str:
+def group_key(config: Mapping[str, Any], exclude: Collection[str] = ("seed",)) -> str:
     """A group's identity: ``config`` without ``exclude`` as deterministic text, ``method`` first (``method=x,k=4``)."""
-    skip = set(exclude)
-    lookup = {str(k): v for k, v in config.items() if str(k) not in skip}
+    lookup = {str(k): v for k, v in config.items() if str(k) not in exclude}
     return ",".join(f"{k}={_scalar_text(lookup[k])}" for k in sorted(lookup, key=lambda k: (k != "method", k)))
 
 
@@ -104,24 +101,21 @@ def trial_row(trial_id: str, config: Mapping[str, Any], status: str, group: str 
             "seed": config.get("seed"), "status": status, **method, **fields, **config_columns(config)}
 
 
-#: result keys Tune adds itself; never copied into the Parquet files
-TUNE_KEYS = {"timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date",
-             "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip", "config", "time_since_restore",
-             "iterations_since_restore", "experiment_tag", "should_checkpoint"}
-EPOCH_COLUMNS = ("epoch", "train_acc", "train_loss", "val_acc", "val_loss", "lr", "alphas_normal", "alphas_reduce",
-                 "betas_normal", "betas_reduce", "genotype", "arch_entropy", "n_skip_normal")
-#: result keys of the loops that are not per-epoch columns of their own
-NOT_EPOCH_EXTRAS = {"search_done", "final_genotype", "epochs_total", "seed", "seed_done", "seed_index",
+#: result keys that are no per-epoch columns of their own: Tune's own (never copied into the Parquet files), then
+#: the loops' bookkeeping
+NOT_EPOCH_EXTRAS = {"timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date",
+                    "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip", "config", "time_since_restore",
+                    "iterations_since_restore", "experiment_tag", "should_checkpoint",
+                    "search_done", "final_genotype", "epochs_total", "seed", "seed_done", "seed_index",
                     "seeds_done", "eval_id", "source", "hpo_epochs_done", "wall_time_s", "seed_wall_time_s"}
 
 
 def epoch_row(trial_id: str, group: str, seed: Any, metrics: Mapping[str, Any]) -> dict[str, Any]:
     """An ``epochs`` row from one reported search epoch: the known columns, then any other numeric metric."""
-    row: dict[str, Any] = {"trial_id": trial_id, "group": group, "seed": seed,
-                           **{key: _num(metrics.get(key)) for key in EPOCH_COLUMNS}}
-    row["wall_time_s"] = finite_or_none(metrics.get("wall_time_s", metrics.get("time_total_s")))
-    row.update({key: _num(value) for key, value in metrics.items() if key not in row and key not in TUNE_KEYS
-                and key not in NOT_EPOCH_EXTRAS and isinstance(value, (bool, int, float))})
+    row = {**{key: _num(metrics.get(key)) for key in SCHEMAS["epochs"].names}, "trial_id": trial_id, "group": group,
+           "seed": seed, "wall_time_s": finite_or_none(metrics.get("wall_time_s", metrics.get("time_total_s")))}
+    row.update({key: _num(value) for key, value in metrics.items()
+                if key not in row and key not in NOT_EPOCH_EXTRAS and isinstance(value, (bool, int, float))})
     return row
 
 
@@ -133,12 +127,10 @@ def search_row(trial_id: str, values: Mapping[str, Any], status: str, metrics: M
                *, group: str | None = None, error: str | None = None, **fields: Any) -> dict[str, Any]:
     """A ``trials`` row of one search (run, sweep trial, HPO seed): ``values`` with the seed, metrics, ``fields``."""
     m = metrics or {}
-    accuracies = {k: finite_or_none(m.get(k)) for k in ("val_acc", "train_acc", "val_loss", "train_loss")}
-    return trial_row(trial_id, values, status, group, **accuracies,
-                     genotype=m.get("final_genotype") or m.get("genotype"), error=error,
-                     wall_time_s=finite_or_none(m.get("wall_time_s", m.get("time_total_s"))),
-                     epochs_done=m.get("epoch"), arch_entropy=finite_or_none(m.get("arch_entropy")),
-                     n_skip_normal=m.get("n_skip_normal"),
+    floats = {k: finite_or_none(m.get(k)) for k in ("val_acc", "train_acc", "val_loss", "train_loss", "arch_entropy")}
+    return trial_row(trial_id, values, status, group, **floats, genotype=m.get("final_genotype") or m.get("genotype"),
+                     error=error, wall_time_s=finite_or_none(m.get("wall_time_s", m.get("time_total_s"))),
+                     epochs_done=m.get("epoch"), n_skip_normal=m.get("n_skip_normal"),
                      # what the search space adds (NAS-Bench-201 accuracies, parameter-free shares)
                      **{k: finite_or_none(v) for k, v in m.items() if k.startswith(TRIAL_METRIC_PREFIXES)}, **fields)
 
@@ -175,15 +167,15 @@ def parse_source(source: str) -> tuple[str, str]:
 
 def finite_or_none(value: Any) -> float | None:
     """``value`` as a float, or ``None`` when it is missing, not a number or not finite (Parquet nulls, not NaN)."""
-    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return float(value) if numeric and math.isfinite(value) else None
 
 
 # -- tables ----------------------------------------------------------------------------------------------------
-def _check_kind(kind: str) -> None:
-    if kind not in KINDS:
-        raise ValueError(f"unknown result kind {kind!r}; known kinds: {', '.join(KINDS)}")
+def _schema(kind: str) -> pa.Schema:
+    if kind not in SCHEMAS:
+        raise ValueError(f"unknown result kind {kind!r}; known kinds: {', '.join(SCHEMAS)}")
+    return SCHEMAS[kind]
 
 
 def _normalize(value: Any) -> Any:
@@ -196,8 +188,7 @@ def _normalize(value: Any) -> Any:
 def to_table(kind: str, rows_or_table: pa.Table | Sequence[Mapping[str, Any]]) -> pa.Table:
     """Rows (mappings) or a table as a table of ``kind``: known columns typed and first, extra ones inferred; a
     ``ValueError`` (one line) for a value that cannot be stored or a ``status`` outside :data:`STATUSES`."""
-    _check_kind(kind)
-    schema = SCHEMAS[kind]
+    schema = _schema(kind)
     rows = rows_or_table if isinstance(rows_or_table, pa.Table) else list(rows_or_table)
     if isinstance(rows, pa.Table):
         columns: dict[str, Any] = dict(zip(rows.column_names, rows.columns))
@@ -254,8 +245,7 @@ class ResultStore:
                 raise ValueError(f"storage {storage!r} is not a URI pyarrow understands: {err}") from None
         else:
             self.fs, base = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(storage))
-        self.storage, self.name = storage, name
-        self.root = f"{base.rstrip('/')}/{name}"
+        self.storage, self.name, self.root = storage, name, f"{base.rstrip('/')}/{name}"
         self._atomic_put = self.fs.type_name in {"s3", "gcs"}  # object stores: one PUT is atomic
 
     def __repr__(self) -> str:
@@ -263,8 +253,8 @@ class ResultStore:
 
     def path(self, kind: str) -> str:
         """The folder of ``kind`` on :attr:`fs` (a local path, or ``bucket/prefix/...`` on object stores)."""
-        _check_kind(kind)
-        return f"{self.root}/{KINDS[kind]}"
+        _schema(kind)  # unknown kinds: a ValueError
+        return f"{self.root}/{kind}.parquet"
 
     def uri(self, kind: str) -> str:
         """The folder of ``kind`` as pandas, DuckDB or Ray Data want it (``s3://...`` on S3, a path locally)."""
@@ -283,8 +273,6 @@ class ResultStore:
     def read(self, kind: str, files: Sequence[str] | None = None) -> pa.Table:
         """The latest row per key of ``kind``, with all known columns; an empty table when nothing was written."""
         files = self.fragments(kind) if files is None else list(files)
-        if not files:
-            return SCHEMAS[kind].empty_table()
         schemas = [f.physical_schema for f in ds.dataset(files, filesystem=self.fs).get_fragments()]
         try:
             schema = pa.unify_schemas(schemas + [SCHEMAS[kind]], promote_options="permissive")
@@ -305,9 +293,7 @@ class ResultStore:
     def write_table(self, kind: str, rows_or_table: pa.Table | Sequence[Mapping[str, Any]]) -> pa.Table:
         """Replace everything of ``kind`` by these rows (a derived table such as ``stability``)."""
         table = to_table(kind, rows_or_table)
-        old = self.fragments(kind)
-        self._write_fragment(kind, table)
-        self._delete(old)
+        self._write_fragment(kind, table, old=self.fragments(kind))
         return table
 
     def compact(self, kind: str) -> int:
@@ -315,16 +301,16 @@ class ResultStore:
         files = self.fragments(kind)
         table = self.read(kind, files)
         if len(files) >= 2:
-            self._write_fragment(kind, table, files[-1].rsplit("/", 1)[-1][:-len(".parquet")] + "~c")
-            self._delete(files)
+            self._write_fragment(kind, table, files[-1].rsplit("/", 1)[-1][:-len(".parquet")] + "~c", old=files)
         return table.num_rows
 
     # -- files ---------------------------------------------------------------------------------------------------
-    def _write_fragment(self, kind: str, table: pa.Table, stem: str | None = None) -> None:
+    def _write_fragment(self, kind: str, table: pa.Table, stem: str | None = None, old: Iterable[str] = ()) -> None:
         # Names start with the write time, so reading a folder in name order and keeping the last row per key
         # (DEFAULT_KEYS) gives the latest state; a reader during compact() sees a row twice and keeps one.
         stem = stem or f"part-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._atomic_write(f"{self.path(kind)}/{stem}.parquet", lambda sink: pq.write_table(table, sink))
+        self._delete(old)  # the fragments this one replaces, once it is in place
 
     def _atomic_write(self, path: str, write: Callable[[Any], None]) -> None:
         if self._atomic_put:  # whole or not at all: one PUT on object stores (no directories to create either)
@@ -388,29 +374,24 @@ def _owner_alive(lock: Mapping[str, Any]) -> bool:
     return int(lock.get("pid", 0)) > 0
 
 
-class ExperimentLock:
+@contextlib.contextmanager
+def ExperimentLock(store: ResultStore) -> Iterator[None]:  # noqa: N802 (named and used like a class)
     """``with ExperimentLock(store):`` the one writer of the experiment; a second is refused while the first lives
     (same host: its pid; another host: a heartbeat under :data:`LOCK_STALE_S` old)."""
-
-    def __init__(self, store: ResultStore):
-        self.store = store
-
-    def __enter__(self) -> "ExperimentLock":
-        try:
-            lock = self.store.read_json(LOCK_FILE)
-        except ValueError:
-            lock = None
-        if isinstance(lock, dict) and lock.get("pid") != os.getpid() and _owner_alive(lock):
-            raise ValueError(f"experiment {self.store.name!r} in {self.store.storage} is being run by process "
-                             f"{lock.get('pid')} on {lock.get('host')}; wait for it to end or pick another --name")
-        self.existed = self.store.fs.get_file_info(self.store.root).type != pafs.FileType.NotFound
-        heartbeat(self.store)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.store._delete([f"{self.store.root}/{LOCK_FILE}"])
-        if not self.existed and not self.store.fs.get_file_info(pafs.FileSelector(self.store.root)):
-            self.store.fs.delete_dir(self.store.root)  # nothing was written: leave no empty folder behind
+    lock = None
+    with contextlib.suppress(ValueError):  # an unreadable lock is no lock
+        lock = store.read_json(LOCK_FILE)
+    if isinstance(lock, dict) and lock.get("pid") != os.getpid() and _owner_alive(lock):
+        raise ValueError(f"experiment {store.name!r} in {store.storage} is being run by process "
+                         f"{lock.get('pid')} on {lock.get('host')}; wait for it to end or pick another --name")
+    existed = store.fs.get_file_info(store.root).type != pafs.FileType.NotFound
+    heartbeat(store)
+    try:
+        yield
+    finally:
+        store._delete([f"{store.root}/{LOCK_FILE}"])
+        if not existed and not store.fs.get_file_info(pafs.FileSelector(store.root)):
+            store.fs.delete_dir(store.root)  # nothing was written: leave no empty folder behind
 
 
 def heartbeat(store: ResultStore) -> None:

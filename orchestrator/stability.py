@@ -5,40 +5,32 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from rich.console import Console
+from rich.table import Column, Table
 
 from pcdarts_core.genotypes import Genotype, parse_genotype
 from pcdarts_core.spaces import TRIAL_METRIC_PREFIXES
 from pcdarts_core.stability import (StabilityOptions, Summary, canonical_key, genotype_json_key, genotype_stats,
                                     parse_genotype_json, summarize)
 
-from .results import parse_source, to_table
-
-if TYPE_CHECKING:
-    from rich.console import Console
-    from rich.table import Table as RichTable
+from .results import SUMMARY_STATS, parse_source, to_table
 
 
 # -- the table -------------------------------------------------------------------------------------------------
 def _column(table: pa.Table, name: str, floats: bool = False) -> Any:
-    if name not in table.column_names:
-        return np.full(table.num_rows, np.nan) if floats else [None] * table.num_rows
-    col = table.column(name)
+    col = table.column(name) if name in table.column_names else pa.nulls(table.num_rows)
     return col.cast(pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False) if floats else col.to_pylist()
 
 
-@functools.lru_cache(maxsize=4096)  # a sweep's epochs repeat the same few cells many times
-def _parse(text: str) -> Genotype:
-    return parse_genotype_json(text) or parse_genotype(text)
-
-
+@functools.lru_cache(maxsize=4096)  # reports and the end of a command read the same cells again
 def _genotype(text: str, where: str) -> Genotype:
     try:
-        return _parse(text)
+        return parse_genotype_json(text) or parse_genotype(text)
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
 
@@ -47,41 +39,32 @@ def _stop_epochs(epochs: pa.Table, trial_ids: set[str]) -> dict[str, int]:
     """:func:`stopped_changing_epoch` of every listed trial with epoch rows, vectorized over the epochs table."""
     if epochs.num_rows == 0 or not {"trial_id", "epoch", "genotype"} <= set(epochs.column_names):
         return {}
-    ids = pa.array(sorted(trial_ids), type=pa.string())
-    t = epochs.select(["trial_id", "epoch", "genotype"]).filter(
-        pc.field("genotype").is_valid() & pc.field("epoch").is_valid() & pc.field("trial_id").isin(ids))
+    ids = pa.array(list(trial_ids), pa.string())
+    t = epochs.select(["trial_id", "epoch", "genotype"]).drop_null().filter(pc.field("trial_id").isin(ids))
     if t.num_rows == 0:
         return {}
-    tid = pc.dictionary_encode(t["trial_id"]).combine_chunks()
-    geno = pc.dictionary_encode(t["genotype"]).combine_chunks()
-    trial = tid.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    tid, geno = (pc.dictionary_encode(t[name]).combine_chunks() for name in ("trial_id", "genotype"))
+    trial, code = (encoded.indices.to_numpy(zero_copy_only=False) for encoded in (tid, geno))
     epoch = t["epoch"].to_numpy()
-    code = geno.indices.to_numpy(zero_copy_only=False).astype(np.int64)
     order = np.lexsort((epoch, trial))  # sort small integer arrays, never the genotype texts
     trial, epoch, code = trial[order], epoch[order], code[order]
     same_trial = trial[1:] == trial[:-1]
     text_change = np.flatnonzero(same_trial & (code[1:] != code[:-1])) + 1
-    # Only texts on either side of a textual change need parsing: a different text may be the same cell. Equal
-    # classes are genotypes at distance 0.
-    involved = np.unique(np.concatenate([code[text_change], code[text_change - 1]]))
-    cls = np.full(len(geno.dictionary), -1, dtype=np.int64)
-    classes: dict[tuple, int] = {}
-    for k in involved.tolist():
-        text = geno.dictionary[k].as_py()
-        key = genotype_json_key(text) or canonical_key(_genotype(text, "epochs genotype"))
-        cls[k] = classes.setdefault(key, len(classes))
-    real = text_change[cls[code[text_change]] != cls[code[text_change - 1]]]
+    # Only texts on either side of a textual change need parsing: a different text may be the same cell (equal keys:
+    # genotypes at distance 0).
+    texts, keys = geno.dictionary.to_pylist(), {}
+    for k in np.unique(np.concatenate([code[text_change], code[text_change - 1]])).tolist():
+        keys[k] = genotype_json_key(texts[k]) or canonical_key(_genotype(texts[k], "epochs genotype"))
+    real = [i for i in text_change.tolist() if keys[code[i]] != keys[code[i - 1]]]
     starts = np.flatnonzero(np.r_[True, ~same_trial])
     # Position of the last change inside each trial (or the trial's first row): the genotype held from there.
-    marker = np.full(len(code), -1, dtype=np.int64)
+    marker = np.zeros(len(code), dtype=np.int64)
     marker[real] = real
-    marker[starts] = np.maximum(marker[starts], starts)
-    last = np.maximum.reduceat(marker, starts)
-    names = tid.dictionary.to_pylist()
-    return {names[trial[s]]: int(epoch[i]) for s, i in zip(starts, last)}
+    last = np.maximum(np.maximum.reduceat(marker, starts), starts)
+    return {tid.dictionary[trial[s]].as_py(): int(epoch[i]) for s, i in zip(starts, last)}
 
 
-def _summary(prefix: str, s: Summary, fields: tuple[str, ...] = ("mean", "std", "ci_low", "ci_high", "best")) -> dict:
+def _summary(prefix: str, s: Summary, fields: tuple[str, ...] = SUMMARY_STATS) -> dict:
     return {f"{prefix}_{name}": getattr(s, name) for name in fields}
 
 
@@ -109,18 +92,16 @@ def stability_table(trials: pa.Table, epochs: pa.Table | None = None, evaluation
     stop = _stop_epochs(epochs, done_ids) if epochs is not None else {}
 
     evals: dict[tuple[str, str], list[float]] = {}  # test accuracies of ("trial", <id>) and ("consensus", <group>)
-    if evaluations is not None and evaluations.num_rows and "source" in evaluations.column_names:
-        for source, st, acc in zip(_column(evaluations, "source"), _column(evaluations, "status"),
-                                   _column(evaluations, "test_acc", floats=True)):
-            if source is None or st not in (None, "done") or not math.isfinite(acc):
-                continue
-            kind, value = parse_source(source)
-            if kind == "consensus" or (kind == "trial" and value in done_ids):  # only done seeds count
-                evals.setdefault((kind, value), []).append(float(acc))
+    tab = evaluations if evaluations is not None else pa.table({})
+    for source, st, acc in zip(_column(tab, "source"), _column(tab, "status"), _column(tab, "test_acc", floats=True)):
+        if source is None or st not in (None, "done") or not math.isfinite(acc):
+            continue
+        kind, value = parse_source(source)
+        if kind == "consensus" or (kind == "trial" and value in done_ids):  # only done seeds count
+            evals.setdefault((kind, value), []).append(float(acc))
 
     rows: list[dict[str, Any]] = []
-    for grp in sorted(by_group):
-        idx = by_group[grp]
+    for grp, idx in sorted(by_group.items()):
         done = [i for i in idx if status[i] == "done"]
         acc = summarize(val[done], opts)
         ev = summarize([sum(v) / len(v) for v in (evals.get(("trial", trial_ids[i])) for i in done) if v], opts)
@@ -132,15 +113,14 @@ def stability_table(trials: pa.Table, epochs: pa.Table | None = None, evaluation
         stops = [stop[trial_ids[i]] for i in done if trial_ids[i] in stop]
         cons_evals = evals.get(("consensus", grp), [])
         row = {"group": grp, "n_seeds": len(done), "n_failed": sum(status[i] == "failed" for i in idx),
-               "n_running": sum(status[i] == "running" for i in idx),
+               "n_running": sum(status[i] == "running" for i in idx), "collapse_threshold": opts.collapse_threshold,
                **_summary("val_acc", acc), "best_minus_mean": acc.best_minus_mean,
                "n_evaluated": ev.n, **_summary("eval_acc", ev), "eval_best_minus_mean": ev.best_minus_mean,
                "consensus_eval_acc_mean": float(np.mean(cons_evals)) if cons_evals else None,
-               "n_consensus_evals": len(cons_evals), "n_genotypes": gstats.n,
-               "genotype_distance_mean": gstats.distance_mean, "n_distinct_genotypes": gstats.n_distinct,
+               "n_consensus_evals": len(cons_evals), "n_genotypes": gstats.n, "n_distinct_genotypes": gstats.n_distinct,
+               "genotype_distance_mean": gstats.distance_mean, "collapse_rate": gstats.collapse_rate,
                "consensus_genotype": gstats.consensus.to_json() if gstats.consensus is not None else None,
                "consensus_distance_mean": gstats.consensus_distance_mean, "skip_normal_mean": gstats.skip_normal_mean,
-               "collapse_threshold": opts.collapse_threshold, "collapse_rate": gstats.collapse_rate,
                "stop_changing_epoch_mean": float(np.mean(stops)) if stops else None,
                **{f"{name}_frequencies": gstats.frequencies.to_json(name) for name in ("edge", "edge_op", "op")}}
         for name, values in bench.items():  # bench_acc_cifar10_mean, param_free_share_normal_ci_low, ...
@@ -161,16 +141,12 @@ def _acc_cell(mean: Any, std: Any, low: Any = None, high: Any = None, n: Any = N
     return _fmt(mean) + (f" ± {_fmt(std)}" if std is not None else "") + ci + ("" if n is None else f" ({n})")
 
 
-def render_table(table: pa.Table, console: Console | None = None,
-                 title: str = "Search stability per group") -> RichTable:
-    """A ``rich`` table of a :func:`stability_table` (fits 120 columns; groups wrap); printed on ``console``."""
-    from rich.table import Table
-
-    out = Table(title=title, show_lines=True, expand=False)
-    out.add_column("group", overflow="fold", max_width=34, style="cyan")
-    for header in ("seeds", "val acc\nmean ± std [CI]", "best\n- mean", "dist", "dis-\ntinct", "skip", "coll-\napse",
-                   "eval acc\nmean ± std (n)", "cons.\neval"):
-        out.add_column(header, justify="right", no_wrap=True)
+def render_table(table: pa.Table, console: Console, title: str = "Search stability per group") -> None:
+    """Print a :func:`stability_table` on ``console`` as a ``rich`` table (fits 120 columns; groups wrap)."""
+    headers = ("seeds", "val acc\nmean ± std [CI]", "best\n- mean", "dist", "dis-\ntinct", "skip", "coll-\napse",
+               "eval acc\nmean ± std (n)", "cons.\neval")
+    out = Table(Column("group", overflow="fold", max_width=34, style="cyan"),
+                *(Column(header, justify="right", no_wrap=True) for header in headers), title=title, show_lines=True)
     for row in table.to_pylist():
         seeds = str(row.get("n_seeds", 0)) + (f"\n{row['n_failed']} fail" if row.get("n_failed") else "")
         out.add_row(str(row.get("group", "")), seeds,
@@ -180,6 +156,4 @@ def render_table(table: pa.Table, console: Console | None = None,
                     _fmt(row.get("collapse_rate"), ".0%"),
                     _acc_cell(row.get("eval_acc_mean"), row.get("eval_acc_std"), n=row.get("n_evaluated", 0)),
                     _fmt(row.get("consensus_eval_acc_mean")))
-    if console is not None:
-        console.print(out)
-    return out
+    console.print(out)
