@@ -23,7 +23,7 @@ from .experiment import (REUSE_ACTORS, ParquetResults, abs_data_dir, experiment_
                          read_claim, run_config, run_tuner, trial_dirname, tune_resources)
 from .presets import EvaluateSpec, Preset, apply_sets, check_resources, load_preset, preset_from_dict
 from .progress import TuneProgress, console, last_error_line
-from .results import (ExperimentLock, ResultStore, eval_row, source_consensus, source_published, source_random,
+from .results import (experiment_lock, ResultStore, eval_row, source_consensus, source_published, source_random,
                       source_trial)
 
 
@@ -188,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_dataset(spec.config.dataset, spec.config.data_dir)
     if not address:
         check_resources(spec.resources, local_resources(), "evaluate.resources")
-    with ExperimentLock(store):
+    with experiment_lock(store):
         return run_evaluations(preset, store, request, address, verbose=args.verbose)
 
 

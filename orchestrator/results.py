@@ -375,8 +375,8 @@ def _owner_alive(lock: Mapping[str, Any]) -> bool:
 
 
 @contextlib.contextmanager
-def ExperimentLock(store: ResultStore) -> Iterator[None]:  # noqa: N802 (named and used like a class)
-    """``with ExperimentLock(store):`` the one writer of the experiment; a second is refused while the first lives
+def experiment_lock(store: ResultStore) -> Iterator[None]:
+    """``with experiment_lock(store):`` the one writer of the experiment; a second is refused while the first lives
     (same host: its pid; another host: a heartbeat under :data:`LOCK_STALE_S` old)."""
     lock = None
     with contextlib.suppress(ValueError):  # an unreadable lock is no lock

@@ -25,7 +25,7 @@ from pcdarts_core.search import Searcher, incompatible_settings
 
 from .cluster import check_storage
 from .metrics import record_epoch
-from .results import ExperimentLock, ResultStore, epoch_row, group_key, search_row
+from .results import experiment_lock, ResultStore, epoch_row, group_key, search_row
 
 CHECKPOINT_FORMAT = "pcdarts-run/1"
 #: files under ``<storage>/<name>/`` of a run that writes its own results
@@ -263,7 +263,7 @@ def run_named(values: Mapping[str, Any], storage: str, name: str, launch: Callab
     cfg = global_config(values, lr_reference_batch)
     store = ResultStore(storage, name)
     check_storage(store)
-    with ExperimentLock(store):
+    with experiment_lock(store):
         meta = store.read_json(CONFIG_FILE)  # the settings record of an earlier attempt under this name
         if meta is None and resume:  # a mistyped --name does not start afresh
             raise ValueError(f"--resume: there is no run named {store.name!r} under {store.storage}")

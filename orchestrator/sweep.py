@@ -20,7 +20,7 @@ from .experiment import (REUSE_ACTORS, TUNE_DIRS, ParquetResults, abs_data_dir, 
                          trial_dirname, tune_resources)
 from .presets import Preset, check_data, check_resources, load_preset
 from .progress import TuneProgress, console
-from .results import ExperimentLock, ResultStore
+from .results import experiment_lock, ResultStore
 
 DEFAULT_CONFIG = "stability"
 
@@ -36,7 +36,7 @@ def locked_experiment(preset: Preset, storage: str, name: str, address: str | No
         check_resources(res, local_resources())
     store = ResultStore(storage, name)
     check_storage(store)
-    with ExperimentLock(store):
+    with experiment_lock(store):
         available = connect(address, verbose)
         for res in per_trial:
             check_resources(res, available)
