@@ -1,7 +1,6 @@
-"""The stability report's charts (matplotlib, inline SVG, in the style and op colours of
-:mod:`pcdarts_core.visualize`): heatmaps, accuracy forest plots, per-epoch line panels, op-probability small
-multiples and the accuracy-vs-stability Pareto front. Every function takes plain numbers and labels; what they
-mean is decided by :mod:`orchestrator.report`.
+"""The stability report's charts (matplotlib, in the style and op colours of :mod:`pcdarts_core.visualize`): heatmaps,
+accuracy forest plots, per-epoch line panels, op-probability small multiples and the accuracy-vs-stability Pareto
+front. Every function takes plain numbers and labels; what they mean is decided by :mod:`orchestrator.report`.
 """
 
 from __future__ import annotations
@@ -21,41 +20,38 @@ def series_color(i: int) -> str:
     return to_hex(colormaps["tab10"](i % 10))  # matplotlib's default colour cycle
 
 
-#: a light grid behind the data
-_GRID = {"axes.grid": True, "axes.axisbelow": True, "grid.color": GRID, "grid.linewidth": 0.6}
+#: a light grid behind the data; titles on the left
+_GRID = {"axes.grid": True, "axes.axisbelow": True, "grid.color": GRID, "grid.linewidth": 0.6,
+         "axes.titlelocation": "left"}
 
 
-def _styled(rc: dict):
-    """:func:`~pcdarts_core.visualize.styled`, with the settings ``rc`` on top."""
+def _styled(rc: dict):  # visualize.styled, with the settings rc on top
     return lambda build: styled(rc_context(rc)(build))
 
 
 # -- heatmap ----------------------------------------------------------------------------------------------------
-@styled
+@_styled({"axes.spines.left": False, "axes.spines.bottom": False})
 def heatmap(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], title: str, *, cmap: str = "Blues",
             fmt: str = "{:.2f}", row_colors: Sequence[str] = (), colorbar: str = "") -> Figure:
     """A labelled heatmap of values in [0, 1], written in the cells (blank where zero)."""
     m = np.asarray(matrix, dtype=float)
     cell = 0.36 if max(m.shape) <= 20 else 0.2
-    fig = new_figure(max(3.4, 2.2 + cell * m.shape[1]), max(2.2, 1.2 + cell * m.shape[0]))
-    ax = fig.add_subplot()
+    ax = new_figure(max(3.4, 2.2 + cell * m.shape[1]), max(2.2, 1.2 + cell * m.shape[0])).add_subplot()
     image = ax.imshow(m, cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
     slanted = max(map(len, cols), default=0) > 3
     ax.set_xticks(range(len(cols)), cols, rotation=50 if slanted else 0, ha="right" if slanted else "center",
                   rotation_mode="anchor")
-    ax.set_yticks(range(len(rows)), rows)
+    ax.set(yticks=range(len(rows)), yticklabels=rows, title=title)
     for tick, color in zip(ax.get_yticklabels(), row_colors):
         tick.set_color(color)
-    ax.set_title(title)
     ax.tick_params(length=0)
-    ax.spines[:].set_visible(False)
     for (i, j), v in np.ndenumerate(m) if max(m.shape) <= 24 else ():
         if np.isfinite(v) and v != 0:
             ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=6.5, color="white" if v > 0.55 else INK)
-    bar = fig.colorbar(image, ax=ax, shrink=0.8, pad=0.02)
+    bar = ax.figure.colorbar(image, ax=ax, shrink=0.8, pad=0.02)
     bar.ax.tick_params(labelsize=6)
     bar.set_label(colorbar, fontsize=7)
-    return fig
+    return ax.figure
 
 
 # -- accuracy forest ---------------------------------------------------------------------------------------------
@@ -64,35 +60,30 @@ class ForestRow(NamedTuple):
 
     label: str
     values: Sequence[float]
-    mean: float | None = None
+    mean: float
     ci: tuple[float, float] | None = None
     best_minus_mean: float | None = None
     color: str = "#1f77b4"
 
 
-@_styled(_GRID)
-def forest(rows: Sequence[ForestRow], title: str, xlabel: str = "accuracy") -> Figure:
-    """Horizontal forest plot, one row per entry, top to bottom; best - mean written on the right."""
-    fig = new_figure(6.0, 1.0 + 0.36 * len(rows))
-    ax = fig.add_subplot()
-    ax.grid(False, axis="y")
+@_styled({**_GRID, "axes.grid.axis": "x"})
+def forest(rows: Sequence[ForestRow], title: str) -> Figure:
+    """Horizontal forest plot of accuracies, one row per entry, top to bottom; best - mean written on the right."""
+    ax = new_figure(6.0, 1.0 + 0.36 * len(rows)).add_subplot()
     rng = np.random.default_rng(0)
     for y, row in zip(range(len(rows) - 1, -1, -1), rows):  # the first row on top
-        values = np.asarray([v for v in row.values if v is not None and np.isfinite(v)], dtype=float)
-        if values.size:
-            jitter = rng.uniform(-0.13, 0.13, values.size) if values.size > 1 else np.zeros(1)
-            ax.scatter(values, y + jitter, s=16, color=row.color, alpha=0.55, lw=0, zorder=2)
+        values = np.asarray(row.values, dtype=float)  # finite, at least one
+        jitter = rng.uniform(-0.13, 0.13, values.size) if values.size > 1 else np.zeros(1)
+        ax.scatter(values, y + jitter, s=16, color=row.color, alpha=0.55, lw=0, zorder=2)
         if row.ci is not None:
             ax.plot(row.ci, (y, y), color=row.color, lw=3.2, alpha=0.45, solid_capstyle="round", zorder=3)
-        if row.mean is not None:
-            ax.scatter([row.mean], [y], marker="D", s=34, color=row.color, edgecolor="white", lw=0.8, zorder=4)
+        ax.scatter([row.mean], [y], marker="D", s=34, color=row.color, edgecolor="white", lw=0.8, zorder=4)
         if row.best_minus_mean is not None:
             ax.annotate(f"best−mean {row.best_minus_mean:+.3f}", (1.0, y), xycoords=("axes fraction", "data"),
                         xytext=(4, 0), textcoords="offset points", va="center", fontsize=7.5, color=MUTED)
     ax.set_yticks(range(len(rows)), [r.label for r in reversed(rows)])
-    ax.set(ylim=(-0.6, len(rows) - 0.4), xlabel=xlabel)
-    ax.set_title(title, loc="left")
-    return fig
+    ax.set(ylim=(-0.6, len(rows) - 0.4), xlabel="accuracy", title=title)
+    return ax.figure
 
 
 # -- line panels -----------------------------------------------------------------------------------------------
@@ -110,14 +101,13 @@ class Panel(NamedTuple):
     ylabel: str
     series: Sequence[Series]
     hlines: Sequence[tuple[float, str]] = ()
-    xlabel: str = "epoch"
     ylim: tuple[float, float] | None = None
 
 
-@_styled(_GRID)
-def line_panels(panels: Sequence[Panel], columns: int = 3) -> Figure:
-    """A grid of line charts sharing one legend (series labels of the first panel)."""
-    columns = max(1, min(columns, len(panels)))
+@_styled({**_GRID, "axes.titlesize": 9})
+def line_panels(panels: Sequence[Panel]) -> Figure:
+    """A grid of per-epoch line charts, three a row, sharing one legend (series labels of the first panel)."""
+    columns = max(1, min(3, len(panels)))
     nrows = -(-len(panels) // columns)
     fig = new_figure(3.1 * columns + 0.9, 2.3 * nrows)
     axes = fig.subplots(nrows, columns, squeeze=False)
@@ -135,10 +125,7 @@ def line_panels(panels: Sequence[Panel], columns: int = 3) -> Figure:
             ax.axhline(value, color=ACCENT, lw=0.8, ls=":")
             ax.annotate(label, (0.99, value), xycoords=("axes fraction", "data"), ha="right", va="bottom",
                         fontsize=6, color=ACCENT)
-        if panel.ylim:
-            ax.set_ylim(*panel.ylim)
-        ax.set_title(panel.title, loc="left", fontsize=9)
-        ax.set(xlabel=panel.xlabel, ylabel=panel.ylabel)
+        ax.set(title=panel.title, xlabel="epoch", ylabel=panel.ylabel, ylim=panel.ylim)  # None: autoscaled
         ax.xaxis.get_major_locator().set_params(integer=True)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
@@ -170,8 +157,7 @@ def op_probability_grid(epochs: np.ndarray, probs: np.ndarray, edges: Sequence[t
                 ax.plot(epochs, probs[:, e, k], color=op_color(op), lw=2.0 if op in kept else 0.9,
                         alpha=1.0 if (op in kept or not chosen) else 0.55, label=op_label(op))
             ax.set_ylim(0, max(0.3, float(np.nanmax(probs)) * 1.05) if probs.size else 1)
-            ax.set_title(f"{edges[e][0]} → {edges[e][1]}", fontsize=7, loc="left",
-                         color=INK if kept or not chosen else MUTED)
+            ax.set_title(f"{edges[e][0]} → {edges[e][1]}", fontsize=7, color=INK if kept or not chosen else MUTED)
             ax.tick_params(labelsize=6)
             if chosen and not kept:
                 ax.set_facecolor("#f7f7f7")
@@ -199,8 +185,7 @@ def pareto(x: Sequence[float], y: Sequence[float], labels: Sequence[str], title:
     """Scatter of configurations with the non-dominated ones (min x, max y) joined as a front and labelled."""
     xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     front = pareto_mask(xs, ys)
-    fig = new_figure(6.8, 4.2)
-    ax = fig.add_subplot()
+    ax = new_figure(6.8, 4.2).add_subplot()
     for i, err in enumerate(yerr):
         if err is not None and np.isfinite(xs[i]):
             ax.plot((xs[i], xs[i]), err, color=ACCENT if front[i] else MUTED, lw=1, alpha=0.4)
@@ -215,8 +200,7 @@ def pareto(x: Sequence[float], y: Sequence[float], labels: Sequence[str], title:
     for (px, py), idx in at.items():
         ax.annotate("\n".join(labels[i] for i in idx), (px, py), xytext=(5, 4), textcoords="offset points",
                     fontsize=7, color=INK if front[idx[0]] else MUTED, va="bottom")
-    ax.margins(x=0.18, y=0.1)  # room for the labels of the outermost points
-    ax.set(xlabel=xlabel, ylabel=ylabel)
-    ax.set_title(title, loc="left")
+    # margins: room for the labels of the outermost points
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title, xmargin=0.18, ymargin=0.1)
     ax.legend(loc="best")
-    return fig
+    return ax.figure

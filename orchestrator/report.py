@@ -2,9 +2,8 @@
 
 Self-contained (inline SVG figures drawn by matplotlib, inline styles, nothing loaded from the network) and built
 from the experiment's results only (:class:`~orchestrator.results.ResultStore`), so at any time: while a sweep runs
-it shows what has arrived. It draws :mod:`orchestrator.stability`'s numbers, never computing them another way. Here
-the results become data and figures; the page (what it shows, in which order, with which captions: README, "The
-stability report") is the Jinja2 template ``report.html.j2``. :func:`publish` is what experiments call at their end.
+it shows what has arrived. It draws :mod:`orchestrator.stability`'s numbers, never computing them another way. The
+page (what it shows, in which order, with which captions: README, "The stability report") is ``report.html.j2``.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
-import numbers
 import os
 import re
 from collections import Counter
@@ -33,23 +31,18 @@ from pcdarts_core.visualize import CellGraph, cell_graphs, figure_svg, genotype_
 
 from .cli import Parser, run_cli, split_experiment
 from .plots import ForestRow, Panel, Series, forest, heatmap, line_panels, op_probability_grid, pareto, series_color
-from .results import ResultStore, parse_source
+from .results import ResultStore, finite_or_none as _finite, parse_source
 from .stability import stability_table
 
 REPORT_FILE = "report.html"
 #: per-seed cell diagrams shown open; more seeds than this are folded (still in the page)
 OPEN_SEED_CELLS = 8
 _HERE = Path(__file__).parent
-#: the page's stylesheet, and a script that marks every figure with its laid-out size once the page has loaded
-#: (``data-size``) and the body with the count of non-empty figures (``data-figures``), which the tests read
-CSS = (_HERE / "report.css").read_text(encoding="utf-8")
+#: the page's script (the template includes its stylesheet, report.css): it marks every figure with its laid-out
+#: size once the page has loaded (``data-size``) and the body with the count of non-empty figures (``data-figures``),
+#: which the tests read
 CHECK_SCRIPT = (_HERE / "report.js").read_text(encoding="utf-8")
 _OP_ORDER = tuple(PRIMITIVES) + tuple(op for op in OPS if op not in PRIMITIVES)
-
-
-def _finite(value: Any) -> float | None:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value)
-    return float(value) if ok else None
 
 
 def _fmt(value: Any, spec: str = ".3f") -> str:
@@ -107,15 +100,14 @@ class SeedRun:
         return self.epochs[-1].get("epoch") if self.epochs else self.trial.get("epochs_done")
 
     @cached_property
-    def epoch_genotypes(self) -> tuple[list[int], list[str]]:
+    def epoch_genotypes(self) -> tuple[list[str], list[int]]:
         rows = [r for r in self.epochs if r.get("genotype")]
-        return [int(r["epoch"]) for r in rows], [r["genotype"] for r in rows]
+        return [r["genotype"] for r in rows], [int(r["epoch"]) for r in rows]
 
     @cached_property
     def stop(self) -> int | None:
         """The epoch from which the seed's per-epoch genotype never changed (stability.stopped_changing_epoch)."""
-        epochs, genotypes = self.epoch_genotypes
-        return stopped_changing_epoch(genotypes, epochs) if genotypes else None
+        return stopped_changing_epoch(*self.epoch_genotypes) if self.epoch_genotypes[0] else None
 
     @property
     def skips(self) -> int | None:
@@ -127,10 +119,9 @@ class SeedRun:
 
     def curve(self, key: str) -> tuple[list[int], list[float]]:
         """(epochs, values) of an epochs column, or of ``distance_to_final``: each epoch's cell to the final one."""
-        epochs, genotypes = self.epoch_genotypes
-        if key == "distance_to_final":
-            final = encode([self.genotype]) if genotypes and self.genotype else None
-            return (epochs, cross_distances(encode(genotypes), final)[:, 0].tolist()) if final is not None else ([], [])
+        cells, epochs = self.epoch_genotypes
+        if key == "distance_to_final":  # a seed with epoch genotypes has a genotype (the latest one at least)
+            return epochs, cross_distances(encode(cells), encode([self.genotype]))[:, 0].tolist() if cells else []
         rows = [(int(r["epoch"]), y) for r in self.epochs if r.get("epoch") is not None and (y := _finite(r.get(key)))
                 is not None]
         return [x for x, _ in rows], [y for _, y in rows]
@@ -140,18 +131,15 @@ class SeedRun:
 class Experiment:
     """Everything the report shows, read once from the store."""
 
-    name: str
-    location: str
+    store: ResultStore  # where it was read from
     groups: list[str]  # sorted
     seeds: dict[str, list[SeedRun]]  # by group
     stats: dict[str, dict[str, Any]]  # the stability table's rows by group, in its order
     retrained: dict[tuple[str, str], list[float]]  # see retrained()
+    #: retrained accuracies of the random and published cells, sorted by label (under the groups' protocol)
+    baselines: list[tuple[str, list[float]]]
     bench: list[str]  # the trials' bench_acc_<dataset> columns
     hpo: bool
-
-    def baselines(self) -> list[tuple[str, list[float]]]:
-        """Retrained accuracies of the random and published cells, by label (the same protocol as the groups')."""
-        return sorted((label, accs) for (kind, label), accs in self.retrained.items() if kind == "baseline")
 
 
 def retrained(evaluations: pa.Table) -> dict[tuple[str, str], list[float]]:
@@ -176,18 +164,17 @@ def load_experiment(store: ResultStore) -> Experiment:
     runs = {row["trial_id"]: SeedRun(row["trial_id"], row["group"], row.get("seed"), row.get("status") or "running",
                                      trial=row) for row in trials.to_pylist()}
     for row in sorted(epochs.to_pylist(), key=lambda r: (str(r["trial_id"]), r.get("epoch") or 0)):
-        if row["trial_id"] not in runs:  # a search that has reported epochs but has no trials row yet
-            runs[row["trial_id"]] = SeedRun(row["trial_id"], row["group"], row.get("seed"), "running")
-        runs[row["trial_id"]].epochs.append(row)
+        # a search that has reported epochs but has no trials row yet is running
+        run = runs.setdefault(row["trial_id"], SeedRun(row["trial_id"], row["group"], row.get("seed"), "running"))
+        run.epochs.append(row)
     accs = retrained(evaluations)
-    for (kind, value), values in accs.items():
-        if kind == "trial" and value in runs:
-            runs[value].eval_acc = sum(values) / len(values)
     seeds: dict[str, list[SeedRun]] = {}
     for run in sorted(runs.values(), key=lambda r: (r.seed is None, r.seed if r.seed is not None else 0, r.trial_id)):
+        run.eval_acc = sum(v) / len(v) if (v := accs.get(("trial", run.trial_id))) else None
         seeds.setdefault(run.group, []).append(run)
     table = stability_table(trials, epochs, evaluations).to_pylist() if trials.num_rows else []
-    return Experiment(store.name, store.root, sorted(seeds), seeds, {r["group"]: r for r in table}, accs,
+    return Experiment(store, sorted(seeds), seeds, {r["group"]: r for r in table}, accs,
+                      sorted((label, v) for (kind, label), v in accs.items() if kind == "baseline"),
                       sorted(c for c in trials.column_names if c.startswith("bench_acc_")),
                       "hpo_trial" in trials.column_names)  # HPO rows name their Tune trial
 
@@ -219,40 +206,36 @@ def _summary_row(label: str, values: Sequence[float], color: str) -> ForestRow:
     return ForestRow(label, list(values), s.mean, ci, s.best_minus_mean if s.n > 1 else None, color)
 
 
-def _metrics(exp: Experiment) -> list[tuple[str, str, Callable[[SeedRun], float | None]]]:
-    """(name, colour in a group's forest, value of a seed) of every accuracy: search val, retrained, NB201."""
-    bench = [(f"NB201 {c[len('bench_acc_'):]}", "#9467bd", lambda r, c=c: _finite(r.trial.get(c))) for c in exp.bench]
-    return [("search val acc", "#1f77b4", lambda r: r.val_acc), ("retrained test acc", "#2ca02c", lambda r: r.eval_acc),
-            *bench]
-
-
-def _done_values(runs: Sequence[SeedRun], get: Callable[[SeedRun], float | None]) -> list[float]:
-    return [v for v in (get(r) for r in runs if r.status == "done") if v is not None]
+def _accuracies(exp: Experiment) -> list[tuple[str, str, dict[str, list[float]]]]:
+    """(name, colour in a group's forest, finished seeds' values by group) of search val, retrained and NB201 acc."""
+    gets = [("search val acc", "#1f77b4", lambda r: r.val_acc), ("retrained test acc", "#2ca02c", lambda r: r.eval_acc)]
+    gets += [(f"NB201 {c[len('bench_acc_'):]}", "#9467bd", lambda r, c=c: _finite(r.trial.get(c))) for c in exp.bench]
+    return [(name, color, {g: [v for r in runs if r.status == "done" and (v := get(r)) is not None]
+                           for g, runs in exp.seeds.items()}) for name, color, get in gets]
 
 
 def accuracy_rows(exp: Experiment, group: str) -> list[ForestRow]:
     """A group's accuracies: search val acc, retrained test acc, consensus, benchmark lookups, then baselines."""
-    rows, cons = [], exp.retrained.get(("consensus", group))
-    for i, (name, color, get) in enumerate(_metrics(exp)):
-        if vals := _done_values(exp.seeds[group], get):
+    rows, cons, accuracies = [], exp.retrained.get(("consensus", group)), _accuracies(exp)
+    for i, (name, color, values) in enumerate(accuracies):
+        if vals := values[group]:
             rows.append(_summary_row(f"{name} ({len(vals)}{' seeds' if i == 0 else ''})", vals, color))
         if i == 1 and cons:
             rows.append(_summary_row("consensus cell, retrained", cons, "#17becf"))
-    if cons or _done_values(exp.seeds[group], lambda r: r.eval_acc):
-        rows += [_summary_row(label, vals, "#7f7f7f") for label, vals in exp.baselines()]
+    if cons or accuracies[1][2][group]:
+        rows += [_summary_row(label, vals, "#7f7f7f") for label, vals in exp.baselines]
     return rows
 
 
 def overview_accuracy(exp: Experiment, labels: Mapping[str, str]) -> list[tuple[str, list[ForestRow]]]:
     """Across groups: one forest per accuracy; the retrained one with the consensus cells and the baselines."""
     out = []
-    for i, (name, _, get) in enumerate(_metrics(exp)):
-        rows = [_summary_row(labels[g], vals, series_color(j)) for j, g in enumerate(exp.groups)
-                if (vals := _done_values(exp.seeds[g], get))]
+    for i, (name, _, values) in enumerate(_accuracies(exp)):
+        rows = [_summary_row(labels[g], values[g], series_color(j)) for j, g in enumerate(exp.groups) if values[g]]
         if rows and i == 1:
             rows += [_summary_row(f"{labels[g]} consensus", cons, series_color(j)) for j, g in enumerate(exp.groups)
                      if (cons := exp.retrained.get(("consensus", g)))]
-            rows += [_summary_row(label, vals, "#7f7f7f") for label, vals in exp.baselines()]
+            rows += [_summary_row(label, vals, "#7f7f7f") for label, vals in exp.baselines]
         if rows:
             out.append((name + (" test acc" if i > 1 else ""), rows))
     return out
@@ -313,9 +296,9 @@ def alpha_figure(runs: Sequence[SeedRun], name: str, slots_of: CellGraph, kept_b
 def curve_panels(runs: Sequence[SeedRun], collapse_threshold: int | None) -> list[Panel]:
     """Per-seed curves of one group: what the search did epoch by epoch."""
     def series(key: str, marks: bool = False, dashed: bool = False, suffix: str = "") -> list[Series]:
-        curves = [(i, run, run.curve(key)) for i, run in enumerate(runs)]
         return [Series(run.label + suffix, x, y, series_color(i), dashed,
-                       (run.stop,) if marks and run.stop is not None else ()) for i, run, (x, y) in curves if x]
+                       (run.stop,) if marks and run.stop is not None else ())
+                for i, run in enumerate(runs) for x, y in [run.curve(key)] if x]
 
     panels = [Panel("arch entropy", "nats", series("arch_entropy", marks=True)),
               Panel("skip-connects (normal cell)", "count", series("n_skip_normal"),
@@ -378,7 +361,7 @@ def render(exp: Experiment, generated: str | None = None) -> str:
     errors: list[str] = []
     return _PAGE.get_template("report.html.j2").render(
         exp=exp, labels=short_labels(exp.groups), groups=[group_view(exp, g) for g in exp.groups], errors=errors,
-        figure=partial(figure, errors), css=CSS, script=CHECK_SCRIPT,
+        figure=partial(figure, errors), script=CHECK_SCRIPT,
         counts={"done": 0, "running": 0, "failed": 0} | Counter(r.status for runs in exp.seeds.values() for r in runs),
         generated=generated or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
 
@@ -389,8 +372,8 @@ def write_report(store: ResultStore, out: str | None = None) -> str:
     text = render(load_experiment(store)).encode("utf-8")
     if out is None:
         store.write_file(REPORT_FILE, text)
-        scheme = store.storage.split("://", 1)[0] if "://" in store.storage else "file"  # s3://... as given
-        return f"{store.root}/{REPORT_FILE}" if scheme == "file" else f"{scheme}://{store.root}/{REPORT_FILE}"
+        # the experiment's folder as the store names its files (s3://... as given, a path locally)
+        return f"{store.uri('trials').rsplit('/', 1)[0]}/{REPORT_FILE}"
     out = os.path.abspath(os.path.expanduser(out))
     os.makedirs(os.path.dirname(out), exist_ok=True)
     Path(tmp := f"{out}.tmp{os.getpid()}").write_bytes(text)
@@ -398,16 +381,13 @@ def write_report(store: ResultStore, out: str | None = None) -> str:
     return out
 
 
-def publish(store: ResultStore, say: Callable[[str], Any] = print) -> str | None:
+def publish(store: ResultStore) -> None:
     """What sweeps, HPO studies and evaluations call at their end: write the report and say where it is. A report
     that cannot be built is a warning line, never a failed sweep (the results are safe in Parquet)."""
     try:
-        path = write_report(store)
+        print(f"report: {write_report(store)}")
     except Exception as err:  # noqa: BLE001 - the sweep's results matter more than its report
-        say(f"warning: the report could not be written: {_one_line(err)}")
-        return None
-    say(f"report: {path}")
-    return path
+        print(f"warning: the report could not be written: {_one_line(err)}")
 
 
 # -- command line ----------------------------------------------------------------------------------------------
