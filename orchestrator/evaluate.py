@@ -19,8 +19,7 @@ from pcdarts_core.nb201_arch import random_arch
 
 from .cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Parser, run_cli, split_experiment
 from .cluster import check_storage, cluster_address, connect, local_resources
-from .experiment import (REUSE_ACTORS, ParquetResults, abs_data_dir, experiment_uri, finish,
-                         read_claim, run_config, run_tuner, trial_dirname, tune_resources)
+from .experiment import ParquetResults, abs_data_dir, finish, fit, read_claim
 from .presets import EvaluateSpec, Preset, apply_sets, check_resources, load_preset, preset_from_dict
 from .progress import TuneProgress, console, last_error_line
 from .results import (experiment_lock, ResultStore, eval_row, source_consensus, source_published, source_random,
@@ -101,20 +100,12 @@ def run_evaluations(preset: Preset, store: ResultStore, request: EvaluateRequest
     if todo:
         check_resources(spec.resources, connect(address, verbose), "evaluate.resources")
         key = hashlib.sha1(json.dumps([sorted(s["eval_id"] for s in todo), protocol]).encode()).hexdigest()[:10]
-        exp = experiment_uri(store.storage, store.name)
-        trainable = tune.with_resources(eval_trainable, tune_resources(spec.resources))
-
-        def make_tuner() -> Any:
-            recorders = [ParquetResults(store.storage, store.name, "evaluate", eval_config=eval_cfg),
-                         TuneProgress("evaluate", len(todo), len(todo) * spec.config.epochs, metric="test_acc")]
-            return tune.Tuner(
-                trainable, param_space={"eval": eval_cfg, "spec": tune.grid_search(todo)},
-                tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials or None,
-                                            trial_dirname_creator=trial_dirname, reuse_actors=REUSE_ACTORS),
-                run_config=run_config(f"evaluate-{key}", exp, recorders, preset.failure_spec(), verbose))
-
         start = time.perf_counter()
-        grid = run_tuner(trainable, f"{exp}/evaluate-{key}", make_tuner, verbose)
+        grid = fit(store, f"evaluate-{key}", eval_trainable, spec.resources, preset.failure_spec(), verbose, lambda: (
+            {"eval": eval_cfg, "spec": tune.grid_search(todo)},
+            {"max_concurrent_trials": spec.max_concurrent_trials or None},
+            [ParquetResults(store.storage, store.name, "evaluate", eval_config=eval_cfg),
+             TuneProgress("evaluate", len(todo), len(todo) * spec.config.epochs, metric="test_acc")]))
         rows = []
         for result in (r for r in grid if "spec" in (r.config or {})):  # not started before an interruption
             metrics = result.metrics or {}

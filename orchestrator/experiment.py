@@ -10,7 +10,7 @@ import os
 import statistics
 import time
 from collections import Counter
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ray.tune import Callback
 
@@ -62,10 +62,6 @@ def abs_data_dir(values: Mapping[str, Any]) -> dict[str, Any]:
                          if k in ("data_dir", "nb201_benchmark") and v is not None and "://" not in str(v)}}
 
 
-def tune_resources(res: Mapping[str, float]) -> dict[str, float]:
-    return {"cpu": float(res.get("cpu", 1)), "gpu": float(res.get("gpu", 0))}
-
-
 def trial_dirname(trial: Any) -> str:
     """Short trial folder names (Tune's default puts the whole config in them)."""
     return str(trial.trial_id)
@@ -78,32 +74,33 @@ def trial_dirname(trial: Any) -> str:
 REUSE_ACTORS = True
 
 
-def run_tuner(trainable: Any, path: str, make_tuner: Any, verbose: bool = False) -> Any:
-    """Fit the Tune experiment at ``path`` (resuming errored trials) or ``make_tuner()``'s; quiet unless ``verbose``."""
+def fit(store: ResultStore, tune_dir: str, trainable: Any, resources: Mapping[str, float], failure: Any,
+        verbose: bool, make: Callable[[], tuple[dict, dict, list]]) -> Any:
+    """Run the Tune experiment ``<experiment>/<tune_dir>``: restored (errored trials resumed) when it exists, else
+    built from ``make()`` -> (param space, ``TuneConfig`` options, callbacks) with Ray's ``RunConfig``,
+    ``FailureConfig`` and ``CheckpointConfig`` from the preset's ``failure:``. Quiet unless ``verbose``."""
     from ray import tune
 
+    exp = experiment_uri(store.storage, store.name)
+    trainable = tune.with_resources(trainable, {"cpu": float(resources.get("cpu", 1)),
+                                                "gpu": float(resources.get("gpu", 0))})
     if not verbose:
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the new output engine prints a header even at verbose=0
         # Tune logs every trial failure with its traceback; the progress display prints one line instead and
         # the errors are kept in the Parquet files and the trials' error.txt.
         logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
     try:
-        if tune.Tuner.can_restore(path):
-            console().print(f"resuming the Tune experiment at {path}")
-            return tune.Tuner.restore(path, trainable=trainable, resume_errored=True).fit()
-        return make_tuner().fit()
+        if tune.Tuner.can_restore(f"{exp}/{tune_dir}"):
+            console().print(f"resuming the Tune experiment at {exp}/{tune_dir}")
+            return tune.Tuner.restore(f"{exp}/{tune_dir}", trainable=trainable, resume_errored=True).fit()
+        space, options, callbacks = make()
+        return tune.Tuner(trainable, param_space=space, tune_config=tune.TuneConfig(
+            trial_dirname_creator=trial_dirname, reuse_actors=REUSE_ACTORS, **options), run_config=tune.RunConfig(
+            name=tune_dir, storage_path=exp, callbacks=callbacks, verbose=1 if verbose else 0,
+            failure_config=tune.FailureConfig(max_failures=failure.max_failures, fail_fast=failure.fail_fast),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=failure.checkpoints_to_keep))).fit()
     finally:
         stop_all()
-
-
-def run_config(name: str, exp: str, callbacks: list, failure: Any, verbose: bool) -> Any:
-    """Tune's RunConfig of every kind of experiment: storage, retries from checkpoints, kept checkpoints."""
-    from ray import tune
-
-    failures = tune.FailureConfig(max_failures=failure.max_failures, fail_fast=failure.fail_fast)
-    return tune.RunConfig(name=name, storage_path=exp, callbacks=callbacks, failure_config=failures,
-                          checkpoint_config=tune.CheckpointConfig(num_to_keep=failure.checkpoints_to_keep),
-                          verbose=1 if verbose else 0)
 
 
 # -- rows of searches ------------------------------------------------------------------------------------------

@@ -15,9 +15,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from .cli import EXIT_INTERRUPTED, Parser, check_name, resolve_storage, run_cli, split_experiment
 from .cluster import check_storage, cluster_address, connect, local_resources
-from .experiment import (REUSE_ACTORS, TUNE_DIRS, ParquetResults, abs_data_dir, claim_experiment, experiment_uri,
-                         finish, read_claim, reconcile_stability, render_baselines, run_config, run_tuner,
-                         trial_dirname, tune_resources)
+from .experiment import (TUNE_DIRS, ParquetResults, abs_data_dir, claim_experiment, experiment_uri, finish, fit,
+                         read_claim, reconcile_stability, render_baselines)
 from .presets import Preset, check_data, check_resources, load_preset
 from .progress import TuneProgress, console
 from .results import experiment_lock, ResultStore
@@ -50,13 +49,6 @@ def with_callbacks(trainable: Any, callbacks: Sequence[Any]) -> Any:
     return tune.with_parameters(trainable, callbacks=list(callbacks)) if callbacks else trainable
 
 
-def tune_config(max_concurrent: int, **kwargs: Any) -> Any:
-    from ray import tune
-
-    return tune.TuneConfig(max_concurrent_trials=max_concurrent or None, trial_dirname_creator=trial_dirname,
-                           reuse_actors=REUSE_ACTORS, **kwargs)
-
-
 # -- stability ---------------------------------------------------------------------------------------------------
 def run_stability(preset: Preset, storage: str, name: str, address: str | None, evaluate: bool = False,
                   verbose: bool = False, callbacks: Sequence[Any] = ()) -> int:
@@ -79,24 +71,17 @@ def run_stability(preset: Preset, storage: str, name: str, address: str | None, 
             workers = f", each on {opts.num_workers} Ray Train worker(s)"
         claim_experiment(store, "stability", {"groups": groups, "group_keys": grid_keys, "seeds": seeds,
                                               "distributed": dict(preset.distributed)}, preset.raw)
-        exp = experiment_uri(storage, name)
-        trainable = tune.with_resources(with_callbacks(trainable, callbacks), tune_resources(preset.resources))
         n_trials = len(groups) * len(seeds)
         console().print(f"[bold]{name}[/]: {len(groups)} configuration(s) x {len(seeds)} seed(s) = {n_trials} "
-                        f"searches{workers}; results in {exp}")
+                        f"searches{workers}; results in {experiment_uri(storage, name)}")
         epochs = sum(preset.search_config(g, seed=seeds[0]).epochs for g in preset.groups()) * len(seeds)
-
-        def make_tuner() -> Any:
-            recorders = [ParquetResults(storage, name, "stability", grid_keys),
-                         TuneProgress("search", n_trials, epochs)]
-            return tune.Tuner(trainable, param_space={"search": tune.grid_search(groups),
-                                                      "seed": tune.grid_search(seeds), **space},
-                              tune_config=tune_config(preset.max_concurrent_trials),
-                              run_config=run_config(TUNE_DIRS["stability"], exp, recorders, preset.failure_spec(),
-                                                    verbose))
-
         start = time.perf_counter()
-        grid = run_tuner(trainable, f"{exp}/{TUNE_DIRS['stability']}", make_tuner, verbose)
+        grid = fit(store, TUNE_DIRS["stability"], with_callbacks(trainable, callbacks), preset.resources,
+                   preset.failure_spec(), verbose, lambda: (
+                       {"search": tune.grid_search(groups), "seed": tune.grid_search(seeds), **space},
+                       {"max_concurrent_trials": preset.max_concurrent_trials or None},
+                       [ParquetResults(storage, name, "stability", grid_keys),
+                        TuneProgress("search", n_trials, epochs)]))
         counts = reconcile_stability(store, grid, grid_keys)
         console().print(f"searches: {counts.get('done', 0)} done, {counts.get('failed', 0)} failed, "
                         f"{counts.get('running', 0)} unfinished; {time.perf_counter() - start:.0f} s")
@@ -142,7 +127,6 @@ SAMPLERS = {"tpe": "TPESampler", "nsga2": "NSGAIISampler", "random": "RandomSamp
 def run_hpo(preset: Preset, storage: str, name: str, address: str | None, verbose: bool = False,
             callbacks: Sequence[Any] = ()) -> int:
     import optuna
-    from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
 
@@ -155,14 +139,12 @@ def run_hpo(preset: Preset, storage: str, name: str, address: str | None, verbos
         # The objectives arrive with a configuration's last seed only; earlier results carry the ASHA metric.
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        exp = experiment_uri(storage, name)
-        trainable = tune.with_resources(with_callbacks(hpo_trainable, callbacks), tune_resources(spec.resources))
         epochs = int(preset.search_config(seed=0).epochs)
         console().print(f"[bold]{name}[/]: Optuna ({spec.sampler}, 2 objectives: {OBJECTIVE_ACC} max, "
                         f"{OBJECTIVE_DISTANCE} min) x {spec.num_samples} configurations x {len(spec.seeds)} seeds; "
                         f"study {url}")
 
-        def make_tuner() -> Any:
+        def make() -> tuple[dict, dict, list]:
             if url.startswith("sqlite:///"):
                 os.makedirs(os.path.dirname(url[len("sqlite:///"):]), exist_ok=True)
             sampler = getattr(optuna.samplers, SAMPLERS[spec.sampler])(seed=spec.seed)
@@ -175,18 +157,17 @@ def run_hpo(preset: Preset, storage: str, name: str, address: str | None, verbos
                                        max_t=len(spec.seeds), grace_period=spec.grace_period,
                                        reduction_factor=spec.reduction_factor)
                          if spec.scheduler == "asha" else FIFOScheduler())
-            recorders = [ParquetResults(storage, name, "hpo"),
-                         TuneProgress("hpo", spec.num_samples, spec.num_samples * len(spec.seeds) * epochs,
-                                      metric=OBJECTIVE_ACC, epoch_key="hpo_epochs_done")]
-            return tune.Tuner(
-                trainable, param_space={"search": abs_data_dir(preset.search), "seeds": list(spec.seeds),
-                                        "params": {p.name: p.tune_domain() for p in spec.space}},
-                tune_config=tune_config(0, search_alg=ConcurrencyLimiter(searcher, max_concurrent=limit),
-                                        scheduler=scheduler, num_samples=spec.num_samples),
-                run_config=run_config(TUNE_DIRS["hpo"], exp, recorders, preset.failure_spec(), verbose))
+            return ({"search": abs_data_dir(preset.search), "seeds": list(spec.seeds),
+                     "params": {p.name: p.tune_domain() for p in spec.space}},
+                    {"search_alg": ConcurrencyLimiter(searcher, max_concurrent=limit), "scheduler": scheduler,
+                     "num_samples": spec.num_samples},
+                    [ParquetResults(storage, name, "hpo"),
+                     TuneProgress("hpo", spec.num_samples, spec.num_samples * len(spec.seeds) * epochs,
+                                  metric=OBJECTIVE_ACC, epoch_key="hpo_epochs_done")])
 
         start = time.perf_counter()
-        grid = run_tuner(trainable, f"{exp}/{TUNE_DIRS['hpo']}", make_tuner, verbose)
+        grid = fit(store, TUNE_DIRS["hpo"], with_callbacks(hpo_trainable, callbacks), spec.resources,
+                   preset.failure_spec(), verbose, make)
         results = [(r.error, dict(r.metrics or {})) for r in grid]
         unfinished = sum(1 for err, m in results if err is None and not m.get("done"))
         unfinished += max(0, spec.num_samples - len(results))  # never created before an interruption
