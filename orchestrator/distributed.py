@@ -33,7 +33,6 @@ RAY_CHECKPOINT_FILE = "search.pt"  # inside each Ray Train checkpoint directory
 # -- Ray Train ------------------------------------------------------------------------------------------------------
 def check_resources(opts: DistributedOptions, capacity: Mapping[str, float]) -> None:
     """One-line ``ValueError`` when the cluster can never host ``opts``' smallest worker group."""
-    capacity = dict(capacity)
     n = opts.min_workers
     if opts.use_gpu and capacity.get("GPU", 0) < n:
         have = capacity.get("GPU", 0)
@@ -59,8 +58,8 @@ class TrainReporter(Reporter):
     """``ray.train.report`` every epoch (rank 0 with a checkpoint); resumes from ``ray.train.get_checkpoint()``,
     else from a ``single`` run's checkpoint of the same name. ``store``: rank 0 also writes the run's results."""
 
-    def __init__(self, store: StoreReporter | None, scalars_only: bool):
-        self.store, self.scalars_only = store, scalars_only
+    def __init__(self, store: StoreReporter | None):
+        self.store = store
 
     def restore(self) -> Mapping[str, Any] | None:
         import ray.train
@@ -72,7 +71,7 @@ class TrainReporter(Reporter):
         return self.store.restore() if self.store is not None else None
 
     def _metrics(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
-        if not self.scalars_only:  # the CLI keeps the arch lists in Parquet; a sweep trial sends them to Tune
+        if self.store is None:  # a sweep trial sends the arch lists to Tune; the CLI keeps them in Parquet
             return dict(metrics)
         return {k: v for k, v in metrics.items() if v is None or isinstance(v, SCALAR_TYPES)}
 
@@ -118,7 +117,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     store = None
     if config.get("storage"):
         store = StoreReporter(ResultStore(config["storage"], spec["name"]), spec, checkpoints=False)
-    run_search(spec, TrainReporter(store, scalars_only=store is not None), device=device, echo=echo_stdout,
+    run_search(spec, TrainReporter(store), device=device, echo=echo_stdout,
                callbacks=config.get("callbacks") or ())
 
 

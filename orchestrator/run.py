@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -310,16 +309,7 @@ def serialize(state: Mapping[str, Any]) -> bytes:
 def _plain(values: Mapping[str, Any]) -> dict[str, Any]:
     """Plain JSON values (they go into checkpoints read with ``weights_only=True``, and through Ray); non-finite
     floats become None."""
-    def clean(value: Any) -> Any:
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [clean(v) for v in value]
-        return value
-
-    return clean(json.loads(json.dumps(dict(values), default=str)))
+    return json.loads(json.dumps(dict(values), default=str), parse_constant=lambda _: None)
 
 
 def format_epoch(m: Mapping[str, Any], epochs: int) -> str:

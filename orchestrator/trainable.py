@@ -31,16 +31,14 @@ HPO_RUNNING_ACC = "acc_so_far"
 HPO_FORMAT = "pcdarts-hpo/1"
 
 
-def set_threads_from_trial() -> int:
-    """torch threads = the trial's CPU share (at least 1), CUDA memory = its GPU share; returns the thread count."""
+def set_threads_from_trial() -> None:
+    """torch threads = the trial's CPU share (at least 1), CUDA memory = its GPU share."""
     from ray import tune
 
     required = tune.get_context().get_trial_resources().required_resources
     cpus, gpus = float(required.get("CPU", 1.0)), float(required.get("GPU", 0.0))
-    threads = max(1, int(cpus))
-    torch.set_num_threads(threads)
+    torch.set_num_threads(max(1, int(cpus)))
     claim_device_share(gpus)  # fractional GPUs: this trial's share of the GPU's memory
-    return threads
 
 
 def restored_state() -> dict[str, Any] | None:
@@ -149,15 +147,13 @@ class HpoReporter(Reporter):
             self.completed.append({k: metrics.get(k) for k in ("val_acc", "train_acc", "val_loss", "train_loss")}
                                   | {"seed": self.seeds[i], "genotype": metrics["final_genotype"],
                                      "epochs_done": run.searcher.epoch, "wall_time_s": run.wall_time_s})
-            extra["seeds_done"] = len(self.completed)
-            if len(self.completed) == len(self.seeds):
-                accs = [c["val_acc"] for c in self.completed if c.get("val_acc") is not None]
-                extra[OBJECTIVE_ACC] = sum(accs) / len(accs) if accs else 0.0
-                extra[OBJECTIVE_DISTANCE] = pairwise_distance_mean([c["genotype"] for c in self.completed])
-            state = {"format": HPO_FORMAT, "index": i + 1, "completed": self.completed, "run": None}
-        else:
-            extra["seeds_done"] = len(self.completed)
-            state = {"format": HPO_FORMAT, "index": i, "completed": self.completed, "run": run.state_dict()}
+        extra["seeds_done"] = len(self.completed)
+        if len(self.completed) == len(self.seeds):  # the last seed is done: the configuration's objectives
+            accs = [c["val_acc"] for c in self.completed if c.get("val_acc") is not None]
+            extra[OBJECTIVE_ACC] = sum(accs) / len(accs) if accs else 0.0
+            extra[OBJECTIVE_DISTANCE] = pairwise_distance_mean([c["genotype"] for c in self.completed])
+        state = {"format": HPO_FORMAT, "index": i + 1 if done else i, "completed": self.completed,
+                 "run": None if done else run.state_dict()}
         report({**metrics, **extra}, state)
 
 
