@@ -75,13 +75,16 @@ REUSE_ACTORS = True
 
 
 def fit(store: ResultStore, tune_dir: str, trainable: Any, resources: Mapping[str, float], failure: Any,
-        verbose: bool, make: Callable[[], tuple[dict, dict, list]]) -> Any:
+        verbose: bool, make: Callable[[], tuple[dict, dict, list]], loop_callbacks: Sequence[Any] = ()) -> Any:
     """Run the Tune experiment ``<experiment>/<tune_dir>``: restored (errored trials resumed) when it exists, else
     built from ``make()`` -> (param space, ``TuneConfig`` options, callbacks) with Ray's ``RunConfig``,
-    ``FailureConfig`` and ``CheckpointConfig`` from the preset's ``failure:``. Quiet unless ``verbose``."""
+    ``FailureConfig`` and ``CheckpointConfig`` from the preset's ``failure:``. Quiet unless ``verbose``.
+    ``loop_callbacks`` (tests' fault injectors) reach the search loop through ``tune.with_parameters``."""
     from ray import tune
 
     exp = experiment_uri(store.storage, store.name)
+    if loop_callbacks:
+        trainable = tune.with_parameters(trainable, callbacks=list(loop_callbacks))
     trainable = tune.with_resources(trainable, {"cpu": float(resources.get("cpu", 1)),
                                                 "gpu": float(resources.get("gpu", 0))})
     if not verbose:

@@ -1,10 +1,6 @@
-"""One search from a config to its end: :func:`run_search`, the loop that every place a search runs calls.
-
-The single run (this module's :class:`StoreReporter`), each sweep trial (``trainable.TuneReporter``) and each Ray
-Train worker (``distributed.TrainReporter``) differ only in their :class:`Reporter`: where a run resumes from,
-where each epoch goes, what happens at the end. The loop adds to the core's metrics the CPU time of all ranks, a
-bit-exact cross-rank check and the keys every reporter sends. ``batch_size`` is the global batch (each of N
-ranks gets ``batch_size // N``); ``lr_reference_batch`` scales the lr linearly from that batch.
+"""One search from a config to its end: :func:`run_search`, the loop that every place a search runs calls; the
+places differ only in their :class:`Reporter` (README, *Layout*). The loop adds to the core's metrics the CPU time
+of all ranks, a bit-exact cross-rank check and the keys every reporter sends.
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
 """``python -m orchestrator.sweep``: stability sweeps and multi-objective HPO of DARTS-family searches on Ray Tune
-(``stability``, ``hpo``, ``status``, ``summary``; the README's *Stability sweeps* section).
-
-Running the same command again resumes (``Tuner.restore(..., resume_errored=True)``). Exit status: 0 all searches
-finished, 2 bad input or an unreachable cluster/storage, 3 some searches failed, 130 interrupted.
+(``stability``, ``hpo``, ``status``, ``summary``; the README's *Stability sweeps*). The same command resumes.
 """
 
 from __future__ import annotations
@@ -42,13 +39,6 @@ def locked_experiment(preset: Preset, storage: str, name: str, address: str | No
         yield store, available
 
 
-def with_callbacks(trainable: Any, callbacks: Sequence[Any]) -> Any:
-    """The trainable with loop callbacks bound (``tune.with_parameters``); unchanged without any."""
-    from ray import tune
-
-    return tune.with_parameters(trainable, callbacks=list(callbacks)) if callbacks else trainable
-
-
 # -- stability ---------------------------------------------------------------------------------------------------
 def run_stability(preset: Preset, storage: str, name: str, address: str | None, evaluate: bool = False,
                   verbose: bool = False, callbacks: Sequence[Any] = ()) -> int:
@@ -76,12 +66,12 @@ def run_stability(preset: Preset, storage: str, name: str, address: str | None, 
                         f"searches{workers}; results in {experiment_uri(storage, name)}")
         epochs = sum(preset.search_config(g, seed=seeds[0]).epochs for g in preset.groups()) * len(seeds)
         start = time.perf_counter()
-        grid = fit(store, TUNE_DIRS["stability"], with_callbacks(trainable, callbacks), preset.resources,
+        grid = fit(store, TUNE_DIRS["stability"], trainable, preset.resources,
                    preset.failure_spec(), verbose, lambda: (
                        {"search": tune.grid_search(groups), "seed": tune.grid_search(seeds), **space},
                        {"max_concurrent_trials": preset.max_concurrent_trials or None},
                        [ParquetResults(storage, name, "stability", grid_keys),
-                        TuneProgress("search", n_trials, epochs)]))
+                        TuneProgress("search", n_trials, epochs)]), callbacks)
         counts = reconcile_stability(store, grid, grid_keys)
         console().print(f"searches: {counts.get('done', 0)} done, {counts.get('failed', 0)} failed, "
                         f"{counts.get('running', 0)} unfinished; {time.perf_counter() - start:.0f} s")
@@ -166,8 +156,8 @@ def run_hpo(preset: Preset, storage: str, name: str, address: str | None, verbos
                                   metric=OBJECTIVE_ACC, epoch_key="hpo_epochs_done")])
 
         start = time.perf_counter()
-        grid = fit(store, TUNE_DIRS["hpo"], with_callbacks(hpo_trainable, callbacks), spec.resources,
-                   preset.failure_spec(), verbose, make)
+        grid = fit(store, TUNE_DIRS["hpo"], hpo_trainable, spec.resources,
+                   preset.failure_spec(), verbose, make, callbacks)
         results = [(r.error, dict(r.metrics or {})) for r in grid]
         unfinished = sum(1 for err, m in results if err is None and not m.get("done"))
         unfinished += max(0, spec.num_samples - len(results))  # never created before an interruption
