@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own output off (see orchestrator.experiment.run_tuner)
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own output off (see orchestrator.experiment.fit)
 
 
 def main() -> None:

@@ -278,12 +278,9 @@ def render_baselines(store: ResultStore) -> None:
     """Print the evaluated accuracy of the baselines (random cells, published genotypes), when there are any."""
     from rich.table import Column, Table
 
-    per: dict[str, list[float]] = {}
-    for row in store.read("evaluations").select(["source", "status", "test_acc"]).to_pylist():
-        kind, sep, value = str(row["source"]).partition(":")
-        if row["status"] == "done" and row["test_acc"] is not None and sep and kind in ("random", "published"):
-            label = "random DARTS-space cells" if kind == "random" else f"published {value}"
-            per.setdefault(label, []).append(float(row["test_acc"]))
+    from .report import retrained  # the one grouping of evaluations, also the report's
+
+    per = {label: v for (kind, label), v in retrained(store.read("evaluations")).items() if kind == "baseline"}
     if per:
         table = Table("source", *(Column(c, justify="right") for c in ("evaluations", "test acc mean ± std", "best")),
                       title="Baselines under the same evaluation protocol")
