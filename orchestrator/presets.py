@@ -92,9 +92,9 @@ Resources = Annotated[dict[str, Annotated[float, Field(strict=True, ge=0)]], Aft
 class FailureSpec(Section):
     """``failure:``: a crashing trial is retried ``max_failures`` times from its last checkpoint, then failed."""
 
-    max_failures: int = Field(2, ge=-1)  # -1: retry forever
+    max_failures: Int = Field(2, ge=-1)  # -1: retry forever
     fail_fast: bool = False  # stop the whole sweep at the first trial that fails for good
-    checkpoints_to_keep: int | None = Field(5, ge=1)  # per trial (None: all; see the README's resume notes)
+    checkpoints_to_keep: Int | None = Field(5, ge=1)  # per trial (None: all; see the README's resume notes)
 
 
 class EvaluateSpec(Section):
@@ -140,9 +140,9 @@ class DistributedOptions(Section):
     num_workers: Annotated[int | tuple[int, int], BeforeValidator(_workers)] = 1
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0, le=1024)  # Ray CPUs per worker; torch uses that many threads
-    max_failures: int = Field(3, ge=-1)  # worker-group restarts from the last checkpoint (-1: forever)
-    lr_reference_batch: int | None = Field(None, ge=1)  # lr was tuned for this global batch: scale linearly
-    checkpoints_to_keep: int = Field(2, ge=1)
+    max_failures: Int = Field(3, ge=-1)  # worker-group restarts from the last checkpoint (-1: forever)
+    lr_reference_batch: Int | None = Field(None, ge=1)  # lr was tuned for this global batch: scale linearly
+    checkpoints_to_keep: Int = Field(2, ge=1)
 
     elastic = property(lambda self: not isinstance(self.num_workers, int))
     min_workers = property(lambda self: self.num_workers[0] if self.elastic else self.num_workers)

@@ -60,6 +60,8 @@ def test_configurations_and_grid_make_groups():
     (["epochs="], "epochs needs a value, got an empty one"),
     (["frobnicate.x=1"], "unknown top-level key 'frobnicate'"),
     (["failure.max_failures=-3"], "failure.max_failures"),
+    (["failure.max_failures=true"], "failure.max_failures: Input should be a valid integer, got True"),
+    (["distributed.checkpoints_to_keep=1.5"], "distributed.checkpoints_to_keep: Input should be a valid integer"),
     (["evaluate.epochz=3"], "unknown evaluation config key 'epochz'"),
     (["evaluate.genotypes=[NOPE]"], "'NOPE' is neither a published genotype"),
     (["hpo.space.k={normal: [1, 2]}"], "unknown distribution 'normal'"),
