@@ -16,7 +16,7 @@ from ray.tune import Callback
 
 from .cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
 from .progress import console, error_line, last_error_line, stop_all
-from .results import ResultStore, heartbeat, epoch_row, eval_row, group_key, search_row
+from .results import ResultStore, heartbeat, epoch_row, eval_row, group_key, retrained, search_row
 
 SWEEP_FILE = "sweep.json"
 LOCK_HEARTBEAT_S = 60.0
@@ -277,8 +277,6 @@ def finish(store: ResultStore, counts: Mapping[str, int], what: str = "search(es
 def render_baselines(store: ResultStore) -> None:
     """Print the evaluated accuracy of the baselines (random cells, published genotypes), when there are any."""
     from rich.table import Column, Table
-
-    from .report import retrained  # the one grouping of evaluations, also the report's
 
     per = {label: v for (kind, label), v in retrained(store.read("evaluations")).items() if kind == "baseline"}
     if per:

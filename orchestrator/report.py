@@ -21,7 +21,6 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jinja2
 import numpy as np
-import pyarrow as pa
 
 from pcdarts_core.genotypes import CELL_TYPES
 from pcdarts_core.ops import OPS, PRIMITIVES
@@ -31,7 +30,7 @@ from pcdarts_core.visualize import CellGraph, cell_graphs, figure_svg, genotype_
 
 from .cli import Parser, run_cli, split_experiment
 from .plots import ForestRow, Panel, Series, forest, heatmap, line_panels, op_probability_grid, pareto, series_color
-from .results import ResultStore, finite_or_none as _finite, parse_source
+from .results import ResultStore, finite_or_none as _finite, retrained
 from .stability import stability_table
 
 REPORT_FILE = "report.html"
@@ -135,27 +134,11 @@ class Experiment:
     groups: list[str]  # sorted
     seeds: dict[str, list[SeedRun]]  # by group
     stats: dict[str, dict[str, Any]]  # the stability table's rows by group, in its order
-    retrained: dict[tuple[str, str], list[float]]  # see retrained()
+    retrained: dict[tuple[str, str], list[float]]  # see results.retrained()
     #: retrained accuracies of the random and published cells, sorted by label (under the groups' protocol)
     baselines: list[tuple[str, list[float]]]
     bench: list[str]  # the trials' bench_acc_<dataset> columns
     hpo: bool
-
-
-def retrained(evaluations: pa.Table) -> dict[tuple[str, str], list[float]]:
-    """Finished evaluations' test accuracies by ``("trial", id)``, ``("consensus", group)`` or ``("baseline", label)``
-    (random and published cells; with the protocol where the experiment has several)."""
-    rows = evaluations.to_pylist()
-    several = len({r.get("protocol") for r in rows} - {None}) > 1
-    out: dict[tuple[str, str], list[float]] = {}
-    for row in rows:
-        if row.get("status") in (None, "done") and _finite(row.get("test_acc")) is not None:
-            kind, value = parse_source(row["source"])
-            if kind in ("random", "published"):
-                kind, value = "baseline", ("random cells" if kind == "random" else f"published {value}") + \
-                    (f" [{row['protocol']}]" if several and row.get("protocol") else "")
-            out.setdefault((kind, value), []).append(float(row["test_acc"]))
-    return out
 
 
 def load_experiment(store: ResultStore) -> Experiment:

@@ -165,6 +165,23 @@ def parse_source(source: str) -> tuple[str, str]:
     return kind, value
 
 
+def retrained(evaluations: pa.Table) -> dict[tuple[str, str], list[float]]:
+    """Finished (or status-less) evaluations' test accuracies by ``("trial", id)``, ``("consensus", group)`` or
+    ``("baseline", label)`` (random and published cells; with the protocol where the experiment has several)."""
+    rows = evaluations.to_pylist()
+    several = len({r.get("protocol") for r in rows} - {None}) > 1
+    out: dict[tuple[str, str], list[float]] = {}
+    for row in rows:
+        if row.get("source") is not None and row.get("status") in (None, "done") and \
+                finite_or_none(row.get("test_acc")) is not None:
+            kind, value = parse_source(row["source"])
+            if kind in ("random", "published"):
+                kind, value = "baseline", ("random cells" if kind == "random" else f"published {value}") + \
+                    (f" [{row['protocol']}]" if several and row.get("protocol") else "")
+            out.setdefault((kind, value), []).append(float(row["test_acc"]))
+    return out
+
+
 def finite_or_none(value: Any) -> float | None:
     """``value`` as a float, or ``None`` when it is missing, not a number or not finite (Parquet nulls, not NaN)."""
     numeric = isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -18,7 +18,7 @@ from pcdarts_core.spaces import TRIAL_METRIC_PREFIXES
 from pcdarts_core.stability import (StabilityOptions, Summary, canonical_key, genotype_json_key, genotype_stats,
                                     parse_genotype_json, summarize)
 
-from .results import SUMMARY_STATS, parse_source, to_table
+from .results import SUMMARY_STATS, retrained, to_table
 
 
 # -- the table -------------------------------------------------------------------------------------------------
@@ -91,14 +91,8 @@ def stability_table(trials: pa.Table, epochs: pa.Table | None = None, evaluation
     done_ids = {trial_ids[i] for i, s in enumerate(status) if s == "done"}
     stop = _stop_epochs(epochs, done_ids) if epochs is not None else {}
 
-    evals: dict[tuple[str, str], list[float]] = {}  # test accuracies of ("trial", <id>) and ("consensus", <group>)
-    tab = evaluations if evaluations is not None else pa.table({})
-    for source, st, acc in zip(_column(tab, "source"), _column(tab, "status"), _column(tab, "test_acc", floats=True)):
-        if source is None or st not in (None, "done") or not math.isfinite(acc):
-            continue
-        kind, value = parse_source(source)
-        if kind == "consensus" or (kind == "trial" and value in done_ids):  # only done seeds count
-            evals.setdefault((kind, value), []).append(float(acc))
+    # test accuracies of ("trial", <id>) and ("consensus", <group>) (baselines are not any group's)
+    evals = retrained(evaluations) if evaluations is not None else {}
 
     rows: list[dict[str, Any]] = []
     for grp, idx in sorted(by_group.items()):
