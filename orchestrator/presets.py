@@ -317,7 +317,9 @@ def check_data(preset: Preset) -> None:
     from pcdarts_core.data import check_dataset
 
     pairs = [(str(group.get("dataset", "cifar10")), group.get("data_dir")) for group in preset.groups()]
-    pairs += [(cfg.dataset, cfg.data_dir) for cfg in [preset.evaluation().config] if preset.evaluate]
+    if preset.evaluate:  # (the protocol defaults to the search's data; it is built only when there is one)
+        protocol = preset.evaluation().config
+        pairs.append((protocol.dataset, protocol.data_dir))
     for dataset, data_dir in dict.fromkeys(pairs):
         check_dataset(dataset, data_dir)
 
