@@ -23,10 +23,6 @@ LOCK_HEARTBEAT_S = 60.0
 TUNE_DIRS = {"stability": "search", "hpo": "hpo"}
 
 
-def experiment_uri(storage: str, name: str) -> str:
-    return f"{storage.rstrip('/')}/{name}"
-
-
 # -- the claim -------------------------------------------------------------------------------------------------
 def claim_experiment(store: ResultStore, kind: str, settings: Mapping[str, Any],
                      preset: Mapping[str, Any] | None = None) -> None:
@@ -82,7 +78,7 @@ def fit(store: ResultStore, tune_dir: str, trainable: Any, resources: Mapping[st
     ``loop_callbacks`` (tests' fault injectors) reach the search loop through ``tune.with_parameters``."""
     from ray import tune
 
-    exp = experiment_uri(store.storage, store.name)
+    exp = store.uri()
     if loop_callbacks:
         trainable = tune.with_parameters(trainable, callbacks=list(loop_callbacks))
     trainable = tune.with_resources(trainable, {"cpu": float(resources.get("cpu", 1)),

@@ -355,8 +355,7 @@ def write_report(store: ResultStore, out: str | None = None) -> str:
     text = render(load_experiment(store)).encode("utf-8")
     if out is None:
         store.write_file(REPORT_FILE, text)
-        # the experiment's folder as the store names its files (s3://... as given, a path locally)
-        return f"{store.uri('trials').rsplit('/', 1)[0]}/{REPORT_FILE}"
+        return f"{store.uri()}/{REPORT_FILE}"
     out = os.path.abspath(os.path.expanduser(out))
     os.makedirs(os.path.dirname(out), exist_ok=True)
     Path(tmp := f"{out}.tmp{os.getpid()}").write_bytes(text)

@@ -273,10 +273,12 @@ class ResultStore:
         _schema(kind)  # unknown kinds: a ValueError
         return f"{self.root}/{kind}.parquet"
 
-    def uri(self, kind: str) -> str:
-        """The folder of ``kind`` as pandas, DuckDB or Ray Data want it (``s3://...`` on S3, a path locally)."""
+    def uri(self, kind: str | None = None) -> str:
+        """The folder of ``kind`` (default: of the experiment) as Tune, pandas, DuckDB or Ray Data want it
+        (``s3://...`` on S3, a path locally)."""
         scheme, sep, _ = self.storage.partition("://")
-        return f"{scheme}://{self.path(kind)}" if sep and scheme != "file" else self.path(kind)
+        path = self.root if kind is None else self.path(kind)
+        return f"{scheme}://{path}" if sep and scheme != "file" else path
 
     def fragments(self, kind: str) -> list[str]:
         """The fragment files of ``kind``, oldest first (hidden temporary files excluded)."""

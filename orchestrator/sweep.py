@@ -12,7 +12,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from .cli import EXIT_INTERRUPTED, Parser, check_name, resolve_storage, run_cli, split_experiment
 from .cluster import check_storage, cluster_address, connect, local_resources
-from .experiment import (TUNE_DIRS, ParquetResults, abs_data_dir, claim_experiment, experiment_uri, finish, fit,
+from .experiment import (TUNE_DIRS, ParquetResults, abs_data_dir, claim_experiment, finish, fit,
                          read_claim, reconcile_stability, render_baselines)
 from .presets import Preset, check_data, check_resources, load_preset
 from .progress import TuneProgress, console
@@ -63,7 +63,7 @@ def run_stability(preset: Preset, storage: str, name: str, address: str | None, 
                                               "distributed": dict(preset.distributed)}, preset.raw)
         n_trials = len(groups) * len(seeds)
         console().print(f"[bold]{name}[/]: {len(groups)} configuration(s) x {len(seeds)} seed(s) = {n_trials} "
-                        f"searches{workers}; results in {experiment_uri(storage, name)}")
+                        f"searches{workers}; results in {store.uri()}")
         epochs = sum(preset.search_config(g, seed=seeds[0]).epochs for g in preset.groups()) * len(seeds)
         start = time.perf_counter()
         grid = fit(store, TUNE_DIRS["stability"], trainable, preset.resources,
@@ -108,7 +108,7 @@ def study_url(spec: Any, storage: str, name: str) -> str:
     if "://" in storage:
         raise ValueError("hpo with remote --storage needs hpo.study_storage (an Optuna storage URL reachable from "
                          "the driver, e.g. postgresql://...): a sqlite file cannot live in object storage")
-    return f"sqlite:///{experiment_uri(storage, name)}/optuna.db"
+    return f"sqlite:///{ResultStore(storage, name).root}/optuna.db"
 
 
 SAMPLERS = {"tpe": "TPESampler", "nsga2": "NSGAIISampler", "random": "RandomSampler"}
