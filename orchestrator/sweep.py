@@ -28,8 +28,9 @@ def locked_experiment(preset: Preset, storage: str, name: str, address: str | No
     lock with Ray connected: yields the store and the cluster's capacity."""
     if not (address or "").startswith("ray://"):
         check_data(preset)
-    for res in per_trial if not address else ():
-        check_resources(res, local_resources())
+    here = local_resources() if not address else None  # what the Ray started here will have
+    for res in per_trial if here else ():
+        check_resources(res, here)
     store = ResultStore(storage, name)
     check_storage(store)
     with experiment_lock(store):
