@@ -11,7 +11,7 @@ import os
 from typing import Any, Sequence
 
 from .cli import DEFAULT_STORAGE_ENV, EXIT_FAILED, Parser, check_name, fail, resolve_storage, run_cli
-from .presets import Preset, apply_sets, load_preset, preset_from_dict
+from .presets import DistributedOptions, Preset, apply_sets, load_preset, preset_from_dict
 
 #: the ``distributed`` flags, which override the preset's ``distributed:`` section
 DISTRIBUTED_FLAGS = ("num_workers", "use_gpu", "cpus_per_worker", "max_failures")
@@ -70,7 +70,7 @@ def resolve(args: argparse.Namespace) -> tuple[Preset, dict[str, Any], str, str]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .distributed import DistributedOptions, run_distributed
+    from .distributed import run_distributed
     from .run import RunFailed, run_single
 
     args = build_parser().parse_args(argv)
