@@ -68,7 +68,7 @@ def measure(variant: str, batch: int, args: argparse.Namespace) -> dict:
 
     def validate() -> None:
         with torch.no_grad(), autocast(searcher.device, searcher.config.amp):
-            searcher.model(searcher.to_device(next(pairs)[1])[0])
+            searcher.eval_model(searcher.to_device(next(pairs)[1])[0])
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()

@@ -22,7 +22,8 @@ Guards of whole-network graphs: the arch step (weights frozen), the weight step 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import functools
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -57,6 +58,23 @@ def compile_model(net: nn.Module, mode: str, whole: bool, backend: str = "induct
     for region in regions:
         region.compile(backend=backend, **({"mode": _REGION_MODES[mode]} if backend == "inductor" else {}))
     return net
+
+
+def compile_step(step: Callable[..., None], mode: str, backend: str = "inductor") -> Callable[..., None]:
+    """``step`` (a whole bilevel step: both forwards and backwards, clipping, both optimizer updates, the
+    meter's sums) compiled as one graph (``fullgraph``: a graph break is an error, not a silent split), with
+    ``reduce-overhead`` replayed as CUDA graphs. Autograd calls inside are traced
+    (``trace_autograd_ops``), so the backward passes are part of the graph; the step's inputs are its batches,
+    its state (parameters, optimizer state, the lr tensor, the meter) is read and updated in place."""
+    options = {"mode": mode} if backend == "inductor" else {}
+    compiled = torch.compile(step, backend=backend, fullgraph=True, **options)
+
+    @functools.wraps(step)
+    def run(*args: Any) -> None:
+        with torch._dynamo.config.patch(trace_autograd_ops=True):
+            compiled(*args)
+
+    return run
 
 
 def compile_regions(net: nn.Module) -> list[nn.Sequential]:

@@ -84,6 +84,9 @@ class SearchConfig:
     cutout: int = 0  # cutout length on the search data (0: none; sharpDARTS searches with 16)
     steps_per_epoch: int | None = None  # cap the steps of an epoch (quick runs, tests)
     eval_steps: int | None = None  # cap the validation batches of an epoch
+    # read the step statistics every N steps (a progress record, divergence caught then); 0: once per epoch,
+    # the only host read of an epoch's steps (each read makes the host wait for the device)
+    progress_every: int = 0
     hessian_every: int = 0  # RobustDARTS: dominant Hessian eigenvalue every N epochs (0: off)
     early_stop: bool = False  # DARTS-ES on that eigenvalue (needs hessian_every > 0)
     options: MethodOptions = field(default_factory=MethodOptions)
@@ -219,6 +222,7 @@ RANGES: dict[str, Range] = {
     "synthetic_samples": Range(10, 10_000_000),
     "steps_per_epoch": Range(1, 10**9),
     "eval_steps": Range(1, 10**9),
+    "progress_every": Range(0, 10**9),
     "hessian_every": Range(0, 10_000),
     "auxiliary_weight": Range(0, 100),
     "drop_path": Range(0, 1, high_open=True),

@@ -21,14 +21,15 @@ import torch
 from torch import nn
 
 from . import data as data_lib
-from .compilation import compile_model, eager
+from .compilation import compile_model, compile_step, eager
 from .config import SearchConfig
 from .device_data import make_batches
 from .genotypes import Genotype, parse_genotype
 from .hessian import darts_es_stop_index, dominant_eigenvalue, eigen_record, evaluation_due, unobserved
 from .methods import get_method
-from .runtime import (accuracy, all_reduce_mean_, all_reduce_sum, autocast, check_finite_loss, distributed_world,
-                      rng_state, resolve_device, seed_all, set_rng_state)
+from .optimizers import load_state, make_optimizers, set_lr
+from .runtime import (CheckpointError, all_reduce_mean_, all_reduce_sum, autocast, check_finite_loss,
+                      distributed_world, rng_state, resolve_device, seed_all, set_rng_state)
 from .spaces import get_space
 from .supernet import SearchNetwork
 
@@ -37,7 +38,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 #: config fields that may differ between a run and its resumption (where it runs, not what it computes)
 RESUMABLE_DIFFERENCES = {"device", "num_workers", "data_dir", "epochs", "amp", "channels_last", "nb201_benchmark",
-                         "compile"}
+                         "compile", "progress_every"}
 
 
 def incompatible_settings(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
@@ -46,9 +47,53 @@ def incompatible_settings(saved: Mapping[str, Any], now: Mapping[str, Any]) -> l
     return sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_DIFFERENCES and saved.get(k) != now.get(k))
 
 
+class StepMeter:
+    """An epoch's step statistics, summed on the device so that no step reads a value back to the host: the
+    training loss (times the batch size), correct predictions, the arch loss, and the step and value of the
+    first non-finite training and arch loss. :meth:`read` is the one host read (once per epoch, or every
+    ``progress_every`` steps). The tensors are allocated once and reset in place, so a captured step that
+    updates them sees the same tensors every epoch."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # train loss x n, correct, arch loss
+        self.first_bad = torch.zeros(4, dtype=torch.float64, device=device)  # (step, loss) train, (step, loss) arch
+        self.step = torch.zeros((), dtype=torch.float64, device=device)  # 0-based index of the step running
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums.zero_()
+        self.first_bad.zero_()
+        self.first_bad[0::2] = -1.0
+        self.step.zero_()
+
+    def _note(self, i: int, loss: torch.Tensor) -> None:
+        new = (self.first_bad[i] < 0) & ~torch.isfinite(loss)
+        self.first_bad[i] = torch.where(new, self.step, self.first_bad[i])
+        self.first_bad[i + 1] = torch.where(new, loss.double(), self.first_bad[i + 1])
+
+    def add_arch(self, loss: torch.Tensor) -> None:
+        self.sums[2] += loss.double()
+        self._note(2, loss)
+
+    def add_train(self, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> None:
+        """The weight step's loss and predictions; ends the step."""
+        self.sums[0] += loss.double() * target.shape[0]
+        self.sums[1] += (logits.argmax(dim=1) == target).sum()
+        self._note(0, loss)
+        self.step += 1
+
+    def read(self) -> tuple[list[float], list[float]]:
+        """(sums, first non-finite (step, loss) of train and arch; step -1: none): one host read."""
+        values = torch.cat([self.sums, self.first_bad]).tolist()
+        return values[:3], values[3:]
+
+
 class Searcher:
-    def __init__(self, config: SearchConfig, data: data_lib.SearchData | None = None):
+    def __init__(self, config: SearchConfig, data: data_lib.SearchData | None = None,
+                 compile_backend: str = "inductor"):
         self.config = config
+        #: torch.compile's backend for ``compile`` (the CPU tests capture with ``aot_eager``)
+        self.compile_backend = compile_backend
         self.method = get_method(config.method)
         self.device = resolve_device(config.device)
         self.rank, self.world_size = distributed_world()
@@ -88,12 +133,22 @@ class Searcher:
     def set_network(self, net: SearchNetwork) -> None:
         cfg = self.config
         self.net = net
-        #: what the training and validation forwards run (``net`` itself unless ``compile`` wraps it whole)
-        self.model = compile_model(net, cfg.compile, whole=self.method.static_graph(cfg))
-        self.weight_optimizer = torch.optim.SGD(net.weight_parameters(), cfg.lr, momentum=cfg.momentum,
-                                                weight_decay=cfg.weight_decay)
-        self.arch_optimizer = torch.optim.Adam(net.arch_parameters(), cfg.arch_lr, betas=cfg.arch_betas,
-                                               weight_decay=cfg.arch_weight_decay)
+        net.place_channel_generator(self.device)
+        #: whether ``compile`` captures the whole bilevel step (both forwards and backwards, clipping, both
+        #: updates) as one graph: methods whose step is static (:meth:`SearchMethod.capturable`), one process
+        #: (a data-parallel step's all-reduce stays eager)
+        self.captured = cfg.compile != "none" and self.method.capturable(cfg) and self.world_size == 1
+        #: what validation runs: ``net`` itself unless ``compile`` wraps it whole (or compiles its regions)
+        self.eval_model = compile_model(net, cfg.compile, whole=self.method.static_graph(cfg),
+                                        backend=self.compile_backend)
+        #: what the steps' forwards run: ``net`` inside a captured step (the step is the compiled unit)
+        self.model = net if self.captured else self.eval_model
+        self.weight_optimizer, self.arch_optimizer = make_optimizers(
+            net.weight_parameters(), net.arch_parameters(), cfg, captured=self.captured)
+        self.meter = StepMeter(self.device)
+        #: the step functions, by whether the arch is trained (compiled once each where captured)
+        self._steps = {arch_on: (compile_step(self._step(arch_on), cfg.compile, backend=self.compile_backend)
+                                 if self.captured else self._step(arch_on)) for arch_on in (False, True)}
 
     # -- the pieces steps are made of (used by architect.py and the methods) ---------------------------------
     def to_device(self, batch: Batch) -> Batch:
@@ -107,21 +162,29 @@ class Searcher:
         x, y = self.to_device(batch)
         with autocast(self.device, self.config.amp):
             logits = self.model(x)
-            loss = self.criterion(logits.float(), y)
+            loss = self.criterion(_at_least_float32(logits), y)
         return (loss, logits) if return_logits else loss
 
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def sync_grads(self, params: Sequence[nn.Parameter]) -> None:
+    def sync_grads(self, grads: Sequence[torch.Tensor]) -> None:
         """Average gradients over data-parallel ranks (both levels: arch gradients too)."""
-        all_reduce_mean_([p.grad for p in params if p.grad is not None])
+        all_reduce_mean_(list(grads))
 
-    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
-        """Hook for loss scaling; bf16 autocast needs none."""
+    def step_function(self, arch_on: bool) -> Callable[[Batch, Batch], None]:
+        """The step the loop runs, ``step(train, val)`` on device batches: captured as one graph where
+        :attr:`captured`, eager otherwise."""
+        return self._steps[arch_on]
 
-    def step_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        optimizer.step()
+    def _step(self, arch_on: bool) -> Callable[[Batch, Batch], None]:
+        """One step of the search as a function of its two batches (on the device): the method's arch step on
+        the arch batch (when ``arch_on``), then its weight step on the weight batch, their results added to the
+        meter. No host read: what ``compile`` captures whole, and what runs eagerly otherwise."""
+        def step(train: Batch, val: Batch) -> None:
+            if arch_on:
+                self.meter.add_arch(self.method.arch_step(self, train, val))
+            loss, logits = self.method.weight_step(self, train)
+            self.meter.add_train(loss, logits, train[1])
+
+        return step
 
     # -- the loop --------------------------------------------------------------------------------------------
     @property
@@ -140,14 +203,14 @@ class Searcher:
         start = time.perf_counter()
         self.method.on_epoch_start(self, epoch)
         lr = self.current_lr()
-        for group in self.weight_optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.weight_optimizer, lr)
         data_lib.set_epoch(self.train_loader, epoch)
         data_lib.set_epoch(self.val_loader, epoch)
         self.net.train()
         arch_on = self.arch_active
-        loss_sum = correct = seen = 0.0
-        arch_loss_sum, arch_steps, steps = 0.0, 0, 0
+        step_fn = self.step_function(arch_on)
+        self.meter.reset()
+        seen = steps = 0
         val: Batch | None = None
         val_iter = iter(self.val_loader)
         for step, train in enumerate(self.train_loader):
@@ -159,18 +222,15 @@ class Searcher:
                 except StopIteration:
                     val_iter = iter(self.val_loader)
                     val = next(val_iter)
-                arch_loss = self.method.arch_step(self, train, val)
-                self._check_step_loss(arch_loss, "arch", step)
-                arch_loss_sum += arch_loss
-                arch_steps += 1
-            loss, logits = self.method.weight_step(self, train)
-            self._check_step_loss(loss, "train", step)
-            n = train[1].shape[0]
-            loss_sum += loss * n
-            correct += accuracy(logits, train[1].to(logits.device))
-            seen += n
+            train = self.to_device(train)
+            step_fn(train, self.to_device(val) if val is not None else train)
+            seen += train[1].shape[0]
             steps += 1
+            if cfg.progress_every and steps % cfg.progress_every == 0:
+                self._progress(steps, seen, arch_on)
         train_time = time.perf_counter() - start
+        (loss_sum, correct, arch_loss_sum), first_bad = self.meter.read()
+        self._check_finite(loss_sum, arch_loss_sum, first_bad)
         loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], self.device)
         check_finite_loss(loss_sum, epoch + 1, "train")  # every rank sees the same sum: they stop together
         self.sync_buffers()
@@ -184,7 +244,7 @@ class Searcher:
             "arch_active": arch_on,
             "train_loss": loss_sum / max(seen, 1),
             "train_acc": correct / max(seen, 1),
-            "arch_loss": arch_loss_sum / arch_steps if arch_steps else None,
+            "arch_loss": arch_loss_sum / steps if arch_on and steps else None,
             "val_loss": val_loss,
             "val_acc": val_acc,
             **arch_summary(self.net),
@@ -201,11 +261,31 @@ class Searcher:
         metrics["epoch_time_s"] = time.perf_counter() - start
         return metrics
 
-    def _check_step_loss(self, loss: float, what: str, step: int) -> None:
-        """Stop at the first non-finite loss (:class:`~.runtime.SearchDiverged`). Data-parallel ranks check the
-        epoch's averaged losses instead, so that they all stop at the same point."""
-        if self.world_size == 1:
-            check_finite_loss(loss, self.epoch + 1, what, step + 1)
+    #: called with a progress record every ``progress_every`` steps (None: no record is made)
+    on_progress: Callable[[dict[str, Any]], None] | None = None
+
+    def _progress(self, steps: int, seen: int, arch_on: bool) -> None:
+        """Every ``progress_every`` steps: one host read of the meter, the divergence check up to now, and a
+        record of the running means for :attr:`on_progress`."""
+        (loss_sum, correct, arch_loss_sum), first_bad = self.meter.read()
+        self._check_finite(loss_sum, arch_loss_sum, first_bad)
+        if self.on_progress is not None:
+            self.on_progress({"epoch": self.epoch + 1, "step": steps, "train_loss": loss_sum / seen,
+                              "train_acc": correct / seen, "arch_loss": arch_loss_sum / steps if arch_on else None})
+
+    def _check_finite(self, loss_sum: float, arch_loss_sum: float, first_bad: list[float]) -> None:
+        """Raise :class:`~.runtime.SearchDiverged` naming the first step whose arch or training loss was not finite
+        (the meter noted it on the device). Data-parallel ranks check the epoch's averaged sums instead, so that
+        they all stop at the same point."""
+        if self.world_size > 1:
+            arch_loss_sum, *_ = all_reduce_sum([arch_loss_sum], self.device)
+            check_finite_loss(arch_loss_sum, self.epoch + 1, "arch")
+            return
+        (train_step, train_loss, arch_step, arch_loss) = first_bad
+        if arch_step >= 0 and (train_step < 0 or arch_step <= train_step):  # in a step the arch update runs first
+            check_finite_loss(arch_loss, self.epoch + 1, "arch", int(arch_step) + 1)
+        if train_step >= 0:
+            check_finite_loss(train_loss, self.epoch + 1, "train", int(train_step) + 1)
 
     def sync_buffers(self) -> None:
         """Average BatchNorm running statistics across ranks so validation sees one model."""
@@ -216,17 +296,19 @@ class Searcher:
     def evaluate(self) -> tuple[float, float]:
         """Supernet loss and top-1 accuracy on the arch split (the official ``infer``)."""
         self.net.eval()
-        loss_sum = correct = seen = 0.0
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss x n, correct: read once at the end
+        seen = 0
         for step, batch in enumerate(self.val_loader):
             if self.config.eval_steps is not None and step >= self.config.eval_steps:
                 break
             x, y = self.to_device(batch)
             with autocast(self.device, self.config.amp):
-                logits = self.model(x)
-            loss_sum += float(self.criterion(logits.float(), y)) * y.shape[0]
-            correct += accuracy(logits, y)
+                logits = self.eval_model(x)
+            sums[0] += self.criterion(_at_least_float32(logits), y).double() * y.shape[0]
+            sums[1] += (logits.argmax(dim=1) == y).sum()
             seen += y.shape[0]
         self.net.train()
+        loss_sum, correct = sums.tolist()
         loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], self.device)
         return loss_sum / max(seen, 1), correct / max(seen, 1)
 
@@ -272,8 +354,6 @@ class Searcher:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        from .runtime import CheckpointError
-
         if state.get("format") != "pcdarts-search/1":
             raise CheckpointError("not a search checkpoint of this project (format mismatch)")
         changed = incompatible_settings(state["config"], self.config.to_dict())
@@ -281,13 +361,18 @@ class Searcher:
             raise ValueError(f"cannot resume: the checkpoint was made with different settings ({', '.join(changed)})")
         self.method.restore(self, state["method"])
         self.net.load_state_dict(state["model"])
-        self.weight_optimizer.load_state_dict(state["weight_optimizer"])
-        self.arch_optimizer.load_state_dict(state["arch_optimizer"])
+        load_state(self.weight_optimizer, state["weight_optimizer"], self.captured)
+        load_state(self.arch_optimizer, state["arch_optimizer"], self.captured)
         self.net.channel_generator.set_state(state["channel_rng"])
         self.epoch = int(state["epoch"])
         self.stopped_early = bool(state["stopped_early"])
         self.eigen_history = list(state["eigen_history"])
         set_rng_state(state["rng"])
+
+
+def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
+    """Logits for the loss: autocast's bf16 in float32, float32 and float64 as they are."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def arch_summary(net: SearchNetwork) -> dict[str, Any]:

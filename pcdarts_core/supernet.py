@@ -172,11 +172,12 @@ class SearchCell(nn.Module):
 
 
 def active_subgraph(cell: "SearchCell | FusedCell", weights: CellWeights) -> tuple[list[bool] | None, list[int] | None]:
-    """(active edges, active op per edge) of this forward; None: all. Transit cells run the derived sub-graph."""
+    """(active edges, active op per edge) of this forward; None: all. Transit cells run the derived sub-graph,
+    derived once per forward for all transit cells of the type (it is kept in ``weights``)."""
     if cell.transit and weights.active_edges is None:
-        if weights.transit is not None:
-            return weights.transit
-        return derived_subgraph(weights, cell.edge_op_names, cell.steps)
+        if weights.transit is None:
+            weights.transit = derived_subgraph(weights, cell.edge_op_names, cell.steps)
+        return weights.transit
     return weights.active_edges, weights.active_ops
 
 
@@ -205,20 +206,21 @@ def _merge(x: torch.Tensor, y: torch.Tensor, rest: torch.Tensor | None, k: int, 
 
 def derived_subgraph(weights: CellWeights, edge_op_names: Sequence[Sequence[str]], steps: int,
                      n_inputs: int = 2) -> tuple[list[bool], list[int]]:
-    """The sub-graph the derivation rule would keep now: top-``n_inputs`` inputs per node, argmax op on each."""
+    """The sub-graph the derivation rule would keep now: top-``n_inputs`` inputs per node, argmax op on each
+    (the weights read back to the host once)."""
     w = weights.ops.detach()
     if weights.edges is not None:
         w = w * weights.edges.detach().unsqueeze(-1)
-    active = [False] * w.shape[0]
-    ops = [0] * w.shape[0]
+    rows_w = w.tolist()
+    active = [False] * len(rows_w)
+    ops = [0] * len(rows_w)
     for rows in node_edge_slices(steps):
         scored = []
         for e in range(rows.start, rows.stop):
-            names = edge_op_names[e]
-            masked = torch.tensor([float("-inf") if n == "none" else 0.0 for n in names], device=w.device)
-            best = int(torch.argmax(w[e] + masked))
+            names, row = edge_op_names[e], rows_w[e]
+            best = max((i for i, n in enumerate(names) if n != "none"), key=lambda i: row[i])
             ops[e] = best
-            scored.append((float(w[e, best]), e))
+            scored.append((row[best], e))
         scored.sort(key=lambda t: -t[0])
         for _, e in scored[:n_inputs]:
             active[e] = True
@@ -594,7 +596,14 @@ class SearchNetwork(nn.Module):
             self.betas_normal = self.betas_reduce = None
         self.extra_arch = nn.ParameterDict(
             {n: nn.Parameter(t) for n, t in self.weighting.extra_parameters(self).items()})
-        self.channel_generator = torch.Generator().manual_seed(seed + 1)
+        self._channel_seed = seed + 1
+        self.channel_generator = torch.Generator().manual_seed(self._channel_seed)
+
+    def place_channel_generator(self, device: torch.device) -> None:
+        """Draw the channel samples on ``device`` (a CUDA generator: no host round trip per step), seeded as on
+        the CPU; a no-op on the CPU."""
+        if torch.device(device).type != self.channel_generator.device.type:
+            self.channel_generator = torch.Generator(device).manual_seed(self._channel_seed)
 
     # -- parameters ------------------------------------------------------------------------------------------
     def arch_parameters(self) -> list[nn.Parameter]:
@@ -650,7 +659,8 @@ class SearchNetwork(nn.Module):
 
     def _sample_perms(self, cell: SearchCell | FusedCell, device: torch.device) -> list[torch.Tensor | None]:
         c = cell.preprocess1.op[1].out_channels
-        return [torch.randperm(c, generator=self.channel_generator).to(device) for _ in range(cell.n_units)]
+        gen = self.channel_generator
+        return [torch.randperm(c, generator=gen, device=gen.device).to(device) for _ in range(cell.n_units)]
 
     # -- derivation ------------------------------------------------------------------------------------------
     def genotype(self) -> Genotype:

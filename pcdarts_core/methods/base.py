@@ -66,6 +66,12 @@ class SearchMethod:
         fixed regions are compiled (see compilation.py)."""
         return cfg.k == 1 or cfg.channel_sampling == "fixed"
 
+    def capturable(self, cfg: SearchConfig) -> bool:
+        """Whether ``compile`` may capture the whole bilevel step as one graph: a static forward and the
+        first-order update (the second-order update's virtual step runs the network functionally on copies of
+        its buffers, three extra forwards that stay eager; its forward is compiled whole instead)."""
+        return self.static_graph(cfg) and cfg.order == "first"
+
     def build_network(self, cfg: SearchConfig, num_classes: int) -> SearchNetwork:
         """The search space's supernet (PC-DARTS's cells, or NAS-Bench-201's) with this method's weighting."""
         return get_space(cfg.search_space).supernet(self, cfg, num_classes)
@@ -94,14 +100,15 @@ class SearchMethod:
         return {}
 
     # -- steps -----------------------------------------------------------------------------------------------
-    def arch_step(self, ctx: StepContext, train: Batch, val: Batch) -> float:
-        """First-order (PC-DARTS default) or second-order (DARTS unrolled) update of the arch parameters."""
+    def arch_step(self, ctx: StepContext, train: Batch, val: Batch) -> torch.Tensor:
+        """First-order (PC-DARTS default) or second-order (DARTS unrolled) update of the arch parameters; the
+        loss as a detached device tensor (a step never reads a value back to the host)."""
         if ctx.config.order == "second":
             return architect.second_order_step(ctx, train, val)
         return architect.first_order_step(ctx, val)
 
-    def weight_step(self, ctx: StepContext, train: Batch) -> tuple[float, torch.Tensor]:
-        """One SGD step of the supernet weights; returns (loss, logits)."""
+    def weight_step(self, ctx: StepContext, train: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """One SGD step of the supernet weights; returns (loss, logits), detached device tensors."""
         return architect.weight_step(ctx, train)
 
     # -- derivation and state --------------------------------------------------------------------------------

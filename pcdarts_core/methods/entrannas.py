@@ -17,6 +17,10 @@ EnTranNAS-DST's differentiable sparsification.
 Derivation: top-2 inputs and argmax op (PC-DARTS rule) without DST; with DST every input with q > 0, each with its
 argmax non-`none` op. All other settings are PC-DARTS's.
 
+Host syncs: which edges and ops a transit cell runs is decided on the host, so each forward reads the arch
+parameters back once per cell type (DST: twice, the kept edges and the alphas), at that step of derivation; the
+transit cells of one type share the decision. Nothing else in a step reads a value back.
+
 What was checked where. EnTranNAS has no public code. Its text was looked up in the stored copies of the paper
 (search tool, pages corpus: ar5iv.labs.arxiv.org/html/2101.11342 and the SPIQA copy of 2101.11342v1), which give
 the abstract and introduction only. Confirmed there: Engine-cells are differentiable, Transit-cells only transit
@@ -63,10 +67,10 @@ def engine_cell_indices(spec: str, layers: int) -> tuple[int, ...]:
 
 
 def best_ops(alphas: torch.Tensor, op_names: list[tuple[str, ...]]) -> list[int]:
-    """The argmax non-`none` op of each edge."""
+    """The argmax non-`none` op of each edge (the alphas read back to the host once)."""
     out = []
-    for e, names in enumerate(op_names):
-        scores = [float("-inf") if n == "none" else float(a) for n, a in zip(names, alphas[e])]
+    for names, row in zip(op_names, alphas.tolist()):
+        scores = [float("-inf") if n == "none" else a for n, a in zip(names, row)]
         out.append(max(range(len(names)), key=lambda i: scores[i]))
     return out
 
@@ -95,6 +99,8 @@ class SparsifyWeighting(ArchWeighting):
         return torch.cat(parts)
 
     def cell_weights(self, net: SearchNetwork, cell_type: str) -> CellWeights:
+        """The transit sub-graph (inputs with q > 0, each edge's best op) is a host decision: two reads per cell
+        type and forward (the edges kept, the alphas)."""
         ops = self.op_weights(net.alphas(cell_type))
         edges = self.edge_weights(net, cell_type)
         keep = (edges.detach() > 0).tolist()
@@ -146,13 +152,13 @@ def sparse_genotype(net: SearchNetwork, weighting: SparsifyWeighting) -> Genotyp
     cells: dict[str, tuple[tuple[tuple[str, int], ...], tuple[int, ...]]] = {}
     with torch.no_grad():
         for t in CELL_TYPES:
-            q = weighting.edge_weights(net, t).float()
+            q = weighting.edge_weights(net, t).float().tolist()
             chosen = best_ops(net.alphas(t).detach(), net.edge_primitives[t])
             edges: list[tuple[str, int]] = []
             counts = []
             for rows in node_edge_slices(net.steps):
                 inputs = sorted((j for j in range(rows.stop - rows.start) if q[rows.start + j] > 0),
-                                key=lambda j: -float(q[rows.start + j]))
+                                key=lambda j: -q[rows.start + j])
                 edges += [(net.edge_primitives[t][rows.start + j][chosen[rows.start + j]], j) for j in inputs]
                 counts.append(len(inputs))
             cells[t] = (tuple(edges), tuple(counts))

@@ -26,6 +26,10 @@ Everything else (K=1, softmax over ops, first-order updates) is DARTS. ``epochs`
 (earlier stages take the remainder) unless ``stage_epochs`` is given, so P-DARTS runs under every preset: with fewer
 epochs than stages the last stages do not run, and a spread stage too short for ``warmup_epochs`` trains the arch
 in its last epoch. ``warmup_epochs`` counts per stage; ``layers`` of the config is unused (the stages set the depth).
+
+Host syncs: a step reads nothing back (its forward differs between epochs only by the dropout rate, a Python value
+set at the epoch's start). The pruning between stages reads the stage's arch weights to the host, at that stage
+boundary, with the new network and optimizers built there.
 """
 
 from __future__ import annotations
@@ -210,7 +214,7 @@ class Pdarts(SearchMethod):
         stage, e = self.stage_of(ctx.config, ctx.epoch)
         return e >= stage.warmup
 
-    def arch_step(self, ctx: StepContext, train: Batch, val: Batch) -> float:
+    def arch_step(self, ctx: StepContext, train: Batch, val: Batch) -> torch.Tensor:
         """The official first-order step clips the arch gradients at norm ``grad_clip`` before Adam."""
         if ctx.config.order == "second":
             return super().arch_step(ctx, train, val)

@@ -13,7 +13,10 @@ Only the chosen ops of the chosen edges run (``CellWeights.active_ops`` / ``acti
 path per edge in memory. Gradient accumulation: both the arch and the weight update average the gradients of K=7
 sampled sub-networks on the same batch before stepping. The temperature falls linearly from 10 to 0.1 over the
 search (GDAS's schedule; ROME's exact schedule could not be checked here, so both ends are options). The noise comes
-from torch's RNG, so resume is exact. In eval mode nothing is sampled: the net runs the derived cell.
+from torch's RNG (on the device: no host draw), so resume is exact. In eval mode nothing is sampled: the net runs
+the derived cell. Host syncs: the sampled path decides which ops run, so each forward reads its sample back once
+per cell type (the op and input indices together), and a sample's gradients name the parameters it used; nothing
+else in a step reads a value back.
 Derivation: per node the two inputs with the largest topology weight, the argmax op on each.
 
 Search settings (batch 64, lr 0.025 -> 0.001, arch lr 3e-4, no arch warm-up) are DARTS's, which ROME builds on.
@@ -38,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..architect import StepContext, frozen
+from ..optimizers import clip_, update
 from ..config import MethodOptions, SearchConfig
 from ..genotypes import Genotype, derive_cell, node_edge_slices, normalized_betas
 from ..ops import PRIMITIVES
@@ -78,9 +82,10 @@ class GumbelTop2Weighting(ArchWeighting):
         logits = alphas + gumbel_noise(alphas) if sample else alphas
         soft = F.softmax(logits / self.tau, dim=-1)
         index = logits.argmax(dim=-1)
-        ops = straight_through(F.one_hot(index, alphas.shape[-1]).to(soft.dtype), soft)
-        active = [False] * betas.shape[0]
-        parts = []
+        # one-hot by comparison: F.one_hot validates its indices on the host, a sync on every device but CUDA
+        one_hot = (index.unsqueeze(-1) == torch.arange(alphas.shape[-1], device=index.device)).to(soft.dtype)
+        ops = straight_through(one_hot, soft)
+        parts, tops = [], []
         for rows in node_edge_slices(net.steps):
             scores = F.log_softmax(betas[rows], dim=-1)
             if sample:
@@ -88,10 +93,14 @@ class GumbelTop2Weighting(ArchWeighting):
             top = torch.topk(scores, self.n_inputs).indices
             hard = torch.zeros_like(scores).scatter(0, top, 1.0)
             parts.append(straight_through(hard, F.softmax(scores / self.tau, dim=-1)))
-            for j in top.tolist():
-                active[rows.start + j] = True
+            tops.append(top + rows.start)
         edges = torch.cat(parts)
-        return CellWeights(ops, edges, active_ops=index.tolist(), active_edges=active)
+        # the sampled path decides which ops run (its shapes): one host read per cell type and forward
+        chosen = torch.cat([index, *tops]).tolist()
+        active = [False] * betas.shape[0]
+        for e in chosen[len(index):]:
+            active[e] = True
+        return CellWeights(ops, edges, active_ops=chosen[: len(index)], active_edges=active)
 
 
 class Rome(SearchMethod):
@@ -143,36 +152,20 @@ class Rome(SearchMethod):
         return {"tau": self.temperature(ctx.config, ctx.epoch - 1)}
 
     # -- steps: gradient accumulation over K sampled sub-networks ---------------------------------------------
-    def arch_step(self, ctx: StepContext, train: Batch, val: Batch) -> float:
-        net, opt, k = ctx.net, ctx.arch_optimizer, ctx.config.options.samples  # type: ignore[attr-defined]
-        opt.zero_grad(set_to_none=True)
-        total = 0.0
+    def arch_step(self, ctx: StepContext, train: Batch, val: Batch) -> torch.Tensor:
+        net, k = ctx.net, ctx.config.options.samples  # type: ignore[attr-defined]
         with frozen(net.weight_parameters()):
-            for _ in range(k):
-                loss = ctx.loss(val)
-                ctx.backward(loss / k)
-                total += float(loss.detach())
-        ctx.sync_grads(net.arch_parameters())
-        ctx.step_optimizer(opt)
-        return total / k
+            params, grads, loss, _ = accumulate_samples(ctx, val, net.arch_parameters(), k)
+        update(ctx.arch_optimizer, params, grads)
+        return loss
 
-    def weight_step(self, ctx: StepContext, train: Batch) -> tuple[float, torch.Tensor]:
-        net, opt, k = ctx.net, ctx.weight_optimizer, ctx.config.options.samples  # type: ignore[attr-defined]
-        opt.zero_grad(set_to_none=True)
-        total, logits_sum = 0.0, None
+    def weight_step(self, ctx: StepContext, train: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        net, k = ctx.net, ctx.config.options.samples  # type: ignore[attr-defined]
         with frozen(net.arch_parameters()):
-            for _ in range(k):
-                loss, logits = ctx.loss(train, return_logits=True)
-                ctx.backward(loss / k)
-                total += float(loss.detach())
-                logits_sum = logits.detach() if logits_sum is None else logits_sum + logits.detach()
-        params = net.weight_parameters()
-        ctx.sync_grads(params)
-        ctx.unscale(opt)
-        nn.utils.clip_grad_norm_(params, ctx.config.grad_clip)
-        ctx.step_optimizer(opt)
-        assert logits_sum is not None
-        return total / k, logits_sum / k
+            params, grads, loss, logits = accumulate_samples(ctx, train, net.weight_parameters(), k)
+        clip_(grads, ctx.config.grad_clip)
+        update(ctx.weight_optimizer, params, grads)
+        return loss, logits
 
     # -- derivation ------------------------------------------------------------------------------------------
     def genotype(self, net: SearchNetwork) -> Genotype:
@@ -189,3 +182,26 @@ class Rome(SearchMethod):
 
 
 METHOD = Rome()
+
+
+def accumulate_samples(ctx: StepContext, batch: Batch, params: list[nn.Parameter], k: int
+                       ) -> tuple[list[nn.Parameter], list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Forward and backward of ``k`` sampled sub-networks on ``batch``, one after the other (one path in memory at
+    a time), their gradients of loss/k summed as ``.grad`` would accumulate them. Returns the parameters that some
+    sample used with their gradients (the others are left out of the update, as an optimizer skips a parameter
+    without ``.grad``), the mean loss and the mean logits (detached device tensors). Which parameters a sample
+    used is known on the host once the sub-network is drawn: ROME's sampled path syncs there, at each sample."""
+    total: list[torch.Tensor | None] = [None] * len(params)
+    loss_sum = logits_sum = None
+    for _ in range(k):
+        loss, logits = ctx.loss(batch, return_logits=True)
+        for i, g in enumerate(torch.autograd.grad(loss / k, params, allow_unused=True)):
+            if g is not None:
+                total[i] = g if total[i] is None else total[i] + g
+        loss_sum = loss.detach().double() if loss_sum is None else loss_sum + loss.detach().double()
+        logits_sum = logits.detach() if logits_sum is None else logits_sum + logits.detach()
+    used = [i for i, g in enumerate(total) if g is not None]
+    grads = [total[i] for i in used]
+    ctx.sync_grads(grads)  # type: ignore[arg-type]
+    assert loss_sum is not None and logits_sum is not None
+    return [params[i] for i in used], grads, loss_sum / k, logits_sum / k  # type: ignore[return-value]
