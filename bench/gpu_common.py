@@ -76,11 +76,11 @@ def batch_pairs(searcher: Any) -> Iterator[tuple[Any, Any]]:
         epoch += 1
 
 
-def bilevel_step(searcher: Any, pairs: Iterator[tuple[Any, Any]]) -> None:
-    """One PC-DARTS step: the arch on an arch batch, then the weights on a weight batch."""
+def bilevel_step(searcher: Any, pairs: Iterator[tuple[Any, Any]], arch_on: bool = True) -> None:
+    """One PC-DARTS step as the search loop runs it (captured as one graph where ``compile`` captures it): the
+    arch on an arch batch, then the weights on a weight batch (``arch_on=False``: the weights only)."""
     train, val = next(pairs)
-    searcher.method.arch_step(searcher, train, val)
-    searcher.method.weight_step(searcher, train)
+    searcher.step_function(arch_on)(searcher.to_device(train), searcher.to_device(val))
 
 
 def log_rows(out: Path, name: str, rows: Iterable[dict], render: Callable[[list[dict]], None]) -> None:

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 8 in one go, in at most 8 minutes:
+# The GPU checks of issues 8 and 19 in one go, in at most 8 minutes:
 #   1. tests/test_gpu.py (marked gpu: each method on CUDA with amp + channels_last + compile, compiled = eager,
 #      fused = reference, device pipeline = CPU pipeline, GPU share caps memory, 1-worker Ray Train on NCCL);
-#   2. bench/gpu_search.py: reference vs fused vs compiled at batch 32/64/256 and the 50-epoch search estimate;
-#   3. bench/gpu_pack.py: aggregate throughput of 1, 2, 4, 8 searches packed on the GPU.
+#   2. bench/step_counts.py --device cuda: ATen calls, host reads per step and epoch, graphs of the captured step;
+#   3. bench/gpu_search.py: reference vs fused vs compiled/captured at batch 64/256 and the 50-epoch estimate;
+#   4. bench/gpu_pack.py: aggregate throughput of 1, 2, 4, 8 searches packed on the GPU.
+# The suite exits non-zero when any stage fails, and names the stages that did.
 # Tables go to OUTDIR (summary.md collects them). Without CUDA the tests skip, and the two benchmarks run a CPU
 # smoke test that proves the scripts work (marked as such: not GPU figures).
 #
@@ -27,7 +29,10 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a hard time limit, log to O
   timeout --kill-after=10 "$limit" "$@" > >(tee "$OUT/$name.log") 2>&1
   local rc=$?
   echo "== $name: exit $rc after $(( $(date +%s) - t0 )) s" | tee -a "$OUT/$name.log"
+  [ "$rc" -ne 0 ] && FAILED+=("$name (exit $rc)")
+  return 0
 }
+FAILED=()
 
 CUDA=$($PY -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "")' 2>/dev/null)
 {
@@ -40,10 +45,11 @@ CUDA=$($PY -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is
 # -n 0: one process (the suite's two xdist workers would only add a start-up here)
 stage tests 170 "$PY" -m pytest tests/test_gpu.py -m gpu -q -rs -p no:cacheprovider --timeout 160 -n 0
 if [ -n "$CUDA" ]; then
-  stage search 200 "$PY" bench/gpu_search.py --out "$OUT" --timeout 120
+  stage counts 90 "$PY" bench/step_counts.py --device cuda
+  stage search 200 "$PY" bench/gpu_search.py --out "$OUT" --timeout 120 --variants reference fused fused+captured
   stage pack 95 "$PY" bench/gpu_pack.py --out "$OUT" --seconds 8 --timeout 60
 else
-  echo "no CUDA device: the GPU benchmarks are skipped; CPU smoke runs of their scripts follow (not GPU figures)"
+  echo "no CUDA device: skipped the CUDA counts and GPU benchmarks; CPU smoke runs of the benchmark scripts follow (not GPU figures)"
   stage search 200 "$PY" bench/gpu_search.py --out "$OUT" --smoke --allow-cpu --timeout 120
   stage pack 150 "$PY" bench/gpu_pack.py --out "$OUT" --smoke --allow-cpu --timeout 70
 fi
@@ -55,6 +61,7 @@ fi
   echo '```'
   tail -n 15 "$OUT/tests.log"
   echo '```'
+  if [ -f "$OUT/counts.log" ]; then echo; echo "## step counts (CUDA)"; echo; grep '^|' "$OUT/counts.log"; fi
   for t in gpu_search gpu_pack; do
     echo
     echo "## ${t}"
@@ -64,4 +71,8 @@ fi
   echo
   echo "Total: $(( $(date +%s) - START )) s"
 } >> "$OUT/summary.md"
+if ((${#FAILED[@]})); then
+  printf '\nFAILED stages: %s\n' "${FAILED[*]}" | tee -a "$OUT/summary.md"
+fi
 cat "$OUT/summary.md"
+((${#FAILED[@]} == 0))

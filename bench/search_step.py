@@ -35,20 +35,14 @@ def _rss_bytes() -> int:
 def count_aten_calls(net, x, y) -> int:
     """ATen operator calls of one forward + backward of the cross-entropy loss."""
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
 
-    class Count(TorchDispatchMode):
-        calls = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.calls += 1
-            return func(*args, **(kwargs or {}))
+    from pcdarts_core.profile import DispatchCounts
 
     net.zero_grad(set_to_none=True)
-    with Count():
+    with DispatchCounts() as counts:
         torch.nn.functional.cross_entropy(net(x), y).backward()
     net.zero_grad(set_to_none=True)
-    return Count.calls
+    return counts.aten
 
 
 def measure(execution: str, k: int, batch: int, threads: int, channels: int, layers: int, size: int, steps: int,
