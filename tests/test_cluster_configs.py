@@ -455,6 +455,19 @@ def test_readme_cluster_section_matches_the_files():
     for needle in ("ray up cluster/gpu.yaml", "ray dashboard cluster/gpu.yaml", "ray down cluster/gpu.yaml",
                    "ray get-auth-token --generate", "RAY_AUTH_MODE=token", "--address http://127.0.0.1:8265",
                    "kubectl apply -f cluster/kuberay.yaml", "kubectl port-forward svc/pcdarts-head-svc 8265:8265",
-                   "s3://"):
+                   "s3://", "docs/cluster.md", "RAY_UP_enable_autoscaler_v2=0 ray up cluster/onprem.yaml"):
         assert needle in section, needle
     assert "0.0.0.0" not in section
+
+
+def test_cluster_doc_walks_each_cluster_file_from_ray_up_to_ray_down():
+    doc = (REPO / "docs" / "cluster.md").read_text()
+    onprem = ONPREM_YAML.read_text()
+    up = "RAY_UP_enable_autoscaler_v2=0 ray up cluster/onprem.yaml"
+    assert up in doc and up in onprem, "the doc and the file's header start the cluster the same way"
+    for needle in ("ray up cluster/gpu.yaml", "kubectl apply -f cluster/kuberay.yaml", "ray get-auth-token --generate",
+                   "ray dashboard cluster/onprem.yaml", "ray job submit --address http://127.0.0.1:8265",
+                   "hpo:\n  study_storage: postgresql://", "python -m orchestrator.report", "ray down cluster/onprem.yaml",
+                   "ray down cluster/gpu.yaml", "kubectl delete -f cluster/kuberay.yaml", "python cluster/sync.py"):
+        assert needle in doc, needle
+    assert "0.0.0.0" not in doc and credential_findings(doc) == []
