@@ -1,5 +1,6 @@
 """cluster/gpu.yaml, cluster/onprem.yaml and cluster/kuberay.yaml: valid for Ray / KubeRay, pinned to the project's
-Ray, secure by default; gpu.yaml and onprem.yaml share their file mounts, setup and start commands (cluster/common.yaml).
+Ray, secure by default; gpu.yaml and onprem.yaml share their file mounts, setup and start commands
+(cluster/common.yaml).
 
 Offline: the AWS config goes through Ray's own prepare_config/validate_config (schema ray-schema.json plus the
 AWS provider defaults shipped with Ray) with network access blocked; nothing talks to AWS or Kubernetes.
@@ -467,7 +468,8 @@ def test_cluster_doc_walks_each_cluster_file_from_ray_up_to_ray_down():
     assert up in doc and up in onprem, "the doc and the file's header start the cluster the same way"
     for needle in ("ray up cluster/gpu.yaml", "kubectl apply -f cluster/kuberay.yaml", "ray get-auth-token --generate",
                    "ray dashboard cluster/onprem.yaml", "ray job submit --address http://127.0.0.1:8265",
-                   "hpo:\n  study_storage: postgresql://", "python -m orchestrator.report", "ray down cluster/onprem.yaml",
-                   "ray down cluster/gpu.yaml", "kubectl delete -f cluster/kuberay.yaml", "python cluster/sync.py"):
+                   "hpo:\n  study_storage: postgresql://", "python -m orchestrator.report",
+                   "ray down cluster/onprem.yaml", "ray down cluster/gpu.yaml",
+                   "kubectl delete -f cluster/kuberay.yaml", "python cluster/sync.py", "ray stop"):
         assert needle in doc, needle
     assert "0.0.0.0" not in doc and credential_findings(doc) == []
