@@ -128,10 +128,10 @@ def open_study_storage(url: str) -> Any:
     (``postgresql://``) is given the connect timeout; its password may come from ``PGPASSWORD`` or ``~/.pgpass``."""
     import optuna
 
-    if url.startswith("sqlite:///"):
-        os.makedirs(os.path.dirname(url[len("sqlite:///"):]), exist_ok=True)
     connect_args = {"connect_timeout": max(1, round(connect_timeout()))} if url.startswith("postgresql") else {}
     try:
+        if url.startswith("sqlite:///"):
+            os.makedirs(os.path.dirname(url[len("sqlite:///"):]), exist_ok=True)
         return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": connect_args})
     except ImportError as err:  # Optuna's, from the driver's ModuleNotFoundError
         missing = getattr(err.__cause__, "name", None) or "?"
