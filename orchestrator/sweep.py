@@ -11,7 +11,7 @@ import time
 from typing import Any, Iterator, Mapping, Sequence
 
 from .cli import EXIT_INTERRUPTED, Parser, check_name, resolve_storage, run_cli, split_experiment
-from .cluster import check_storage, cluster_address, connect, local_resources
+from .cluster import check_storage, cluster_address, connect, connect_timeout, local_resources
 from .experiment import (TUNE_DIRS, ParquetResults, abs_data_dir, claim_experiment, finish, fit,
                          read_claim, reconcile_stability, render_baselines)
 from .presets import Preset, check_data, check_resources, load_preset
@@ -112,6 +112,37 @@ def study_url(spec: Any, storage: str, name: str) -> str:
     return f"sqlite:///{ResultStore(storage, name).root}/optuna.db"
 
 
+def shown_url(url: str) -> str:
+    """A study storage URL as printed: its password, if any, as ``***``."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL is refused by open_study_storage, shown as given here
+        return url
+
+
+def open_study_storage(url: str) -> Any:
+    """The Optuna storage at ``url``, connected (its tables created): a ``ValueError`` naming the URL (password
+    hidden) when it cannot be, e.g. no server, a wrong password, a missing driver. A server database
+    (``postgresql://``) is given the connect timeout; its password may come from ``PGPASSWORD`` or ``~/.pgpass``."""
+    import optuna
+
+    connect_args = {"connect_timeout": max(1, round(connect_timeout()))} if url.startswith("postgresql") else {}
+    try:
+        if url.startswith("sqlite:///"):
+            os.makedirs(os.path.dirname(url[len("sqlite:///"):]), exist_ok=True)
+        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": connect_args})
+    except ImportError as err:  # Optuna's, from the driver's ModuleNotFoundError
+        missing = getattr(err.__cause__, "name", None) or "?"
+        how = "pip install -c constraints.txt -e '.[postgres]'" if url.startswith("postgresql") else "install it"
+        raise ValueError(f"hpo.study_storage {shown_url(url)} needs the database driver {missing!r}: {how}") from None
+    except Exception as err:  # noqa: BLE001 - SQLAlchemy's and the driver's errors, any of them: one line
+        cause = getattr(err, "orig", None) or err  # the driver's own message, without SQLAlchemy's footer
+        first = next((line.strip() for line in str(cause).splitlines() if line.strip()), type(cause).__name__)
+        raise ValueError(f"hpo.study_storage {shown_url(url)} cannot be opened: {first}") from None
+
+
 SAMPLERS = {"tpe": "TPESampler", "nsga2": "NSGAIISampler", "random": "RandomSampler"}
 
 
@@ -125,6 +156,7 @@ def run_hpo(preset: Preset, storage: str, name: str, address: str | None, verbos
 
     spec = preset.hpo_spec()
     url = study_url(spec, storage, name)
+    study_storage = open_study_storage(url)  # before anything runs: a bad URL is one line
     with locked_experiment(preset, storage, name, address, [spec.resources], verbose) as (store, available):
         claim_experiment(store, "hpo", {"search": abs_data_dir(preset.search), "hpo": dict(preset.hpo)}, preset.raw)
         # The objectives arrive with a configuration's last seed only; earlier results carry the ASHA metric.
@@ -133,15 +165,13 @@ def run_hpo(preset: Preset, storage: str, name: str, address: str | None, verbos
         epochs = int(preset.search_config(seed=0).epochs)
         console().print(f"[bold]{name}[/]: Optuna ({spec.sampler}, 2 objectives: {OBJECTIVE_ACC} max, "
                         f"{OBJECTIVE_DISTANCE} min) x {spec.num_samples} configurations x {len(spec.seeds)} seeds; "
-                        f"study {url}")
+                        f"study {shown_url(url)}")
 
         def make() -> tuple[dict, dict, list]:
-            if url.startswith("sqlite:///"):
-                os.makedirs(os.path.dirname(url[len("sqlite:///"):]), exist_ok=True)
             sampler = getattr(optuna.samplers, SAMPLERS[spec.sampler])(seed=spec.seed)
             searcher = _optuna_search_class()(metric=[OBJECTIVE_ACC, OBJECTIVE_DISTANCE], mode=["max", "min"],
                                               sampler=sampler, study_name=name,
-                                              storage=optuna.storages.RDBStorage(url))
+                                              storage=study_storage)
             limit = spec.max_concurrent_trials or max(1, int(available.get("CPU", 1) //
                                                              max(float(spec.resources.get("cpu", 1)), 1e-9)))
             scheduler = (ASHAScheduler(time_attr=HPO_PROGRESS, metric=HPO_RUNNING_ACC, mode="max",
@@ -165,17 +195,17 @@ def run_hpo(preset: Preset, storage: str, name: str, address: str | None, verbos
         failed = sum(1 for err, _ in results if err is not None)
         console().print(f"hpo: {len(results)} configurations in {time.perf_counter() - start:.0f} s")
         code = finish(store, {"failed": failed, "running": unfinished}, what="configuration(s)")
-        render_pareto(url, name)
+        render_pareto(study_storage, name)
         return code
 
 
-def render_pareto(url: str, name: str) -> None:
+def render_pareto(study_storage: Any, name: str) -> None:
     """The Optuna study's trials and its Pareto front (both objectives)."""
     import optuna
     from rich.table import Table
 
     try:
-        study = optuna.load_study(study_name=name, storage=url)
+        study = optuna.load_study(study_name=name, storage=study_storage)
     except KeyError:
         return
     front = {t.number for t in study.best_trials}

@@ -1,4 +1,6 @@
-"""cluster/gpu.yaml and cluster/kuberay.yaml: valid for Ray / KubeRay, pinned to the project's Ray, secure by default.
+"""cluster/gpu.yaml, cluster/onprem.yaml and cluster/kuberay.yaml: valid for Ray / KubeRay, pinned to the project's
+Ray, secure by default; gpu.yaml and onprem.yaml share their file mounts, setup and start commands
+(cluster/common.yaml).
 
 Offline: the AWS config goes through Ray's own prepare_config/validate_config (schema ray-schema.json plus the
 AWS provider defaults shipped with Ray) with network access blocked; nothing talks to AWS or Kubernetes.
@@ -26,6 +28,8 @@ except ModuleNotFoundError:  # Python 3.10
 REPO = Path(__file__).resolve().parents[1]
 GPU_YAML = REPO / "cluster" / "gpu.yaml"
 KUBERAY_YAML = REPO / "cluster" / "kuberay.yaml"
+ONPREM_YAML = REPO / "cluster" / "onprem.yaml"
+COMMON_YAML = REPO / "cluster" / "common.yaml"
 LOCALHOST = {"127.0.0.1", "localhost", "::1"}
 RAY_PORTS = {6379, 8265, 10001}
 
@@ -35,6 +39,10 @@ RAY_PORTS = {6379, 8265, 10001}
 
 def _gpu() -> dict:
     return yaml.safe_load(GPU_YAML.read_text())
+
+
+def _onprem() -> dict:
+    return yaml.safe_load(ONPREM_YAML.read_text())
 
 
 def _kuberay_docs() -> list[dict]:
@@ -224,7 +232,7 @@ def test_gpu_token_auth_is_on_everywhere():
 
 
 def test_no_credentials_in_cluster_files():
-    for path in (GPU_YAML, KUBERAY_YAML):
+    for path in (GPU_YAML, KUBERAY_YAML, ONPREM_YAML, COMMON_YAML):
         assert credential_findings(path.read_text()) == [], path
     assert credential_findings("export AWS_SECRET_ACCESS_KEY=x") and credential_findings("AKIAABCDEFGHIJKLMNOP")
     # Nodes get AWS access from instance profiles / the ServiceAccount, not from keys in env or config.
@@ -290,6 +298,72 @@ def test_gpu_setup_installs_this_project_with_constraints():
     head = " ".join(cfg["head_start_ray_commands"])
     assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in head, "without it the head never launches workers"
     assert all("$RAY_HEAD_IP:6379" in c for c in cfg["worker_start_ray_commands"] if "ray start" in c)
+
+
+# ---------------------------------------------------------------- one source for gpu.yaml and onprem.yaml
+
+
+def _sync_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cluster_sync", REPO / "cluster" / "sync.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_and_onprem_share_mounts_setup_and_start_commands_from_common_yaml():
+    sync = _sync_module()
+    assert set(sync.SHARING) == {GPU_YAML.name, ONPREM_YAML.name}
+    assert sync.out_of_step() == [], "run python cluster/sync.py"
+    common = yaml.safe_load(COMMON_YAML.read_text())
+    assert {"file_mounts", "setup_commands", "head_start_ray_commands", "worker_start_ray_commands"} <= set(common)
+    for cfg in (_gpu(), _onprem()):
+        assert {key: cfg[key] for key in common} == common
+    # The check sees a file edited by hand, and a file without the block.
+    edited = GPU_YAML.read_text().replace("--dashboard-port=8265", "--dashboard-port=8266")
+    assert sync.synced(edited, COMMON_YAML.read_text()) != edited
+    with pytest.raises(ValueError, match="BEGIN common"):
+        sync.synced("cluster_name: x\n", COMMON_YAML.read_text())
+
+
+# ---------------------------------------------------------------- onprem.yaml
+
+
+def test_onprem_yaml_passes_rays_own_prepare_and_validate(no_network):
+    cfg = _onprem()
+    provider = cfg["provider"]
+    assert provider["type"] == "local" and provider["head_ip"] and len(provider["worker_ips"]) >= 1
+    assert cfg["auth"]["ssh_user"] and cfg["auth"]["ssh_private_key"]
+    prepared = prepare_config(copy.deepcopy(cfg))
+    validate_config(prepared)
+    node = prepared["available_node_types"][prepared["head_node_type"]]
+    assert node["min_workers"] == node["max_workers"] == len(provider["worker_ips"])  # every machine is kept
+    bad = _onprem()
+    bad["worker_start_ray_command"] = bad.pop("worker_start_ray_commands")
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(prepare_config(bad))
+
+
+def test_onprem_placeholders_key_and_security():
+    import ipaddress
+
+    cfg = _onprem()
+    # The example addresses are in a documentation range: a `ray up` of the unedited file reaches nobody.
+    for ip in [cfg["provider"]["head_ip"], *cfg["provider"]["worker_ips"]]:
+        assert ipaddress.ip_address(ip) in ipaddress.ip_network("192.0.2.0/24"), ip
+    key = cfg["auth"]["ssh_private_key"]
+    assert key.startswith("~/") and not (REPO / key).exists(), "the SSH key is a path on the user's machine"
+    commands = _all_commands(cfg)
+    assert dashboard_host_violations(commands) == [] and not any("0.0.0.0" in c for c in commands)
+    assert "0.0.0.0" not in ONPREM_YAML.read_text() and not AUTH_DISABLED.search(ONPREM_YAML.read_text())
+    starts = [c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2 and all("RAY_AUTH_MODE=token" in c for c in starts)
+    assert cfg["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
+    assert "docker" not in cfg, "the lab's machines run Ray in the virtualenv of initialization_commands"
+    venv = "~/pcdarts-venv"
+    assert any(venv in c and "python3 -m venv" in c for c in cfg["initialization_commands"])
+    assert any(f"source {venv}/bin/activate" in c and "~/.bashrc" in c for c in cfg["initialization_commands"])
 
 
 # ---------------------------------------------------------------- kuberay.yaml
@@ -382,6 +456,20 @@ def test_readme_cluster_section_matches_the_files():
     for needle in ("ray up cluster/gpu.yaml", "ray dashboard cluster/gpu.yaml", "ray down cluster/gpu.yaml",
                    "ray get-auth-token --generate", "RAY_AUTH_MODE=token", "--address http://127.0.0.1:8265",
                    "kubectl apply -f cluster/kuberay.yaml", "kubectl port-forward svc/pcdarts-head-svc 8265:8265",
-                   "s3://"):
+                   "s3://", "docs/cluster.md", "RAY_UP_enable_autoscaler_v2=0 ray up cluster/onprem.yaml"):
         assert needle in section, needle
     assert "0.0.0.0" not in section
+
+
+def test_cluster_doc_walks_each_cluster_file_from_ray_up_to_ray_down():
+    doc = (REPO / "docs" / "cluster.md").read_text()
+    onprem = ONPREM_YAML.read_text()
+    up = "RAY_UP_enable_autoscaler_v2=0 ray up cluster/onprem.yaml"
+    assert up in doc and up in onprem, "the doc and the file's header start the cluster the same way"
+    for needle in ("ray up cluster/gpu.yaml", "kubectl apply -f cluster/kuberay.yaml", "ray get-auth-token --generate",
+                   "ray dashboard cluster/onprem.yaml", "ray job submit --address http://127.0.0.1:8265",
+                   "hpo:\n  study_storage: postgresql://", "python -m orchestrator.report",
+                   "ray down cluster/onprem.yaml", "ray down cluster/gpu.yaml",
+                   "kubectl delete -f cluster/kuberay.yaml", "python cluster/sync.py", "ray stop"):
+        assert needle in doc, needle
+    assert "0.0.0.0" not in doc and credential_findings(doc) == []
