@@ -106,7 +106,9 @@ def figure_svg(fig: Figure, key: str) -> str:
     text = buf.getvalue()
     text = re.sub(r"\s*<metadata>.*?</metadata>", "", text[text.index("<svg"):], count=1, flags=re.S)
     # matplotlib names every group figure_1, patch_1, ...: unreferenced, and duplicates once several SVGs share
-    # a page. The ids that are referenced (clip paths, markers) are salted hashes without an _N suffix.
+    # a page. The ids that are referenced (clip paths, markers) are salted hashes without an _N suffix. Legends
+    # keep a class (the report's page checks that no legend covers other text).
+    text = re.sub(r'<g id="legend_\d+"', '<g class="mpl-legend"', text)
     return re.sub(r'\sid="[A-Za-z][\w.]*_\d+"', "", text)
 
 
