@@ -210,7 +210,7 @@ def _acc_cell(mean: Any, std: Any, low: Any = None, high: Any = None, n: Any = N
     if mean is None:
         return "-"
     ci = f"\n[{_fmt(low)}, {_fmt(high)}]" if low is not None and high is not None and high > low else ""
-    return _fmt(mean) + (f" ± {_fmt(std)}" if std is not None else "") + ci + ("" if n is None else f" ({n})")
+    return _fmt(mean) + (f" ± {_fmt(std)}" if std is not None else "") + ci + ("" if n is None else f"\n({n})")
 
 
 #: what the stability table's columns are (the line under it)
