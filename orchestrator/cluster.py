@@ -136,11 +136,11 @@ def connect(address: str | None, verbose: bool = False) -> dict[str, float]:
     """Join the cluster at ``address`` (or ``$RAY_ADDRESS``) or start Ray here, unless connected; its capacity."""
     import ray
 
+    if not verbose:
+        route_ray_messages()
     if not ray.is_initialized():
         kwargs = dict(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING,
                       runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("PCDARTS_")}})
-        if not verbose:
-            route_ray_messages()
         if address := cluster_address(address):
             try:
                 ray.init(address=preflight(address), **kwargs)
