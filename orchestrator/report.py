@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jinja2
 import numpy as np
 
+from pcdarts_core.config import get_method, search_config
 from pcdarts_core.genotypes import CELL_TYPES
 from pcdarts_core.ops import OPS, PRIMITIVES
 from pcdarts_core.stability import (cross_distances, encode, frequencies_from_json, pairwise_distances,
@@ -254,13 +255,18 @@ def distance_figure(runs: Sequence[SeedRun]) -> Any:
 
 
 def alpha_ops(width: int, trial: Mapping[str, Any]) -> list[str]:
-    """The op of each alpha column: a ``cfg_*primitives*`` list, the core's PRIMITIVES, or ``op <i>``."""
+    """The op of each alpha column: a ``cfg_*primitives*`` list, the method's own op set (RoMe's 7 ops), the
+    core's PRIMITIVES, or ``op <i>``."""
     for key, value in trial.items():
         if key.startswith("cfg_") and "primitives" in key and isinstance(value, str):
             with contextlib.suppress(ValueError):
                 if isinstance(names := json.loads(value), list) and len(names) == width and \
                         all(isinstance(n, str) for n in names):
                     return names
+    with contextlib.suppress(ValueError, KeyError):  # an unknown method or dataset: the fallbacks below
+        cfg = search_config(str(trial.get("method") or "pcdarts"), str(trial.get("cfg_dataset") or "cifar10"))
+        if len(names := list(get_method(cfg.method).primitives(cfg))) == width:
+            return names
     return list(PRIMITIVES) if width == len(PRIMITIVES) else [f"op {i}" for i in range(width)]
 
 

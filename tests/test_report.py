@@ -392,6 +392,8 @@ def test_report_of_a_single_run_is_laid_out_for_one_run(tmp_path):
     assert "<h2>method=rome</h2>" in text and "<code>method=rome,batch_size=" in text
     assert 'id="overview"' not in text and "Agreement across seeds" not in text and "cells of the 1 seeds" not in text
     assert {"g0-best-normal", "g0-best-reduce", "g0-curves"} <= figure_ids(text)
+    legend = _svg_texts(text, "g0-alpha-normal")  # RoMe's 7 ops by name (and colour), not "op 0".."op 6"
+    assert "max 3x3" in legend and "op 0" not in legend
     assert "Reference levels (dotted red lines in the figures): chance accuracy 0.100 (synthetic)" in text
     assert_renders(exp / report.REPORT_FILE, tmp_path)
 

@@ -139,7 +139,7 @@ def test_smoke_sweep_lines_name_their_configuration(smoke_sweep):
     assert ("reference levels: chance accuracy 0.100 (synthetic) · random cells' distance 0.909 (darts) · uniform "
             "arch entropy 2.079 (log 8)") in text
     assert "eval columns empty" not in text  # --evaluate retrained them
-    assert re.search(r"^done \S+ \(trial:\S+ seed 0\): test_acc", smoke_sweep["evaluate_out"], re.M)
+    assert re.search(r"^done \S+ \(published:DARTS_V2 seed 0\): test_acc", smoke_sweep["evaluate_out"], re.M)
 
 
 def test_without_a_preset_the_sweep_says_which_it_took(tmp_path):
