@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--consensus", action="store_true", help="each group's consensus genotype")
     p.add_argument("--genotype", action="append", default=[], metavar="NAME_OR_FILE",
                    help="a published genotype (PC_DARTS_CIFAR, DARTS_V2, ...) or a genotype file; repeatable")
-    p.add_argument("--random", type=int, default=0, metavar="N", help="N random cells of the search space (the baseline)")
+    p.add_argument("--random", type=int, default=0, metavar="N",
+                   help="N random cells of the search space (the baseline)")
     p.add_argument("--seeds", type=int, nargs="+", help="training seeds of every evaluation (default: the preset's)")
     p.add_argument("--preset", help="take the evaluation protocol from this preset's evaluate: section")
     p.add_argument("--config", help="... or from this YAML file")

@@ -194,7 +194,8 @@ def reference_line(refs: Sequence[References]) -> str:
     parts = []
     for what, attr, of in (("chance accuracy", "chance", lambda r: r.dataset),
                            ("random cells' distance", "random_distance", lambda r: r.space),
-                           ("uniform arch entropy", "uniform_entropy", lambda r: f"log {math.exp(r.uniform_entropy):.0f}")):
+                           ("uniform arch entropy", "uniform_entropy",
+                            lambda r: f"log {math.exp(r.uniform_entropy):.0f}")):
         values = dict.fromkeys((f"{getattr(r, attr):.3f}", of(r)) for r in refs if getattr(r, attr) is not None)
         if values:
             parts.append(f"{what} " + ", ".join(f"{v} ({name})" for v, name in values))
@@ -234,7 +235,7 @@ def render_table(table: pa.Table, console: Console, title: str = "Search stabili
                 title=title + (f" ({common})" if common else ""))
     for group, row in zip(groups, rows):
         seeds = str(row.get("n_seeds", 0)) + (f"\n{row['n_failed']} fail" if row.get("n_failed") else "")
-        out.add_row(_PAIR.sub("\n", labels[group]) if len(rows) > 1 else group, seeds,
+        out.add_row(_PAIR.sub("\n", labels[group] if len(rows) > 1 else group), seeds,  # a pair a line
                     _acc_cell(*(row.get(f"val_acc_{k}") for k in ("mean", "std", "ci_low", "ci_high"))),
                     _fmt(row.get("best_minus_mean")), _fmt(row.get("genotype_distance_mean"), ".3f"),
                     _fmt(row.get("n_distinct_genotypes"), "d"), _fmt(row.get("skip_normal_mean"), ".1f"),

@@ -16,7 +16,7 @@ from .experiment import (TUNE_DIRS, ParquetResults, abs_data_dir, claim_experime
                          read_claim, reconcile_stability, render_stability)
 from .presets import Preset, check_data, check_resources, load_preset
 from .progress import OPTUNA_TRIAL_KEY, TuneProgress, console
-from .results import experiment_lock, ResultStore
+from .results import check_unlocked, experiment_lock, ResultStore
 
 DEFAULT_CONFIG = "stability"
 
@@ -31,9 +31,10 @@ def locked_experiment(preset: Preset, storage: str, name: str, address: str | No
     here = local_resources() if not address else None  # what the Ray started here will have
     for res in per_trial if here else ():
         check_resources(res, here)
-    address = preflight(address)  # before the experiment's folder is made: a cluster it cannot join leaves none
     store = ResultStore(storage, name)
     check_storage(store)
+    check_unlocked(store)
+    address = preflight(address)  # before the lock makes the storage folder: a cluster it cannot join leaves none
     with experiment_lock(store):
         available = connect(address, verbose)
         for res in per_trial:
