@@ -23,7 +23,7 @@ import torch
 from pcdarts_core.config import global_config, rank_config
 from pcdarts_core.runtime import load_checkpoint
 
-from .cluster import cluster_capacity, connect, preflight
+from .cluster import cluster_capacity, connect
 from .presets import DistributedOptions
 from .results import ResultStore
 from .run import (CONFIG_FILE, Echo, Reporter, RunCallback, RunFailed, RunResult, SearchRun, StoreReporter,
@@ -182,7 +182,6 @@ def run_distributed(values: Mapping[str, Any], opts: DistributedOptions, storage
     """The same search on ``opts.num_workers`` Ray Train workers (``TorchTrainer``, gloo on CPUs, NCCL on GPUs)."""
     cfg = global_config(values, opts.lr_reference_batch)
     rank_config(cfg, opts.max_workers)  # every worker count of the group must get at least one sample
-    address = preflight(address)  # before the run's folder is made
 
     def launch(store: ResultStore, spec: dict[str, Any], resuming: bool) -> RunResult:
         import ray.train

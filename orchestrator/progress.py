@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from ray.tune import Callback
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 _console: Console | None = None
@@ -87,7 +88,7 @@ class TuneProgress(Callback):
 
     def name(self, trial: Any, brackets: bool = True) -> str:
         """What a trial is about, for its lines: :func:`trial_label` of its config."""
-        text = trial_label(trial.config, self.grid_keys)
+        text = escape(trial_label(trial.config, self.grid_keys))  # (a list value is no rich markup)
         return f"({text})" if text and brackets else text
 
     def _ended(self, trials: list[Any], trial: Any, status: str, line: str) -> None:

@@ -11,12 +11,12 @@ import time
 from typing import Any, Iterator, Mapping, Sequence
 
 from .cli import EXIT_INTERRUPTED, Parser, check_name, resolve_storage, run_cli, split_experiment
-from .cluster import check_storage, cluster_address, connect, local_resources, preflight
+from .cluster import check_storage, cluster_address, connect, local_resources
 from .experiment import (TUNE_DIRS, ParquetResults, abs_data_dir, claim_experiment, finish, fit,
                          read_claim, reconcile_stability, render_stability)
 from .presets import Preset, check_data, check_resources, load_preset
 from .progress import OPTUNA_TRIAL_KEY, TuneProgress, console
-from .results import check_unlocked, experiment_lock, ResultStore
+from .results import experiment_lock, ResultStore
 
 DEFAULT_CONFIG = "stability"
 
@@ -33,8 +33,6 @@ def locked_experiment(preset: Preset, storage: str, name: str, address: str | No
         check_resources(res, here)
     store = ResultStore(storage, name)
     check_storage(store)
-    check_unlocked(store)
-    address = preflight(address)  # before the lock makes the storage folder: a cluster it cannot join leaves none
     with experiment_lock(store):
         available = connect(address, verbose)
         for res in per_trial:
