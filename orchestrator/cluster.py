@@ -76,6 +76,38 @@ def resolve(address: str) -> str:
             time.sleep(0.5)
 
 
+#: what a cluster started by ``ray start`` (Ray 2.60: token authentication on) needs from a driver that joins it
+AUTH_HINT = ("set RAY_AUTH_MODE=token and give this machine the cluster's token in ~/.ray/auth_token (or "
+             "$RAY_AUTH_TOKEN; `ray get-auth-token` on the head node prints it)")
+
+
+def check_auth(address: str) -> None:
+    """One GCS call without a token: a cluster that refuses it wants token authentication, which a driver without
+    ``RAY_AUTH_MODE=token`` would retry for 20 s and fail without saying why; a one-line ``ValueError`` instead."""
+    if address.startswith("ray://") or os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        return
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=min(5.0, connect_timeout()))
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise ValueError(f"the Ray cluster at {address} requires token authentication: {AUTH_HINT}") \
+                    from None  # anything else: ray.init says what it is
+
+
+def preflight(address: str | None) -> str | None:
+    """The cluster to join, checked reachable and joinable before anything is written (None: Ray starts here)."""
+    if not (address := cluster_address(address)):
+        return None
+    target = resolve(address)
+    check_auth(target)
+    return target
+
+
 def check_storage(store: Any) -> None:
     """A ``ValueError`` unless the storage answers within the connect timeout (else object stores retry for minutes)."""
     if "://" not in store.storage or store.storage.startswith("file://"):
@@ -104,12 +136,14 @@ def connect(address: str | None, verbose: bool = False) -> dict[str, float]:
     """Join the cluster at ``address`` (or ``$RAY_ADDRESS``) or start Ray here, unless connected; its capacity."""
     import ray
 
+    if not verbose:
+        route_ray_messages()
     if not ray.is_initialized():
         kwargs = dict(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING,
                       runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("PCDARTS_")}})
         if address := cluster_address(address):
             try:
-                ray.init(address=resolve(address), **kwargs)
+                ray.init(address=preflight(address), **kwargs)
             except (ConnectionError, RuntimeError) as err:
                 raise ValueError(f"cannot join the Ray cluster at {address}: {str(err).splitlines()[0]}") from None
         else:
@@ -119,6 +153,44 @@ def connect(address: str | None, verbose: bool = False) -> dict[str, float]:
             if getattr(ctx, "dashboard_url", None):
                 print(f"Ray dashboard: http://{ctx.dashboard_url}")
     return cluster_capacity()
+
+
+#: where the driver writes the messages Ray's cluster publishes to it (a lost node's log tail, dead workers)
+RAY_MESSAGES_FILE = "pcdarts-ray-messages.log"
+
+
+def ray_messages_log() -> Path:
+    """The log of Ray's published messages: in this Ray session's log folder (else the temp folder)."""
+    with contextlib.suppress(Exception):  # a private API; the temp folder does as well
+        import ray._private.worker as worker
+
+        return Path(worker._global_node.get_logs_dir_path(), RAY_MESSAGES_FILE)
+    return Path(tempfile.gettempdir(), RAY_MESSAGES_FILE)
+
+
+def route_ray_messages() -> None:
+    """Ray prints every error message its cluster publishes on the driver's stdout, however quiet ``ray.init`` is
+    asked to be: a lost node's 19-line ``[state-dump]``, a dead worker's traceback. Send them to
+    :func:`ray_messages_log` instead, with one line each on the terminal (``--verbose`` leaves Ray's printing
+    alone). Ray has no option for this: its listener thread looks ``print_to_stdstream`` up at every message."""
+    import ray._private.worker as worker
+
+    original = worker.print_to_stdstream
+    if getattr(original, "routed", False):
+        return
+
+    def route(data: dict, ignore_prefix: bool) -> None:
+        if data.get("pid") != "raylet":  # worker logs (only with log_to_driver): Ray's own printing
+            return original(data, ignore_prefix)
+        path = ray_messages_log()
+        lines = [line for text in data.get("lines", []) for line in str(text).splitlines() if line.strip()]
+        with contextlib.suppress(OSError), open(path, "a", encoding="utf-8") as f:
+            f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}\n" + "\n".join(lines) + "\n")
+        first = lines[0].strip() if lines else "a message"
+        print(f"ray: {first[:160]}{'...' if len(first) > 160 else ''} ({len(lines)} line(s) in {path})", flush=True)
+
+    route.routed = True  # type: ignore[attr-defined]
+    worker.print_to_stdstream = route
 
 
 # -- a local cluster is owned by the driver that started it: ray.shutdown stops it at a normal exit; a driver

@@ -9,12 +9,14 @@ the global batch, the lr scaling, fault tolerance and the dashboard.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
@@ -58,8 +60,8 @@ class TrainReporter(Reporter):
     """``ray.train.report`` every epoch (rank 0 with a checkpoint); resumes from ``ray.train.get_checkpoint()``,
     else from a ``single`` run's checkpoint of the same name. ``store``: rank 0 also writes the run's results."""
 
-    def __init__(self, store: StoreReporter | None):
-        self.store = store
+    def __init__(self, store: StoreReporter | None, echo: Echo = echo_stdout):
+        self.store, self.echo = store, echo
 
     def restore(self) -> Mapping[str, Any] | None:
         import ray.train
@@ -97,7 +99,7 @@ class TrainReporter(Reporter):
         if self.store is not None:
             self.store.finish(run)
         if run.rank == 0:
-            echo_stdout(f"final genotype: {run.genotype().to_json()}")
+            self.echo(f"final genotype: {run.genotype().to_json()}")
 
     def failed(self, run: SearchRun | None, error: BaseException) -> None:
         if self.store is not None:
@@ -117,8 +119,44 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     store = None
     if config.get("storage"):
         store = StoreReporter(ResultStore(config["storage"], spec["name"]), spec, checkpoints=False)
-    run_search(spec, TrainReporter(store), device=device, echo=echo_stdout,
-               callbacks=config.get("callbacks") or ())
+    lines = config.get(LINES_KEY)  # the driver's queue (the CLI): rank 0's lines reach its terminal
+    echo: Echo = echo_stdout if lines is None else lines.put
+    run_search(spec, TrainReporter(store, echo), device=device, echo=echo, callbacks=config.get("callbacks") or ())
+
+
+#: the ``train_loop_config`` key of the queue that carries rank 0's lines (epochs, the final genotype) to the driver
+LINES_KEY = "lines"
+
+
+@contextlib.contextmanager
+def echo_from_workers(echo: Echo | None) -> Iterator[Any]:
+    """A Ray queue whose lines a driver thread passes to ``echo`` while the block runs (None without ``echo``): the
+    workers' own stdout reaches the driver only with ``--verbose``, among Ray's and Train's log lines."""
+    if echo is None:
+        yield None
+        return
+    from ray.util.queue import Empty, Queue
+
+    lines, done = Queue(actor_options={"num_cpus": 0}), threading.Event()
+
+    def pump() -> None:
+        while True:
+            try:
+                echo(lines.get(timeout=0.5))
+            except Empty:
+                if done.is_set():
+                    return
+            except Exception:  # noqa: BLE001 - the queue's actor is gone (Ray shut down): nothing more to show
+                return
+
+    thread = threading.Thread(target=pump, name="pcdarts-echo", daemon=True)
+    thread.start()
+    try:
+        yield lines
+    finally:
+        done.set()
+        thread.join(timeout=10)
+        lines.shutdown()
 
 
 #: Ray 2.60 shows Train V2 runs in the dashboard's Train view only with this set where the trainer is created.
@@ -155,8 +193,9 @@ def run_distributed(values: Mapping[str, Any], opts: DistributedOptions, storage
             echo(f"{'resuming' if resuming else 'starting'} {name}: {opts.num_workers} worker(s)"
                  f"{' with a GPU each' if opts.use_gpu else ''}, global batch {cfg.batch_size}, lr {cfg.lr:g}")
         try:
-            trainer({"spec": spec, "storage": storage, "callbacks": list(callbacks)}, opts,
-                    RunConfig(name=name, storage_path=storage)).fit()
+            with echo_from_workers(echo) as lines:
+                trainer({"spec": spec, "storage": storage, "callbacks": list(callbacks), LINES_KEY: lines}, opts,
+                        RunConfig(name=name, storage_path=storage)).fit()
         except ray.train.TrainingFailedError as err:
             detail = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
             message = " ".join(detail[:1] + detail[-1:]) if detail else type(err).__name__

@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
-from pcdarts_core.genotypes import PUBLISHED, consensus_genotype, load_genotype, parse_genotype, random_genotype
-from pcdarts_core.nb201_arch import random_arch
+from pcdarts_core.genotypes import PUBLISHED, consensus_genotype, load_genotype, parse_genotype
+from pcdarts_core.spaces import get_space
 
 from .cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Parser, run_cli, split_experiment
 from .cluster import check_storage, cluster_address, connect, local_resources
@@ -67,8 +67,7 @@ def evaluation_specs(store: ResultStore, request: EvaluateRequest, protocol: str
                 sources.append((source_consensus(group), consensus_genotype([g for _, g in genotypes]), group))
     sources += [(source_published(name if name in PUBLISHED else name.replace("|", "_")), load_genotype(name), None)
                 for name in request.genotypes]  # a file's path, or an NB201 string, as the label
-    random_cell = random_arch if space == "nb201" else random_genotype
-    sources += [(source_random(i), random_cell(i), None) for i in range(request.random)]
+    sources += [(source_random(i), get_space(space).random_cell(i), None) for i in range(request.random)]
     return [{"eval_id": f"{source}|seed={seed}", "source": source, "genotype": genotype.to_json(), "seed": int(seed),
              "group": group, "protocol": protocol} for source, genotype, group in sources for seed in request.seeds]
 
@@ -131,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--consensus", action="store_true", help="each group's consensus genotype")
     p.add_argument("--genotype", action="append", default=[], metavar="NAME_OR_FILE",
                    help="a published genotype (PC_DARTS_CIFAR, DARTS_V2, ...) or a genotype file; repeatable")
-    p.add_argument("--random", type=int, default=0, metavar="N", help="N random DARTS-space cells (the baseline)")
+    p.add_argument("--random", type=int, default=0, metavar="N",
+                   help="N random cells of the search space (the baseline)")
     p.add_argument("--seeds", type=int, nargs="+", help="training seeds of every evaluation (default: the preset's)")
     p.add_argument("--preset", help="take the evaluation protocol from this preset's evaluate: section")
     p.add_argument("--config", help="... or from this YAML file")

@@ -247,16 +247,11 @@ def finish(store: ResultStore, counts: Mapping[str, int], what: str = "search(es
     """The end of every experiment command: compact the records (one file per kind), recompute the stability
     table, say what failed and where its errors are, and return the exit status (0, 3 failed, 130 unfinished)."""
     from .report import publish  # the HTML report of the experiment; its path is printed
-    from .stability import render_table, stability_table
 
     for kind in ("trials", "epochs", "evaluations"):
         store.compact(kind)
-    trials = store.read("trials")
-    if trials.num_rows:
-        table = stability_table(trials, store.read("epochs"), store.read("evaluations"))
-        store.write_table("stability", table)
-        render_table(table, console(), title=f"Search stability per group: {store.name}")
-        render_baselines(store)
+    if store.read("trials").num_rows:
+        store.write_table("stability", render_stability(store))
     else:
         console().print(f"no search results in {store.root} yet")
     publish(store)
@@ -268,6 +263,20 @@ def finish(store: ResultStore, counts: Mapping[str, int], what: str = "search(es
         console().print("[yellow]interrupted: run the same command again to resume[/]")
         return EXIT_INTERRUPTED
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def render_stability(store: ResultStore) -> Any:
+    """Print the experiment's stability table (its legend, its groups' reference levels, the command that retrains
+    while nothing is) and its baselines; returns the table."""
+    from .stability import references, render_table, stability_table
+
+    trials, epochs = store.read("trials"), store.read("epochs")
+    table = stability_table(trials, epochs, store.read("evaluations"))
+    render_table(table, console(), title=f"Search stability per group: {store.name}",
+                 refs=list(references(trials, epochs).values()),
+                 evaluate_hint=f"python -m orchestrator.evaluate --from {store.uri()}")
+    render_baselines(store)
+    return table
 
 
 def render_baselines(store: ResultStore) -> None:

@@ -5,15 +5,41 @@ front. Every function takes plain numbers and labels; what they mean is decided 
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+import textwrap
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 from matplotlib import colormaps, rc_context
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from pcdarts_core.visualize import ACCENT, GRID, INK, MUTED, new_figure, op_color, op_label, styled
+
+
+#: a reference level drawn as a marked line: (value, label with its value)
+Level = tuple[float, str]
+
+
+def _wrap(label: str, width: int = 36) -> str:
+    """A long label on several lines (a legend or tick label as wide as the figure leaves no room to lay it out)."""
+    return "\n".join(textwrap.wrap(label, width, break_on_hyphens=False)) or label
+
+
+def _vlines(ax: Any, lines: Sequence[Level]) -> None:
+    """Reference levels across the x axis: dotted accent lines, labelled at the top with their values."""
+    for value, label in lines:
+        ax.axvline(value, color=ACCENT, lw=0.9, ls=":", zorder=1)
+        ax.annotate(label, (value, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -2), textcoords="offset points",
+                    ha="left", va="top", fontsize=6.5, color=ACCENT)
+
+
+def _hlines(ax: Any, lines: Sequence[Level]) -> None:
+    for value, label in lines:
+        ax.axhline(value, color=ACCENT, lw=0.8, ls=":")
+        ax.annotate(label, (0.99, value), xycoords=("axes fraction", "data"), ha="right", va="bottom",
+                    fontsize=6, color=ACCENT)
 
 
 def series_color(i: int) -> str:
@@ -67,8 +93,9 @@ class ForestRow(NamedTuple):
 
 
 @_styled({**_GRID, "axes.grid.axis": "x"})
-def forest(rows: Sequence[ForestRow], title: str) -> Figure:
-    """Horizontal forest plot of accuracies, one row per entry, top to bottom; best - mean written on the right."""
+def forest(rows: Sequence[ForestRow], title: str, lines: Sequence[Level] = ()) -> Figure:
+    """Horizontal forest plot of accuracies, one row per entry, top to bottom; best - mean written on the right;
+    ``lines``: reference levels (chance accuracy)."""
     ax = new_figure(6.0, 1.0 + 0.36 * len(rows)).add_subplot()
     rng = np.random.default_rng(0)
     for y, row in zip(range(len(rows) - 1, -1, -1), rows):  # the first row on top
@@ -81,8 +108,9 @@ def forest(rows: Sequence[ForestRow], title: str) -> Figure:
         if row.best_minus_mean is not None:
             ax.annotate(f"best−mean {row.best_minus_mean:+.3f}", (1.0, y), xycoords=("axes fraction", "data"),
                         xytext=(4, 0), textcoords="offset points", va="center", fontsize=7.5, color=MUTED)
-    ax.set_yticks(range(len(rows)), [r.label for r in reversed(rows)])
-    ax.set(ylim=(-0.6, len(rows) - 0.4), xlabel="accuracy", title=title)
+    ax.set_yticks(range(len(rows)), [_wrap(r.label) for r in reversed(rows)])
+    ax.set(ylim=(-0.6, len(rows) + (0.3 if lines else -0.4)), xlabel="accuracy", title=title)
+    _vlines(ax, lines)
     return ax.figure
 
 
@@ -121,16 +149,13 @@ def line_panels(panels: Sequence[Panel]) -> Figure:
                 handles.setdefault(s.label, line)
             if (marked := np.isin(x, s.marks)).any():
                 ax.scatter(x[marked], y[marked], marker="v", s=34, color=s.color, edgecolor=INK, lw=0.5, zorder=5)
-        for value, label in panel.hlines:
-            ax.axhline(value, color=ACCENT, lw=0.8, ls=":")
-            ax.annotate(label, (0.99, value), xycoords=("axes fraction", "data"), ha="right", va="bottom",
-                        fontsize=6, color=ACCENT)
+        _hlines(ax, panel.hlines)
         ax.set(title=panel.title, xlabel="epoch", ylabel=panel.ylabel, ylim=panel.ylim)  # None: autoscaled
         ax.xaxis.get_major_locator().set_params(integer=True)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     if handles:
-        fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=7)
+        fig.legend(list(handles.values()), [_wrap(h, 24) for h in handles], loc="outside right upper", fontsize=7)
     return fig
 
 
@@ -143,10 +168,10 @@ def op_probability_grid(epochs: np.ndarray, probs: np.ndarray, edges: Sequence[t
     ``e``; their lines are drawn thick, and edges that kept nothing are greyed."""
     per_row = [[e for e, (_, dst) in enumerate(edges) if dst == t] for t in dict.fromkeys(dst for _, dst in edges)]
     columns = max(len(r) for r in per_row)
-    width, height = 1.55 * columns + 1.4, 1.15 * len(per_row) + 0.6
+    width, height = 1.55 * columns + 1.4, 1.15 * len(per_row) + 0.8
     fig = new_figure(width, height, constrained=False)
     axes = fig.subplots(len(per_row), columns, squeeze=False, sharex=True, sharey=True)
-    fig.subplots_adjust(left=0.75 / width, right=1 - 1.15 / width, bottom=0.5 / height, top=1 - 0.4 / height,
+    fig.subplots_adjust(left=0.75 / width, right=1 - 1.15 / width, bottom=0.5 / height, top=1 - 0.62 / height,
                         wspace=0.12, hspace=0.45)
     for r, row in enumerate(per_row):
         for ax in axes[r, len(row):]:
@@ -159,6 +184,7 @@ def op_probability_grid(epochs: np.ndarray, probs: np.ndarray, edges: Sequence[t
             ax.set_ylim(0, max(0.3, float(np.nanmax(probs)) * 1.05) if probs.size else 1)
             ax.set_title(f"{edges[e][0]} → {edges[e][1]}", fontsize=7, color=INK if kept or not chosen else MUTED)
             ax.tick_params(labelsize=6)
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=3, integer=True))  # epochs; tick labels never touch
             if chosen and not kept:
                 ax.set_facecolor("#f7f7f7")
     handles = [Line2D([], [], color=op_color(op), lw=1.6) for op in ops]
@@ -181,8 +207,10 @@ def pareto_mask(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 @_styled(_GRID)
 def pareto(x: Sequence[float], y: Sequence[float], labels: Sequence[str], title: str, xlabel: str, ylabel: str,
-           yerr: Sequence[tuple[float, float] | None] = ()) -> Figure:
-    """Scatter of configurations with the non-dominated ones (min x, max y) joined as a front and labelled."""
+           yerr: Sequence[tuple[float, float] | None] = (), xlines: Sequence[Level] = (),
+           ylines: Sequence[Level] = ()) -> Figure:
+    """Scatter of configurations with the non-dominated ones (min x, max y) joined as a front and labelled;
+    ``xlines``/``ylines``: reference levels (random cells' distance, chance accuracy)."""
     xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     front = pareto_mask(xs, ys)
     ax = new_figure(6.8, 4.2).add_subplot()
@@ -202,5 +230,7 @@ def pareto(x: Sequence[float], y: Sequence[float], labels: Sequence[str], title:
                     fontsize=7, color=INK if front[idx[0]] else MUTED, va="bottom")
     # margins: room for the labels of the outermost points
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title, xmargin=0.18, ymargin=0.1)
+    _vlines(ax, xlines)
+    _hlines(ax, ylines)
     ax.legend(loc="best")
     return ax.figure

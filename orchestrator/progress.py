@@ -10,10 +10,11 @@ import math
 import os
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ray.tune import Callback
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 _console: Console | None = None
@@ -37,19 +38,21 @@ def stop_all() -> None:
 
 class TuneProgress(Callback):
     """``label`` names the experiment; ``total_epochs`` is the work of all trials in epochs (None: unknown);
-    ``metric`` (higher is better) picks the "best so far"; ``epoch_key`` is the result key counting a trial's epochs."""
+    ``metric`` (higher is better) picks the "best so far"; ``epoch_key`` is the result key counting a trial's epochs;
+    ``grid_keys`` are the search settings a stability sweep varies, which name its trials (``k=2 seed 0``)."""
 
     def __init__(self, label: str, total_trials: int, total_epochs: int | None, metric: str = "val_acc",
-                 epoch_key: str = "epoch"):
+                 epoch_key: str = "epoch", grid_keys: Sequence[str] = ()):
         self.label, self.total_trials, self.total_epochs = label, total_trials, total_epochs
-        self.metric, self.epoch_key = metric, epoch_key
+        self.metric, self.epoch_key, self.grid_keys = metric, epoch_key, tuple(grid_keys)
         self._progress: Progress | None = None
         self._done_epochs: dict[str, float] = {}
         self._ends: dict[str, str] = {}  # trial id -> "TERMINATED" or "ERROR", by this callback's own records
         self._best: tuple[float, str] | None = None
 
     def __reduce__(self) -> tuple[Any, ...]:  # Tune pickles its callbacks: the settings only, not the display
-        return type(self), (self.label, self.total_trials, self.total_epochs, self.metric, self.epoch_key)
+        return type(self), (self.label, self.total_trials, self.total_epochs, self.metric, self.epoch_key,
+                            self.grid_keys)
 
     def stop(self) -> None:
         if self._progress is not None:
@@ -81,7 +84,12 @@ class TuneProgress(Callback):
         self._done_epochs[trial.trial_id] = float(result.get(self.epoch_key) or 0)
         value = result.get(self.metric)
         if isinstance(value, (int, float)) and math.isfinite(value) and (self._best is None or value > self._best[0]):
-            self._best = (float(value), str(trial.trial_id))
+            self._best = (float(value), self.name(trial, brackets=False) or str(trial.trial_id))
+
+    def name(self, trial: Any, brackets: bool = True) -> str:
+        """What a trial is about, for its lines: :func:`trial_label` of its config."""
+        text = escape(trial_label(trial.config, self.grid_keys))  # (a list value is no rich markup)
+        return f"({text})" if text and brackets else text
 
     def _ended(self, trials: list[Any], trial: Any, status: str, line: str) -> None:
         """Print ``line``; a trial that ended before its last epoch (ASHA, failure) takes its remaining work."""
@@ -113,33 +121,44 @@ class TuneProgress(Callback):
         result = trial.last_result or {}
         value = result.get(self.metric)
         shown = f"{value:.4f}" if isinstance(value, (int, float)) and math.isfinite(value) else "-"
-        self._ended(trials, trial, "TERMINATED", f"[green]done[/] {trial.trial_id} {_short(trial.config)}: "
+        self._ended(trials, trial, "TERMINATED", f"[green]done[/] {trial.trial_id} {self.name(trial)}: "
                                                  f"{self.metric} {shown} in {result.get('time_total_s', 0):.0f} s")
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._ended(trials, trial, "ERROR", f"[red]failed[/] {trial.trial_id} {_short(trial.config)} after "
+        self._ended(trials, trial, "ERROR", f"[red]failed[/] {trial.trial_id} {self.name(trial)} after "
                                             f"{trial.num_failures} attempt(s): {error_line(trial)}")
 
     def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._refresh(trials)
-        console().print(f"[yellow]retrying[/] {trial.trial_id} {_short(trial.config)} from its last checkpoint "
+        console().print(f"[yellow]retrying[/] {trial.trial_id} {self.name(trial)} from its last checkpoint "
                         f"(failure {trial.num_failures}): {error_line(trial)}")
 
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
         self.stop()  # (after an interruption Tune has already marked its trials stopped: count them "unfinished")
 
 
-def _short(config: Any) -> str:
-    """A trial's identity in a few characters: its parameters, or its evaluation source and seed."""
+#: the key of an HPO trial's config holding its Optuna trial number (the ``#`` of the final Pareto table)
+OPTUNA_TRIAL_KEY = "optuna_trial"
+
+
+def _value(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def trial_label(config: Any, grid_keys: Sequence[str] = ()) -> str:
+    """A trial's identity in a few characters: a stability search's grid values and seed (``k=2 seed 0``), an HPO
+    configuration's Optuna number and parameters (``#3 arch_lr=0.001 k=4``), an evaluation's source and seed."""
     config = config if isinstance(config, dict) else {}
-    params, spec = config.get("params"), config.get("spec")
+    params, spec, search = config.get("params"), config.get("spec"), config.get("search")
     if isinstance(params, dict):
-        parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(params.items())]
+        number = config.get(OPTUNA_TRIAL_KEY)
+        parts = ([] if number is None else [f"#{number}"]) + [f"{k}={_value(v)}" for k, v in sorted(params.items())]
     elif isinstance(spec, dict):
         parts = [str(spec.get("source", "")), f"seed {spec.get('seed')}"]
     else:
-        parts = [f"seed {config['seed']}"] if "seed" in config else []
-    return "(" + ", ".join(parts) + ")" if parts else ""
+        grid = [f"{k}={_value(search.get(k))}" for k in grid_keys] if isinstance(search, dict) else []
+        parts = grid + ([f"seed {config['seed']}"] if "seed" in config else [])
+    return " ".join(parts)
 
 
 def error_line(trial: Any) -> str:

@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jinja2
 import numpy as np
 
+from pcdarts_core.config import get_method, search_config
 from pcdarts_core.genotypes import CELL_TYPES
 from pcdarts_core.ops import OPS, PRIMITIVES
 from pcdarts_core.stability import (cross_distances, encode, frequencies_from_json, pairwise_distances,
@@ -31,7 +32,7 @@ from pcdarts_core.visualize import CellGraph, cell_graphs, figure_svg, genotype_
 from .cli import Parser, run_cli, split_experiment
 from .plots import ForestRow, Panel, Series, forest, heatmap, line_panels, op_probability_grid, pareto, series_color
 from .results import ResultStore, finite_or_none as _finite, retrained
-from .stability import stability_table
+from .stability import References, reference_line, references, short_labels, stability_table
 
 REPORT_FILE = "report.html"
 #: per-seed cell diagrams shown open; more seeds than this are folded (still in the page)
@@ -139,6 +140,22 @@ class Experiment:
     baselines: list[tuple[str, list[float]]]
     bench: list[str]  # the trials' bench_acc_<dataset> columns
     hpo: bool
+    refs: dict[str, References]  # each group's reference levels (chance, random cells, uniform alphas)
+
+    @property
+    def single(self) -> bool:
+        """One search in all (``search single``, a one-search sweep): the page is laid out for one run."""
+        return sum(len(runs) for runs in self.seeds.values()) == 1
+
+    @property
+    def kind(self) -> str:
+        return "HPO study" if self.hpo else "single search" if self.single else "stability sweep"
+
+    def levels(self, attr: str, label: str, groups: Sequence[str] | None = None) -> list[tuple[float, str]]:
+        """The distinct reference levels ``attr`` of ``groups`` (default all) as (value, "label value") lines."""
+        values = dict.fromkeys(v for g in (self.groups if groups is None else groups)
+                               if (r := self.refs.get(g)) is not None and (v := getattr(r, attr)) is not None)
+        return [(v, f"{label} {v:.3f}") for v in values]
 
 
 def load_experiment(store: ResultStore) -> Experiment:
@@ -159,18 +176,8 @@ def load_experiment(store: ResultStore) -> Experiment:
     return Experiment(store, sorted(seeds), seeds, {r["group"]: r for r in table}, accs,
                       sorted((label, v) for (kind, label), v in accs.items() if kind == "baseline"),
                       sorted(c for c in trials.column_names if c.startswith("bench_acc_")),
-                      "hpo_trial" in trials.column_names)  # HPO rows name their Tune trial
-
-
-# -- labels -------------------------------------------------------------------------------------------------------
-_PAIR = re.compile(r",(?=[A-Za-z_][\w.]*=)")
-
-
-def short_labels(groups: Sequence[str]) -> dict[str, str]:
-    """Group texts without the ``key=value`` pairs all groups share (``method=pcdarts,k=4`` -> ``k=4``)."""
-    parts = {g: _PAIR.split(g) for g in groups}
-    common = set.intersection(*(set(p) for p in parts.values())) if len(groups) > 1 else set()
-    return {g: ",".join(p for p in parts[g] if p not in common) or g for g in groups}
+                      "hpo_trial" in trials.column_names,  # HPO rows name their Tune trial
+                      references(trials, epochs) if trials.num_rows else {})
 
 
 # -- figures --------------------------------------------------------------------------------------------------------
@@ -195,6 +202,10 @@ def _accuracies(exp: Experiment) -> list[tuple[str, str, dict[str, list[float]]]
     gets += [(f"NB201 {c[len('bench_acc_'):]}", "#9467bd", lambda r, c=c: _finite(r.trial.get(c))) for c in exp.bench]
     return [(name, color, {g: [v for r in runs if r.status == "done" and (v := get(r)) is not None]
                            for g, runs in exp.seeds.items()}) for name, color, get in gets]
+
+
+def chance_lines(exp: Experiment, groups: Sequence[str] | None = None) -> list[tuple[float, str]]:
+    return exp.levels("chance", "chance", groups)
 
 
 def accuracy_rows(exp: Experiment, group: str) -> list[ForestRow]:
@@ -244,13 +255,18 @@ def distance_figure(runs: Sequence[SeedRun]) -> Any:
 
 
 def alpha_ops(width: int, trial: Mapping[str, Any]) -> list[str]:
-    """The op of each alpha column: a ``cfg_*primitives*`` list, the core's PRIMITIVES, or ``op <i>``."""
+    """The op of each alpha column: a ``cfg_*primitives*`` list, the method's own op set (RoMe's 7 ops), the
+    core's PRIMITIVES, or ``op <i>``."""
     for key, value in trial.items():
         if key.startswith("cfg_") and "primitives" in key and isinstance(value, str):
             with contextlib.suppress(ValueError):
                 if isinstance(names := json.loads(value), list) and len(names) == width and \
                         all(isinstance(n, str) for n in names):
                     return names
+    with contextlib.suppress(ValueError, KeyError):  # an unknown method or dataset: the fallbacks below
+        cfg = search_config(str(trial.get("method") or "pcdarts"), str(trial.get("cfg_dataset") or "cifar10"))
+        if len(names := list(get_method(cfg.method).primitives(cfg))) == width:
+            return names
     return list(PRIMITIVES) if width == len(PRIMITIVES) else [f"op {i}" for i in range(width)]
 
 
@@ -276,22 +292,30 @@ def alpha_figure(runs: Sequence[SeedRun], name: str, slots_of: CellGraph, kept_b
                                [{op for s, d, op in kept_by.edges if (s, d) == e} for e in slots] if kept_by else ())
 
 
-def curve_panels(runs: Sequence[SeedRun], collapse_threshold: int | None) -> list[Panel]:
-    """Per-seed curves of one group: what the search did epoch by epoch."""
+def curve_panels(exp: Experiment, group: str, runs: Sequence[SeedRun], collapse_threshold: int | None) -> list[Panel]:
+    """Per-seed curves of one group: what the search did epoch by epoch, with its reference levels."""
     def series(key: str, marks: bool = False, dashed: bool = False, suffix: str = "") -> list[Series]:
         return [Series(run.label + suffix, x, y, series_color(i), dashed,
                        (run.stop,) if marks and run.stop is not None else ())
                 for i, run in enumerate(runs) for x, y in [run.curve(key)] if x]
 
-    panels = [Panel("arch entropy", "nats", series("arch_entropy", marks=True)),
+    panels = [Panel("arch entropy", "nats", series("arch_entropy", marks=True), uniform_lines(exp, [group])),
               Panel("skip-connects (normal cell)", "count", series("n_skip_normal"),
                     ((collapse_threshold, f"collapse ≥ {collapse_threshold}"),) if collapse_threshold else ()),
               Panel("val acc (- - train)", "accuracy",
-                    series("val_acc") + series("train_acc", dashed=True, suffix=" train")),
+                    series("val_acc") + series("train_acc", dashed=True, suffix=" train"), chance_lines(exp, [group])),
               Panel("distance to final genotype", "distance", series("distance_to_final", marks=True),
-                    ylim=(-0.03, 1.03)),
+                    random_lines(exp, [group]), ylim=(-0.03, 1.03)),
               Panel("Hessian eigenvalue λmax", "λmax", series("hessian_eigenvalue"))]
     return [p for p in panels if p.series]
+
+
+def uniform_lines(exp: Experiment, groups: Sequence[str] | None = None) -> list[tuple[float, str]]:
+    return exp.levels("uniform_entropy", "uniform α", groups)
+
+
+def random_lines(exp: Experiment, groups: Sequence[str] | None = None) -> list[tuple[float, str]]:
+    return exp.levels("random_distance", "random cells", groups)
 
 
 def overview_curves(exp: Experiment, labels: Mapping[str, str]) -> list[Panel]:
@@ -302,10 +326,12 @@ def overview_curves(exp: Experiment, labels: Mapping[str, str]) -> list[Panel]:
         return [Series(labels[group], xs, [float(np.mean([v for e, v in xy if e == x])) for x in xs],
                        series_color(i))] if xs else []
 
-    curves = (("n_skip_normal", "skip-connects (normal cell)", "count"), ("arch_entropy", "arch entropy", "nats"),
-              ("val_acc", "search val acc", "accuracy"), ("hessian_eigenvalue", "Hessian eigenvalue λmax", "λmax"))
-    panels = [Panel(title, unit, [s for i, g in enumerate(exp.groups) for s in mean(i, g, key)])
-              for key, title, unit in curves]
+    curves = (("n_skip_normal", "skip-connects (normal cell)", "count", []),
+              ("arch_entropy", "arch entropy", "nats", uniform_lines(exp)),
+              ("val_acc", "search val acc", "accuracy", chance_lines(exp)),
+              ("hessian_eigenvalue", "Hessian eigenvalue λmax", "λmax", []))
+    panels = [Panel(title, unit, [s for i, g in enumerate(exp.groups) for s in mean(i, g, key)], lines)
+              for key, title, unit, lines in curves]
     return [p for p in panels if p.series]
 
 
@@ -319,7 +345,7 @@ def pareto_figure(exp: Experiment, labels: Mapping[str, str]) -> Any:
                   [labels[r["group"]] for r in rows], "HPO Pareto front: accuracy vs stability" if exp.hpo else
                   "accuracy vs stability of the groups (Pareto front)",
                   "mean pairwise genotype distance between seeds (lower = more stable)",
-                  "mean search val acc (bar: 95% CI)", err)
+                  "mean search val acc (bar: 95% CI)", err, xlines=random_lines(exp), ylines=chance_lines(exp))
 
 
 # -- the page ------------------------------------------------------------------------------------------------------
@@ -336,7 +362,7 @@ def group_view(exp: Experiment, group: str) -> dict[str, Any]:
 
 _PAGE.globals.update({f.__name__: f for f in (  # what the page draws with
     genotype_svgs, cell_graphs, overview_accuracy, overview_curves, pareto_figure, forest, line_panels, curve_panels,
-    alpha_figure, frequency_figure, distance_figure)}, OPEN_SEED_CELLS=OPEN_SEED_CELLS)
+    alpha_figure, frequency_figure, distance_figure, chance_lines, reference_line)}, OPEN_SEED_CELLS=OPEN_SEED_CELLS)
 
 
 def render(exp: Experiment, generated: str | None = None) -> str:

@@ -403,14 +403,18 @@ def experiment_lock(store: ResultStore) -> Iterator[None]:
     if isinstance(lock, dict) and lock.get("pid") != os.getpid() and _owner_alive(lock):
         raise ValueError(f"experiment {store.name!r} in {store.storage} is being run by process "
                          f"{lock.get('pid')} on {lock.get('host')}; wait for it to end or pick another --name")
-    existed = store.fs.get_file_info(store.root).type != pafs.FileType.NotFound
+    # the experiment's folder, and the storage folder above it, as they were before the lock made them
+    made = [d for d in (store.root, store.root.rsplit("/", 1)[0]) if store.fs.get_file_info(d).type ==
+            pafs.FileType.NotFound]
     heartbeat(store)
     try:
         yield
     finally:
         store._delete([f"{store.root}/{LOCK_FILE}"])
-        if not existed and not store.fs.get_file_info(pafs.FileSelector(store.root)):
-            store.fs.delete_dir(store.root)  # nothing was written: leave no empty folder behind
+        for folder in made:  # nothing was written (a cluster it could not join): leave no empty folder behind
+            if store.fs.get_file_info(pafs.FileSelector(folder)):
+                break
+            store.fs.delete_dir(folder)
 
 
 def heartbeat(store: ResultStore) -> None:

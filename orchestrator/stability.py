@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+import re
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -13,10 +14,12 @@ import pyarrow.compute as pc
 from rich.console import Console
 from rich.table import Column, Table
 
+from pcdarts_core.config import SearchConfig
+from pcdarts_core.data import DATASETS
 from pcdarts_core.genotypes import Genotype, parse_genotype
 from pcdarts_core.spaces import TRIAL_METRIC_PREFIXES
 from pcdarts_core.stability import (StabilityOptions, Summary, canonical_key, genotype_json_key, genotype_stats,
-                                    parse_genotype_json, summarize)
+                                    parse_genotype_json, random_distance_mean, summarize)
 
 from .results import SUMMARY_STATS, retrained, to_table
 
@@ -123,6 +126,82 @@ def stability_table(trials: pa.Table, epochs: pa.Table | None = None, evaluation
     return to_table("stability", rows)
 
 
+# -- labels -------------------------------------------------------------------------------------------------------
+_PAIR = re.compile(r",(?=[A-Za-z_][\w.]*=)")
+
+
+def short_labels(groups: Sequence[str]) -> dict[str, str]:
+    """Group texts without the ``key=value`` pairs all groups share (``method=pcdarts,k=4`` -> ``k=4``); a lone
+    group (one run, one configuration) is named by its method (``method=rome``), its full text shown beside."""
+    parts = {g: _PAIR.split(g) for g in groups}
+    if len(groups) == 1:
+        return {g: next((p for p in parts[g] if p.startswith("method=")), g) for g in groups}
+    common = set.intersection(*(set(p) for p in parts.values())) if groups else set()
+    return {g: ",".join(p for p in parts[g] if p not in common) or g for g in groups}
+
+
+def common_pairs(groups: Sequence[str]) -> str:
+    """The ``key=value`` pairs that every group shares, as group text (what :func:`short_labels` leaves out)."""
+    parts = [_PAIR.split(g) for g in groups]
+    return ",".join(p for p in parts[0] if all(p in q for q in parts[1:])) if len(groups) > 1 else ""
+
+
+# -- reference levels ----------------------------------------------------------------------------------------------
+class References(NamedTuple):
+    """Where a group's numbers would be without a search: ``chance`` accuracy (1 / classes of its dataset), the
+    ``random_distance`` between random cells of its space (its random baseline's cells) and the
+    ``uniform_entropy`` of uniform alphas (log of the ops per edge, the search's ``arch_entropy_max``)."""
+
+    dataset: str
+    space: str
+    chance: float | None
+    random_distance: float | None
+    uniform_entropy: float | None
+
+
+def _first(table: pa.Table | None, name: str, rows: Sequence[int]) -> Any:
+    values = _column(table, name) if table is not None else []
+    return next((values[i] for i in rows if i < len(values) and values[i] is not None), None)
+
+
+def references(trials: pa.Table, epochs: pa.Table | None = None) -> dict[str, References]:
+    """The :class:`References` of every group of an experiment, from its trials' ``cfg_dataset`` and
+    ``cfg_search_space`` (the search's defaults where the preset left them out) and its epochs' entropy bound."""
+    groups = _column(trials, "group")
+    per_trial = {str(t): g for t, g in zip(_column(trials, "trial_id"), groups)}
+    epoch_groups = [per_trial.get(str(t)) for t in _column(epochs, "trial_id")] if epochs is not None else []
+    out = {}
+    for grp in dict.fromkeys(g for g in groups if g is not None):
+        rows = [i for i, g in enumerate(groups) if g == grp]
+        dataset = str(_first(trials, "cfg_dataset", rows) or SearchConfig.dataset)
+        space = str(_first(trials, "cfg_search_space", rows) or SearchConfig.search_space)
+        ent = _first(epochs, "arch_entropy_max", [i for i, g in enumerate(epoch_groups) if g == grp])
+        if ent is None and (alphas := _first(epochs, "alphas_normal", [i for i, g in enumerate(epoch_groups)
+                                                                       if g == grp])):
+            ent = math.log(len(alphas[0]))
+        info = DATASETS.get(dataset)
+        try:
+            distance = random_distance_mean(space)
+        except ValueError:  # an unknown space (a table from elsewhere): no level
+            distance = None
+        out[grp] = References(dataset, space, 1.0 / info.num_classes if info else None, distance,
+                              float(ent) if ent is not None and math.isfinite(ent) else None)
+    return out
+
+
+def reference_line(refs: Sequence[References]) -> str:
+    """The reference levels of some groups in one line (each distinct value once, with what it is of)."""
+    parts = []
+    for what, attr, of in (("chance accuracy", "chance", lambda r: r.dataset),
+                           ("random cells' distance", "random_distance", lambda r: r.space),
+                           ("uniform arch entropy", "uniform_entropy",
+                            lambda r: f"log {math.exp(r.uniform_entropy):.0f}")):
+        values = dict.fromkeys((f"{getattr(r, attr):.3f}", of(r)) for r in refs if getattr(r, attr) is not None)
+        if values:
+            parts.append(f"{what} " + ", ".join(f"{v} ({name})" for v, name in values))
+    return " · ".join(parts)
+
+
 # -- terminal output -------------------------------------------------------------------------------------------
 def _fmt(value: Any, spec: str = ".2f") -> str:
     return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
@@ -132,18 +211,31 @@ def _acc_cell(mean: Any, std: Any, low: Any = None, high: Any = None, n: Any = N
     if mean is None:
         return "-"
     ci = f"\n[{_fmt(low)}, {_fmt(high)}]" if low is not None and high is not None and high > low else ""
-    return _fmt(mean) + (f" ± {_fmt(std)}" if std is not None else "") + ci + ("" if n is None else f" ({n})")
+    return _fmt(mean) + (f" ± {_fmt(std)}" if std is not None else "") + ci + ("" if n is None else f"\n({n})")
 
 
-def render_table(table: pa.Table, console: Console, title: str = "Search stability per group") -> None:
-    """Print a :func:`stability_table` on ``console`` as a ``rich`` table (fits 120 columns; groups wrap)."""
-    headers = ("seeds", "val acc\nmean ± std [CI]", "best\n- mean", "dist", "dis-\ntinct", "skip", "coll-\napse",
-               "eval acc\nmean ± std (n)", "cons.\neval")
+#: what the stability table's columns are (the line under it)
+LEGEND = ("val acc: the search's validation accuracy over the done seeds (95% CI); best - mean: what best-of-N "
+          "adds; distance: mean genotype distance between two seeds' cells (0 = identical); distinct: different "
+          "cells; skips: skip-connects in the normal cell (mean); collapse: share of seeds with >= {threshold} "
+          "skips; eval acc: the searches' cells retrained (n = retrained); cons. eval: the consensus cell retrained")
+
+
+def render_table(table: pa.Table, console: Console, title: str = "Search stability per group",
+                 refs: Sequence[References] = (), evaluate_hint: str | None = None) -> None:
+    """Print a :func:`stability_table` on ``console`` as a ``rich`` table (fits 120 columns; groups wrap), its
+    legend, the reference levels ``refs`` and, while no cell was retrained, ``evaluate_hint`` (a command)."""
+    headers = ("seeds", "val acc\nmean ± std\n[95% CI]", "best\n- mean", "distance", "distinct", "skips",
+               "collapse", "eval acc\nmean ± std\n(n)", "cons.\neval")
+    rows = table.to_pylist()
+    groups = [str(row.get("group", "")) for row in rows]
+    labels, common = short_labels(groups), common_pairs(groups)
     out = Table(Column("group", overflow="fold", max_width=34, style="cyan"),
-                *(Column(header, justify="right", no_wrap=True) for header in headers), title=title, show_lines=True)
-    for row in table.to_pylist():
+                *(Column(header, justify="right", no_wrap=True) for header in headers), show_lines=True,
+                title=title + (f" ({common})" if common else ""))
+    for group, row in zip(groups, rows):
         seeds = str(row.get("n_seeds", 0)) + (f"\n{row['n_failed']} fail" if row.get("n_failed") else "")
-        out.add_row(str(row.get("group", "")), seeds,
+        out.add_row(_PAIR.sub("\n", labels[group] if len(rows) > 1 else group), seeds,  # a pair a line
                     _acc_cell(*(row.get(f"val_acc_{k}") for k in ("mean", "std", "ci_low", "ci_high"))),
                     _fmt(row.get("best_minus_mean")), _fmt(row.get("genotype_distance_mean"), ".3f"),
                     _fmt(row.get("n_distinct_genotypes"), "d"), _fmt(row.get("skip_normal_mean"), ".1f"),
@@ -151,3 +243,9 @@ def render_table(table: pa.Table, console: Console, title: str = "Search stabili
                     _acc_cell(row.get("eval_acc_mean"), row.get("eval_acc_std"), n=row.get("n_evaluated", 0)),
                     _fmt(row.get("consensus_eval_acc_mean")))
     console.print(out)
+    threshold = next((r["collapse_threshold"] for r in rows if r.get("collapse_threshold")), 3)
+    console.print(LEGEND.format(threshold=threshold), style="dim", overflow="fold")
+    if line := reference_line(refs):
+        console.print(f"reference levels: {line}", overflow="fold")
+    if evaluate_hint and rows and not any(r.get("n_evaluated") or r.get("n_consensus_evals") for r in rows):
+        console.print(f"eval columns empty: nothing retrained yet; run {evaluate_hint}", overflow="fold")

@@ -13,9 +13,9 @@ from typing import Any, Iterator, Mapping, Sequence
 from .cli import EXIT_INTERRUPTED, Parser, check_name, resolve_storage, run_cli, split_experiment
 from .cluster import check_storage, cluster_address, connect, connect_timeout, local_resources
 from .experiment import (TUNE_DIRS, ParquetResults, abs_data_dir, claim_experiment, finish, fit,
-                         read_claim, reconcile_stability, render_baselines)
+                         read_claim, reconcile_stability, render_stability)
 from .presets import Preset, check_data, check_resources, load_preset
-from .progress import TuneProgress, console
+from .progress import OPTUNA_TRIAL_KEY, TuneProgress, console
 from .results import experiment_lock, ResultStore
 
 DEFAULT_CONFIG = "stability"
@@ -72,7 +72,7 @@ def run_stability(preset: Preset, storage: str, name: str, address: str | None, 
                        {"search": tune.grid_search(groups), "seed": tune.grid_search(seeds), **space},
                        {"max_concurrent_trials": preset.max_concurrent_trials or None},
                        [ParquetResults(storage, name, "stability", grid_keys),
-                        TuneProgress("search", n_trials, epochs)]), callbacks)
+                        TuneProgress("search", n_trials, epochs, grid_keys=grid_keys)]), callbacks)
         counts = reconcile_stability(store, grid, grid_keys)
         console().print(f"searches: {counts.get('done', 0)} done, {counts.get('failed', 0)} failed, "
                         f"{counts.get('running', 0)} unfinished; {time.perf_counter() - start:.0f} s")
@@ -93,7 +93,14 @@ def _optuna_search_class() -> type:
 
     class MultiObjectiveOptuna(OptunaSearch):
         """OptunaSearch that records a trial stopped before its last seed (no objectives) as pruned; Ray 2.60's
-        own would pass ``[None, None]`` to ``study.tell`` as a completed trial, which Optuna refuses."""
+        own would pass ``[None, None]`` to ``study.tell`` as a completed trial, which Optuna refuses. Its configs
+        carry their Optuna trial number (``OPTUNA_TRIAL_KEY``), which the progress lines show."""
+
+        def suggest(self, trial_id: str) -> dict | None:
+            config = super().suggest(trial_id)
+            if isinstance(config, dict) and trial_id in self._ot_trials:
+                config[OPTUNA_TRIAL_KEY] = self._ot_trials[trial_id].number
+            return config
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             if result is not None and any(result.get(m) is None for m in (OBJECTIVE_ACC, OBJECTIVE_DISTANCE)):
@@ -225,8 +232,6 @@ def render_pareto(study_storage: Any, name: str) -> None:
 def show_status(storage: str, name: str, per_trial: bool) -> int:
     from rich.table import Table
 
-    from .stability import render_table, stability_table
-
     store = ResultStore(storage, name)
     claim = read_claim(store)
     if claim is None and not store.exists("trials"):
@@ -249,9 +254,7 @@ def show_status(storage: str, name: str, per_trial: bool) -> int:
                           "-" if r.get("wall_time_s") is None else f"{r['wall_time_s']:.0f}",
                           (r.get("error") or "")[:80])
         console().print(table)
-    table = stability_table(trials, store.read("epochs"), store.read("evaluations"))
-    render_table(table, console(), title=f"Search stability per group: {name}")
-    render_baselines(store)
+    render_stability(store)
     return 0
 
 
@@ -291,6 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return show_status(storage, name, per_trial=args.command == "status")
     if args.config and args.preset:
         raise ValueError("give either --config FILE or --preset NAME, not both")
+    if not (args.config or args.preset):
+        console().print(f"no --preset given: using the {DEFAULT_CONFIG!r} preset (tune_configs/{DEFAULT_CONFIG}.yaml, "
+                        "CIFAR-10, needs its data); --preset local runs the offline sweep on this machine")
     preset = load_preset(args.config or args.preset or DEFAULT_CONFIG, args.sets)
     storage, address = resolve_storage(args.storage), cluster_address(args.address)
     if args.command == "stability":

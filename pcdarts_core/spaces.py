@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from torch import nn
 
-from .nb201_arch import NB201_OPS, NB201Arch
+from .genotypes import random_genotype
+from .nb201_arch import NB201_OPS, NB201Arch, random_arch
 from .ops import PARAMETER_FREE_OPS, PRIMITIVES
 
 if TYPE_CHECKING:
@@ -188,6 +189,8 @@ class SearchSpace:
     eval_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     epoch_metrics: Callable[["SearchConfig", Any], dict[str, Any]] = darts_epoch_metrics
     ops: tuple[str, ...] = PRIMITIVES
+    #: index -> the index-th random cell of the space (the random baseline, the same cells in every experiment)
+    random_cell: Callable[[int], Any] = random_genotype
 
     def edge_primitives(self, method_ops: Sequence[str]) -> Sequence[str] | EdgeOps:
         """What the supernet gets as ``primitives``: the method's op set, or the space's per-edge ops."""
@@ -251,7 +254,7 @@ SPACES: dict[str, SearchSpace] = {
                              "weight_decay": 5e-4, "auxiliary": False, "drop_path": 0.0, "cutout": 0},
                        "synthetic": {"init_channels": 8, "layers": 1, "epochs": 10, "batch_size": 64,
                                      "lr": 0.05}},
-        epoch_metrics=nb201_epoch_metrics, ops=NB201_OPS),
+        epoch_metrics=nb201_epoch_metrics, ops=NB201_OPS, random_cell=random_arch),
 }
 
 SPACE_NAMES: tuple[str, ...] = tuple(SPACES)

@@ -32,6 +32,7 @@ import numpy as np
 from .genotypes import CELL_TYPES, Genotype, consensus_genotype, parse_genotype
 from .nb201_arch import NB201Arch
 from .ops import OPS
+from .spaces import get_space
 
 #: Normal-cell skip-connects from which a searched cell counts as collapsed (P-DARTS and DARTS+ allow 2).
 COLLAPSE_SKIP_THRESHOLD = 3
@@ -222,6 +223,18 @@ def pairwise_distance_mean(genotypes: Iterable[GenotypeLike] | Encoded) -> float
     if n < 2:
         return None
     return float(d[np.triu_indices(n, k=1)].mean())
+
+
+#: random cells whose mean pairwise distance is a space's reference level (4950 pairs)
+RANDOM_REFERENCE_CELLS = 100
+
+
+@lru_cache(maxsize=None)
+def random_distance_mean(space: str, n: int = RANDOM_REFERENCE_CELLS) -> float:
+    """The mean pairwise distance between the first ``n`` random cells of ``space`` (its random baseline's cells,
+    ``SearchSpace.random_cell``): where seeds that agree on nothing beyond chance would land."""
+    cell = get_space(space).random_cell
+    return float(pairwise_distance_mean([cell(i) for i in range(n)]))
 
 
 def n_distinct(genotypes: Iterable[GenotypeLike] | Encoded) -> int:

@@ -32,6 +32,7 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Circle, FancyArrowPatch, FancyBboxPatch
+from matplotlib.transforms import Bbox
 
 from .genotypes import CELL_TYPES, Genotype, parse_genotype
 
@@ -40,13 +41,14 @@ MUTED = "#8a8a8a"
 GRID = "#e6e6e6"
 ACCENT = "#c0392b"
 
-#: one colour per op, the same in every figure: convolutions greens/blues/purples, pools greys-blue, the
-#: parameter-free skip in a warning orange (collapse is skips taking over), zero/noise greys
+#: one colour per op, the same in every figure: convolutions greens/blues/purples, pools raspberry and mustard,
+#: the parameter-free skip in a warning orange (collapse is skips taking over), the zero op the only grey; the ops
+#: of one space differ clearly (CIELAB distance >= 20, tests/test_report.py)
 _OP_COLORS = {
     "none": "#b3b3b3",
     "skip_connect": "#e67e22",
-    "max_pool_3x3": "#5d6d7e",
-    "avg_pool_3x3": "#85a1bb",
+    "max_pool_3x3": "#c2477f",
+    "avg_pool_3x3": "#d4a017",
     "sep_conv_3x3": "#27ae60",
     "sep_conv_5x5": "#1e7d45",
     "sep_conv_7x7": "#145a32",
@@ -106,7 +108,9 @@ def figure_svg(fig: Figure, key: str) -> str:
     text = buf.getvalue()
     text = re.sub(r"\s*<metadata>.*?</metadata>", "", text[text.index("<svg"):], count=1, flags=re.S)
     # matplotlib names every group figure_1, patch_1, ...: unreferenced, and duplicates once several SVGs share
-    # a page. The ids that are referenced (clip paths, markers) are salted hashes without an _N suffix.
+    # a page. The ids that are referenced (clip paths, markers) are salted hashes without an _N suffix. Legends
+    # keep a class (the report's page checks that no legend covers other text).
+    text = re.sub(r'<g id="legend_\d+"', '<g class="mpl-legend"', text)
     return re.sub(r'\sid="[A-Za-z][\w.]*_\d+"', "", text)
 
 
@@ -236,19 +240,38 @@ def _point_on_arc(p0: tuple[float, float], p1: tuple[float, float], rad: float, 
     return a * x0 + b * cx + c * x1, a * y0 + b * cy + c * y1
 
 
-def _label_spot(pos: dict[str, tuple[float, float]], src: str, dst: str, rad: float,
-                taken: list[tuple[float, float]]) -> tuple[float, float]:
-    """Where along its edge an op label goes: the middle, else the first spot clear of nodes and other labels."""
-    best, best_clear = None, -1.0
-    for t in (0.5, 0.38, 0.62, 0.28, 0.72):
-        x, y = _point_on_arc(pos[src], pos[dst], rad, t)
-        clear = min([abs(x - a) / 0.95 + abs(y - b) / 0.32 for a, b in taken] +
-                    [math.hypot(x - a, y - b) / (_RADIUS + 0.35) for a, b in pos.values()] + [10.0])
-        if clear >= 1.0:
-            return x, y
-        if clear > best_clear:
-            best, best_clear = (x, y), clear
-    return best  # type: ignore[return-value]
+#: where along its edge a label may sit (fractions of the arc), in the order tried
+_LABEL_TS = (0.5, 0.4, 0.6, 0.32, 0.68, 0.25, 0.75, 0.45, 0.55, 0.2, 0.8, 0.36, 0.64, 0.15, 0.85)
+
+
+def _overlap(a: Any, b: Any, pad: float) -> float:
+    """The area two display boxes (``Bbox``) share, each grown by ``pad`` pixels."""
+    w = min(a.x1, b.x1) - max(a.x0, b.x0) + 2 * pad
+    h = min(a.y1, b.y1) - max(a.y0, b.y0) + 2 * pad
+    return max(0.0, w) * max(0.0, h)
+
+
+def _place_labels(ax: Any, pos: dict[str, tuple[float, float]], arcs: Sequence[tuple[str, str, float]],
+                  texts: Sequence[Any], obstacles: Sequence[Any]) -> None:
+    """Slide each edge's label (a placed ``Text``) along its arc to the first spot whose laid-out box clears the
+    ``obstacles`` (display ``Bbox``es, or artists such as the title) and the labels placed before it (else the
+    spot overlapping them least)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(ax.figure).get_renderer()
+    taken = [o if isinstance(o, Bbox) else o.get_window_extent(renderer) for o in obstacles]
+    for (src, dst, rad), text in zip(arcs, texts):
+        best, best_cost = None, math.inf
+        for t in _LABEL_TS:
+            text.set_position(_point_on_arc(pos[src], pos[dst], rad, t))
+            box = text.get_window_extent(renderer)
+            cost = sum(_overlap(box, other, 2.0) for other in taken)
+            if cost < best_cost:
+                best, best_cost = (text.get_position(), box), cost
+            if cost == 0:
+                break
+        text.set_position(best[0])
+        taken.append(best[1])
 
 
 # -- drawing ----------------------------------------------------------------------------------------------------
@@ -276,14 +299,13 @@ def draw_cell(graph: CellGraph, title: str = "") -> Figure:
     ax.set_xlim(x_lo, x_hi)
     ax.set_ylim(y_lo, y_hi)
     ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=9.5, color=INK, y=0.995, va="top")
+    heading = fig.suptitle(title, fontsize=9.5, color=INK, y=0.995, va="top") if title else None
     boxed = set(graph.inputs) | {"__output__"}
 
     def shrink(name: str) -> float:  # points from the node's centre to its outline
         return (_BOX[0] / 2 if name in boxed else _RADIUS) * _INCH * 72 + 1
 
-    labels = []
+    arcs, labels = [], []
     for src, dst, op in graph.edges:
         rad = _bend(pos, src, dst)
         zero = op in ZERO_OPS
@@ -292,10 +314,10 @@ def draw_cell(graph: CellGraph, title: str = "") -> Figure:
                                      mutation_scale=10, lw=0.9 if zero else 1.7, color=color,
                                      linestyle=":" if zero else "-", alpha=0.6 if zero else 0.95,
                                      shrinkA=shrink(src), shrinkB=shrink(dst), zorder=1))
-        labels.append((_label_spot(pos, src, dst, rad, [p for p, *_ in labels]), op, color, zero))
-    for (x, y), op, color, zero in labels:
-        ax.text(x, y, op_label(op), fontsize=7.5, ha="center", va="center", color=MUTED if zero else color,
-                zorder=3, bbox={"boxstyle": "round,pad=0.12", "fc": "white", "ec": "none", "alpha": 0.9})
+        arcs.append((src, dst, rad))
+        labels.append(ax.text(0, 0, op_label(op), fontsize=7.5, ha="center", va="center",
+                              color=MUTED if zero else color, zorder=3,
+                              bbox={"boxstyle": "round,pad=0.12", "fc": "white", "ec": "none", "alpha": 0.9}))
     for name in graph.output:
         ax.add_patch(FancyArrowPatch(pos[name], pos["__output__"], arrowstyle="-|>", mutation_scale=8, lw=0.8,
                                      color=MUTED, linestyle="--", zorder=0, shrinkA=shrink(name),
@@ -305,6 +327,11 @@ def draw_cell(graph: CellGraph, title: str = "") -> Figure:
     for name in graph.nodes:
         _node(ax, pos[name], name, "#f4f4f4")
     _node(ax, pos["__output__"], node_label(graph.output_name), "#fdebd3", boxed=True)
+    # the labels keep clear of the nodes' shapes and the title (in display units, as laid out)
+    to_display = ax.transData.transform
+    shapes = [Bbox(to_display([(x - w / 2, y - h / 2), (x + w / 2, y + h / 2)])) for name, (x, y) in pos.items()
+              for w, h in [_BOX if name in boxed else (2 * _RADIUS, 2 * _RADIUS)]]
+    _place_labels(ax, pos, arcs, labels, shapes + ([heading] if heading is not None else []))
     return fig
 
 

@@ -95,6 +95,20 @@ def test_cli_refuses_what_the_cluster_cannot_host(ray_cluster, tmp_path, capsys)
     assert not (tmp_path / "x").exists()  # nothing written for a run that cannot start
 
 
+def test_cli_prints_one_line_per_epoch_from_rank_0(ray_cluster, tmp_path, capsys):
+    """``search distributed`` on 2 workers: rank 0's epoch lines reach the terminal, each once, between the start
+    and the end (the workers' own stdout reaches it only with --verbose)."""
+    code = main(["distributed", "--preset", "smoke", "--storage", str(tmp_path), "--name", "echo",
+                 "--num-workers", "2", "--cpus-per-worker", "1"])
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    epochs = [line for line in lines if line.startswith("epoch ")]
+    assert [line.split()[1] for line in epochs] == ["1/2", "2/2"], lines
+    assert lines[0].startswith("starting echo: 2 worker(s)")
+    assert lines.index(epochs[0]) > 0 and any(line.startswith("final genotype: ") for line in lines)
+    assert lines[-2].startswith("finished echo: 2 epochs")
+
+
 def test_record_epoch_under_ray(ray_cluster):
     metrics = {"epoch": 1, "epoch_time_s": 1.5, "step_time_s": 0.2, "throughput": 100.0, "arch_entropy": 2.0,
                "n_skip_normal": 3, "val_acc": float("nan")}

@@ -62,6 +62,11 @@ def assert_renders(page: Path, tmp: Path) -> str:
     assert len(sizes) == n_figures
     empty = [fid for fid, w, h, marks in sizes if int(w) < 50 or int(h) < 30 or int(marks) == 0]
     assert empty == [], empty
+    # no text covers another (edge labels, titles, legends), and nothing is wider than the window
+    overlaps = re.findall(r'<figure class="fig[^"]*" id="([^"]+)" data-size="[^"]*" data-overlaps="(\d+)"', dom)
+    assert len(overlaps) == n_figures
+    assert [fid for fid, n in overlaps if n != "0"] == []
+    assert 'data-overflow="0"' in dom, re.findall(r'data-overflow="[^"]*"', dom)
     return dom
 
 
@@ -87,6 +92,20 @@ def test_browser_check_sees_console_errors_and_empty_figures(tmp_path):
     dom, console = open_in_chromium(page, tmp_path)
     assert any('"boom"' in line for line in console)
     assert 'data-figures="1:0"' in dom
+    with pytest.raises(AssertionError):
+        assert_renders(page, tmp_path)
+
+
+def test_browser_check_sees_overlapping_texts_and_a_page_too_wide(tmp_path):
+    page = tmp_path / "crowded.html"
+    svg = ('<svg width="200" height="80"><text x="10" y="30">sep 3x3</text><text x="14" y="32">skip</text>'
+           '<g class="mpl-legend"><text x="100" y="60" transform="rotate(-0 100 60)">seed 0</text></g>'
+           '<text x="104" y="62" transform="rotate(-90 104 62)">title</text><path d="M0 0L1 1"/></svg>')
+    page.write_text(f'<html><body><figure class="fig" id="f">{svg}</figure><div style="width:3000px">wide</div>'
+                    f'<script>{report.CHECK_SCRIPT}</script></body></html>')
+    dom, _ = open_in_chromium(page, tmp_path)
+    assert 'data-overlaps="2"' in dom  # two labels, and a legend's text over another (even a rotated one)
+    assert re.search(r'data-overflow="[1-9]\d*"', dom)
     with pytest.raises(AssertionError):
         assert_renders(page, tmp_path)
 
@@ -136,6 +155,31 @@ def test_report_shows_every_figure_of_every_group(smoke):
         assert f"{row['genotype_distance_mean']:.3f}" in text
     assert ">random cells<" in text and ">published DARTS_V2<" in text
     assert "Still running" not in text
+    assert "stability sweep · 2 group(s)" in text and "search stability report" in text
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_report_marks_the_reference_levels(smoke):
+    """Chance accuracy (1/10 classes), random DARTS cells' mean distance and the uniform entropy (log 8), as
+    labelled lines in the figures that show accuracy, distance and entropy, and in one line of text."""
+    exp, _ = smoke
+    text = (exp / report.REPORT_FILE).read_text(encoding="utf-8")
+    assert ("Reference levels (dotted red lines in the figures): chance accuracy 0.100 (synthetic) · random "
+            "cells&#39; distance 0.909 (darts) · uniform arch entropy 2.079 (log 8).") in text
+    for fid, labels in (("ov-acc0", ["chance 0.100"]), ("ov-curves", ["chance 0.100", "uniform α 2.079"]),
+                        ("ov-pareto", ["random cells 0.909", "chance 0.100"]), ("g0-acc", ["chance 0.100"]),
+                        ("g1-curves", ["uniform α 2.079", "chance 0.100", "random cells 0.909"])):
+        texts = _svg_texts(text, fid)
+        for label in labels:
+            assert label in texts, (fid, label, texts)
+    assert "mean pairwise distance (random cells 0.909)" in text and "search val acc mean [CI] (chance 0.100)" in text
+
+
+def _svg_texts(page: str, fid: str) -> list[str]:
+    """The texts drawn in the figure ``fid`` of a page."""
+    svg = re.search(rf'<figure class="fig[^"]*" id="{re.escape(fid)}">(.*?)</figure>', page, re.S).group(1)
+    return [re.sub(r"\s+", " ", t).strip() for t in re.findall(r"<text[^>]*>(.*?)</text>", svg, re.S)]
 
 
 @pytest.mark.ray
@@ -292,5 +336,108 @@ def test_pareto_mask_and_short_labels():
     labels = report.short_labels(["method=darts,arch_lr=0.001,k=2", "method=darts,arch_lr=0.01,k=2"])
     assert labels == {"method=darts,arch_lr=0.001,k=2": "arch_lr=0.001", "method=darts,arch_lr=0.01,k=2":
                       "arch_lr=0.01"}
-    assert report.short_labels(['method=x,ops=["a","b"],k=1']) == {'method=x,ops=["a","b"],k=1':
-                                                                   'method=x,ops=["a","b"],k=1'}
+    # one group (one run): named by its method, its whole text shown beside
+    assert report.short_labels(['method=x,ops=["a","b"],k=1']) == {'method=x,ops=["a","b"],k=1': 'method=x'}
+    assert report.short_labels(['ops=["a","b"],k=1']) == {'ops=["a","b"],k=1': 'ops=["a","b"],k=1'}
+
+
+# -- reference levels in every space ------------------------------------------------------------------------------
+def test_report_of_an_nb201_experiment_marks_its_own_levels(tmp_path):
+    """A NAS-Bench-201 experiment (hand-made rows as a sweep writes them): random NB201 cells' distance and log 5,
+    not the DARTS space's levels; chance of its dataset's 120 classes."""
+    import math
+
+    from pcdarts_core.nb201_arch import random_arch
+
+    store = ResultStore(str(tmp_path), "nb201")
+    trials, epochs = [], []
+    for k in (2, 4):
+        for seed in (0, 1):
+            tid = f"k{k}s{seed}"
+            arch = random_arch(seed + k).to_json()
+            trials.append({"trial_id": tid, "group": f"method=darts,k={k}", "seed": seed, "status": "done",
+                           "val_acc": 0.2 + 0.01 * seed, "genotype": arch, "epochs_done": 2,
+                           "cfg_dataset": "imagenet16-120", "cfg_search_space": "nb201"})
+            for epoch in (1, 2):
+                epochs.append({"trial_id": tid, "group": f"method=darts,k={k}", "seed": seed, "epoch": epoch,
+                               "val_acc": 0.1 * epoch, "genotype": arch, "arch_entropy": 1.6 - 0.01 * epoch,
+                               "n_skip_normal": 1, "alphas_normal": [[0.1 * epoch, 0.0, 0.0, 0.0, 0.0]] * 6})
+    store.write_table("trials", pa.Table.from_pylist(trials))
+    store.write_table("epochs", pa.Table.from_pylist(epochs))
+    page = Path(report.write_report(store))
+    text = page.read_text(encoding="utf-8")
+    assert (f"chance accuracy {1 / 120:.3f} (imagenet16-120) · random cells&#39; distance 0.801 (nb201) · uniform "
+            f"arch entropy {math.log(5):.3f} (log 5)") in text
+    assert "uniform α 1.609" in _svg_texts(text, "ov-curves") and "random cells 0.801" in _svg_texts(text, "g0-curves")
+    assert "random cells 0.801" in _svg_texts(text, "ov-pareto")
+    assert_renders(page, tmp_path)
+
+
+# -- the report of one run --------------------------------------------------------------------------------------------
+def test_report_of_a_single_run_is_laid_out_for_one_run(tmp_path):
+    """``search single`` then ``report`` of it: short label, one run's page (no sweep's overview, agreement or
+    per-seed folds), no warnings from matplotlib, nothing overflowing or covering text in the browser."""
+    storage = tmp_path / "results"
+    run = subprocess.run([sys.executable, "-m", "orchestrator.search", "single", "--preset", "smoke", "--method",
+                          "rome", "--storage", str(storage)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    exp = storage / "smoke-rome-synthetic-s0"
+    built = subprocess.run([sys.executable, "-W", "default", "-m", "orchestrator.report", str(exp)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    assert built.stderr == ""  # no constrained_layout (or any other) warning
+    text = (exp / report.REPORT_FILE).read_text(encoding="utf-8")
+    assert "stability sweep" not in text and "search stability report" not in text
+    assert "smoke-rome-synthetic-s0 — search report" in text and "single search ·" in text
+    assert "<h2>method=rome</h2>" in text and "<code>method=rome,batch_size=" in text
+    assert 'id="overview"' not in text and "Agreement across seeds" not in text and "cells of the 1 seeds" not in text
+    assert {"g0-best-normal", "g0-best-reduce", "g0-curves"} <= figure_ids(text)
+    legend = _svg_texts(text, "g0-alpha-normal")  # RoMe's 7 ops by name (and colour), not "op 0".."op 6"
+    assert "max 3x3" in legend and "op 0" not in legend
+    assert "Reference levels (dotted red lines in the figures): chance accuracy 0.100 (synthetic)" in text
+    assert_renders(exp / report.REPORT_FILE, tmp_path)
+
+
+# -- cells and colours --------------------------------------------------------------------------------------------
+def test_cell_diagrams_labels_never_overlap(tmp_path):
+    """Every published cell and 20 random cells of each space, laid out by the browser: no op label covers
+    another, a node's name or the title."""
+    from pcdarts_core.genotypes import PUBLISHED
+    from pcdarts_core.spaces import get_space
+
+    cells = list(PUBLISHED.items()) + [(f"{space}{i}", get_space(space).random_cell(i))
+                                       for space in ("darts", "nb201") for i in range(20)]
+    figures = [f'<figure class="fig" id="{name}-{cell}">{svg}</figure>' for name, genotype in cells
+               for cell, svg in drawing.genotype_svgs(genotype, name, name)]
+    page = tmp_path / "cells.html"
+    page.write_text(f'<html><body>{"".join(figures)}<script>{report.CHECK_SCRIPT}</script></body></html>')
+    assert_renders(page, tmp_path)
+
+
+def _lab(color: str) -> "np.ndarray":
+    """CIELAB (D65) of a colour: distances there are what the eye sees."""
+    import numpy as np
+    from matplotlib.colors import to_rgb
+
+    rgb = np.array(to_rgb(color))
+    rgb = np.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+    xyz = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]) @ rgb
+    f = np.cbrt(xyz / np.array([0.95047, 1.0, 1.08883]))
+    return np.array([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
+
+
+def test_the_ops_of_a_space_have_distinct_colours():
+    """none is the only grey; every two ops of one space are clearly apart (CIELAB distance >= 20)."""
+    import numpy as np
+
+    from pcdarts_core.spaces import SPACES
+
+    for space in SPACES.values():
+        ops = list(space.ops)
+        labs = {op: _lab(drawing.op_color(op)) for op in ops}
+        for op in ops:
+            chroma = float(np.hypot(*labs[op][1:]))
+            assert (chroma < 5) == (op == "none"), (space.name, op, chroma)
+        close = [(a, b) for i, a in enumerate(ops) for b in ops[i + 1:] if np.linalg.norm(labs[a] - labs[b]) < 20]
+        assert close == [], (space.name, close)
+    assert np.linalg.norm(_lab(drawing.op_color("none")) - _lab(drawing.op_color("max_pool_3x3"))) > 40

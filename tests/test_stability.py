@@ -273,12 +273,69 @@ def test_render_table_fits_120_columns():
         [f"consensus:{long_group}" if s == "consensus:A" else s for s in evaluations["source"].to_pylist()]))
     table = stability_table(trials, epochs, evaluations, options=StabilityOptions(n_boot=200))
     console = Console(width=120, record=True, color_system=None)
-    render_table(table, console)
+    render_table(table, console, evaluate_hint="python -m orchestrator.evaluate --from X")
     text = console.export_text()
     assert max(len(line) for line in text.splitlines()) <= 120
     assert "92.00 ± 2.00" in text and "96.00 ± 1.41" in text
-    assert "100%" in text and "method=darts,k=1" in text
-    assert "97.00 ± 0.71 (2)" in text and "98.00" in text
+    assert "100%" in text and "│ method=darts " in text and "│ k=1 " in text  # a group's pairs one a line
+    assert "97.00 ± 0.71" in text and "(2)" in text and "98.00" in text
+    assert "edge_norm=True" in text and "arch_lr=0.0006" in text  # short labels: one pair a line, unbroken
+    # whole words in the header, each explained by the legend under the table
+    header = text.split("┡")[0]
+    for word in ("distance", "distinct", "skips", "collapse"):
+        assert word in header, word
+    assert "-\n" not in header.replace("- mean", "")  # no word broken over two lines
+    legend = " ".join(text.split("┘")[-1].split())
+    for column in ("val acc:", "best - mean:", "distance:", "distinct:", "skips:", "collapse:", "eval acc:",
+                   "cons. eval:"):
+        assert column in legend, column
+    assert "eval columns empty" not in text  # cells were retrained
+
+
+def test_render_table_reference_levels_and_the_evaluate_hint():
+    from rich.console import Console
+
+    from orchestrator.stability import references
+
+    trials, epochs, _ = _hand_made_tables()
+    trials = trials.append_column("cfg_dataset", pa.array(["cifar100"] * trials.num_rows))
+    table = stability_table(trials, epochs, None, options=StabilityOptions(n_boot=50))
+    console = Console(width=120, record=True, color_system=None)
+    render_table(table, console, refs=list(references(trials, epochs).values()),
+                 evaluate_hint="python -m orchestrator.evaluate --from results/exp")
+    text = " ".join(console.export_text().split())
+    assert "reference levels: chance accuracy 0.010 (cifar100) · random cells' distance 0.909 (darts)" in text
+    assert "eval columns empty: nothing retrained yet; run python -m orchestrator.evaluate --from results/exp" in text
+
+
+def test_reference_levels_of_every_space():
+    """Chance is 1/classes, the random cells' distance comes from each space's random baseline, the uniform entropy
+    is the log of the alphas' width (the search's arch_entropy_max where the epochs carry it)."""
+    import math
+
+    from orchestrator.stability import references
+    from pcdarts_core.spaces import SPACE_NAMES, get_space
+    from pcdarts_core.stability import RANDOM_REFERENCE_CELLS
+
+    rows, epochs = [], []
+    for i, space in enumerate(SPACE_NAMES):
+        rows.append({"trial_id": f"t{i}", "group": f"method=darts,search_space={space}", "status": "done",
+                     "cfg_dataset": "imagenet16-120" if space == "nb201" else "cifar10", "cfg_search_space": space})
+        width = 5 if space == "nb201" else 8
+        epochs.append({"trial_id": f"t{i}", "epoch": 1, "alphas_normal": [[0.0] * width] * 6})
+    epochs[0]["arch_entropy_max"] = math.log(7)  # the search's own bound wins over the alphas' width
+    refs = references(pa.Table.from_pylist(rows), pa.Table.from_pylist(epochs))
+    assert len(refs) == len(SPACE_NAMES)
+    for space in SPACE_NAMES:
+        r = refs[f"method=darts,search_space={space}"]
+        cells = [get_space(space).random_cell(i) for i in range(RANDOM_REFERENCE_CELLS)]
+        assert r.random_distance == pytest.approx(pairwise_distance_mean(cells))
+        assert r.chance == pytest.approx(1 / 120 if space == "nb201" else 0.1)
+    assert refs["method=darts,search_space=darts"].random_distance == pytest.approx(0.909, abs=0.001)
+    assert refs["method=darts,search_space=nb201"].random_distance == pytest.approx(0.801, abs=0.001)
+    assert refs["method=darts,search_space=darts"].uniform_entropy == pytest.approx(math.log(7))
+    assert refs["method=darts,search_space=nb201"].uniform_entropy == pytest.approx(math.log(5))
+    assert refs["method=darts,search_space=s2"].uniform_entropy == pytest.approx(math.log(8))
 
 
 def test_fast_paths_agree_with_the_strict_parser():

@@ -124,6 +124,77 @@ def test_smoke_sweep_end_to_end_with_evaluation(smoke_sweep, capsys, monkeypatch
 
 @pytest.mark.ray
 @pytest.mark.slow
+def test_smoke_sweep_lines_name_their_configuration(smoke_sweep):
+    """Every finished search's line says which configuration and seed it was; the table comes with its legend and
+    the levels its numbers compare to; the evaluation's lines name their cells."""
+    import re
+
+    out = smoke_sweep["sweep_out"]
+    done = re.findall(r"^done (\S+) \((k=\d seed \d)\): val_acc \d", out, re.M)
+    assert sorted(label for _, label in done) == [f"k={k} seed {s}" for k in (2, 4) for s in (0, 1)], out
+    assert len({tid for tid, _ in done}) == 4
+    text = " ".join(out.split())
+    assert "Search stability per group: smoke (method=pcdarts)" in text
+    assert "distance: mean genotype distance between two seeds' cells (0 = identical)" in text
+    assert ("reference levels: chance accuracy 0.100 (synthetic) · random cells' distance 0.909 (darts) · uniform "
+            "arch entropy 2.079 (log 8)") in text
+    assert "eval columns empty" not in text  # --evaluate retrained them
+    assert re.search(r"^done \S+ \(published:DARTS_V2 seed 0\): test_acc", smoke_sweep["evaluate_out"], re.M)
+
+
+def test_without_a_preset_the_sweep_says_which_it_took(tmp_path):
+    proc = _cli("orchestrator.sweep", "stability", "--storage", str(tmp_path), "--set", f"data_dir={tmp_path}")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    line = " ".join(proc.stdout.split())
+    assert "no --preset given: using the 'stability' preset (tune_configs/stability.yaml, CIFAR-10" in line
+    assert "--preset local runs the offline sweep on this machine" in line
+    assert proc.stderr.startswith("error: ") and "cifar10" in proc.stderr
+
+
+@pytest.mark.ray
+def test_joining_a_token_cluster_without_the_token_mode_is_one_line(ray_cluster, tmp_path):
+    """The session's cluster was started by ray.init, which (Ray 2.60) turns token authentication on; a driver
+    without RAY_AUTH_MODE=token is told so at once, and nothing is written."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.sweep", "stability", "--preset", "smoke", "--storage",
+                           str(tmp_path / "results"), "--address", ray_cluster], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1 and "InvalidAuthToken" not in err, err
+    assert err.startswith(f"error: the Ray cluster at {ray_cluster} requires token authentication")
+    assert "RAY_AUTH_MODE=token" in err and "~/.ray/auth_token" in err
+    assert not (tmp_path / "results").exists()  # no empty storage folder left behind
+
+
+@pytest.mark.ray
+def test_rays_published_messages_go_to_the_log(ray_cluster, capsys):
+    """What a lost node makes Ray publish (its raylet's last log lines, a [state-dump]) reaches the driver's
+    terminal as one line naming the log that holds it all."""
+    import ray
+    from ray._private.utils import publish_error_to_driver
+
+    from orchestrator.cluster import connect, ray_messages_log
+
+    connect(None)  # the commands' way in: routes the messages (Ray is already up here)
+    marker = f"marker-{time.time_ns()}"
+    dump = "\n".join([f"Raylet is terminated. Termination is unexpected. {marker}", "[state-dump] NodeManager:",
+                      *[f"[state-dump] line {i}" for i in range(17)]])
+    publish_error_to_driver("raylet_died", dump, ray._private.worker.global_worker.gcs_client)
+    log = ray_messages_log()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (log.is_file() and marker in log.read_text()):
+        time.sleep(0.2)
+    assert marker in log.read_text() and "[state-dump] line 16" in log.read_text()
+    time.sleep(0.5)
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if marker in line]
+    assert len(lines) == 1 and lines[0].startswith("ray: Raylet is terminated") and str(log) in lines[0]
+    assert "[state-dump]" not in out
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_killed_driver_resumes_without_duplicates(ray_cluster, tmp_path):
     EPOCHS = 16  # enough that the searches are still running after Tune's next state save (~1 s, see below)
     args = ["stability", "--preset", "smoke", "--storage", str(tmp_path), "--address", ray_cluster,
@@ -189,7 +260,7 @@ def test_hpo_smoke_writes_study_and_results(smoke_hpo):
     """``sweep hpo --preset smoke`` (the session's study, which the report's tests read too)."""
     import optuna
 
-    exp, _ = smoke_hpo
+    exp, printed = smoke_hpo
     db = exp / "optuna.db"
     assert db.is_file()
     study = optuna.load_study(study_name="smoke-hpo", storage=f"sqlite:///{db}")
@@ -198,6 +269,17 @@ def test_hpo_smoke_writes_study_and_results(smoke_hpo):
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert all(len(t.values) == 2 and 0 <= t.values[0] <= 1 and 0 <= t.values[1] <= 1 for t in complete)
     assert {"params/arch_lr", "params/k"} == set(complete[0].params)
+
+    # Each configuration's line carries the Optuna trial number the final table lists, with its parameters.
+    import re
+
+    numbers = {t.number: t.params for t in study.trials}
+    lines = re.findall(r"^(?:done|failed) \S+ \(#(\d+) arch_lr=(\S+) k=(\d+)\)", printed, re.M)
+    assert lines and len(lines) == len(study.trials), printed
+    for number, arch_lr, k in lines:
+        params = numbers[int(number)]
+        assert f"{params['params/arch_lr']:.4g}" == arch_lr and str(params["params/k"]) == k
+    assert re.search(r"│\s*0\*?\s*│", printed)  # the Pareto table's '#' column
 
     trials = _table(exp, "trials")
     assert len(trials) >= 2 and all(r["status"] == "done" and "arch_lr=" in r["group"] for r in trials)
