@@ -133,7 +133,8 @@ class Searcher:
     def set_network(self, net: SearchNetwork) -> None:
         cfg = self.config
         self.net = net
-        net.place_channel_generator(self.device)
+        if cfg.channel_sampling == "random":  # channel subsets drawn on the device, not on the host
+            net.place_channel_generator(self.device)
         #: whether ``compile`` captures the whole bilevel step (both forwards and backwards, clipping, both
         #: updates) as one graph: methods whose step is static (:meth:`SearchMethod.capturable`), one process
         #: (a data-parallel step's all-reduce stays eager)
