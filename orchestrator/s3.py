@@ -64,8 +64,9 @@ def put_if_absent(fs: pafs.S3FileSystem, path: str, data: bytes, where: str) -> 
 
 def storage_error(where: str, code: str, detail: str) -> str:
     """One line for an S3 error ``code``: the cause a user can act on first."""
+    code = {"ACCESS_DENIED": "AccessDenied", "NO_SUCH_BUCKET": "NoSuchBucket"}.get(code, code)  # pyarrow's names
     if code == "NoSuchBucket":
         return f"storage {where}: there is no such bucket (create it, or check the endpoint and region)"
     if code in {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}:
-        return f"storage {where}: no permission to write there ({code}); check the credentials and the bucket policy"
+        return f"storage {where}: no permission there ({code}); check the credentials and the bucket policy"
     return f"storage {where} cannot be written: {detail.splitlines()[0] if detail else code}"

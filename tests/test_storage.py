@@ -109,3 +109,84 @@ def test_two_processes_started_together_one_owns_the_experiment_local(tmp_path):
 
 def test_two_processes_started_together_one_owns_the_experiment_s3(s3):
     _race(f"s3://{s3}/locks")
+
+
+# -- storage errors: one line, exit 2, nothing written ---------------------------------------------------------------
+SWEEP = ("orchestrator.sweep", "stability", "--preset", "smoke")
+SINGLE = ("orchestrator.search", "single", "--preset", "smoke", "--name", "one")
+
+
+@pytest.mark.parametrize("command", [SWEEP, SINGLE], ids=["sweep", "search"])
+def test_a_missing_bucket_is_one_line(s3_server, s3, command):
+    proc = _cli(*command, "--storage", "s3://nosuchbucket-17/x", env=s3_server, timeout=120)
+    _one_error_line(proc, "storage s3://nosuchbucket-17/x: there is no such bucket")
+
+
+def test_no_permission_to_write_the_bucket_is_one_line(s3_server, s3):
+    """Credentials of a user who may read the bucket but not write it (moto enforcing IAM from here on)."""
+    import json
+
+    import boto3
+    import requests
+
+    iam = boto3.client("iam")
+    iam.create_user(UserName="reader")
+    iam.put_user_policy(UserName="reader", PolicyName="read", PolicyDocument=json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"], "Resource": "*"}]}))
+    key = iam.create_access_key(UserName="reader")["AccessKey"]
+    env = {**s3_server, "AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+    reset = f"{s3_server['AWS_ENDPOINT_URL']}/moto-api/reset-auth"
+    requests.post(reset, data=b"0", timeout=10).raise_for_status()
+    try:
+        proc = _cli(*SWEEP, "--storage", f"s3://{s3}/nas", env=env, timeout=120)
+    finally:
+        requests.post(reset, data=b"inf", timeout=10).raise_for_status()
+    _one_error_line(proc, f"storage s3://{s3}/nas: no permission there (AccessDenied)")
+    assert "Contents" not in boto3.client("s3").list_objects_v2(Bucket=s3)
+
+
+def test_a_storage_path_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "results").write_text("not a folder")
+    for command in (SWEEP, SINGLE):
+        proc = _cli(*command, "--storage", str(tmp_path / "results"), timeout=120)
+        _one_error_line(proc, f"{tmp_path / 'results'} is a file, not a folder")
+
+
+def test_a_folder_without_write_permission_is_one_line(tmp_path):
+    """A folder this user may not write in (root may write anywhere: the folder is made immutable then)."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    as_root = os.geteuid() == 0
+    subprocess.run(["chattr", "+i", str(folder)], check=True) if as_root else folder.chmod(0o555)
+    try:
+        proc = _cli(*SINGLE, "--storage", str(folder / "nas"), timeout=120)
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True) if as_root else folder.chmod(0o755)
+    _one_error_line(proc, f"no permission to write in {folder}")
+    assert not list(folder.iterdir())
+
+
+# -- node-local storage on a cluster of several nodes ---------------------------------------------------------------
+@pytest.mark.ray
+@pytest.mark.slow
+def test_node_local_storage_on_a_cluster_of_two_nodes_is_refused_unless_declared_shared(tmp_path):
+    """Two nodes of 1 CPU (``ray.cluster_utils.Cluster``): a plain local path is refused before anything runs;
+    declared shared (here it is: both nodes are this machine) the same sweep runs, one search on each node."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        args = (*SWEEP, "--storage", str(tmp_path), "--address", cluster.address, "--set", "k=2")
+        proc = _cli(*args, timeout=300)
+        _one_error_line(proc, f"storage {tmp_path} is a path on this machine, but the Ray cluster has 2 nodes",
+                        "PCDARTS_SHARED_STORAGE=1")
+        assert not list(tmp_path.iterdir())  # nothing ran, nothing written
+        proc = _cli(*args, env={"PCDARTS_SHARED_STORAGE": "1"}, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        trials = ResultStore(str(tmp_path), "smoke").read("trials").to_pylist()
+        assert len(trials) == 2 and {r["status"] for r in trials} == {"done"}
+    finally:
+        cluster.shutdown()
