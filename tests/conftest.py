@@ -15,7 +15,7 @@ import pytest
 
 #: Files that go first, longest first (measured on the project's 2-core machine), so that the two workers finish
 #: together: a worker takes the next file when it is almost out of work, and the short files fill in at the end.
-FIRST = ("test_sweep.py", "test_report.py", "test_distributed.py", "test_genotype_cli.py", "test_search.py",
+FIRST = ("test_sweep.py", "test_report.py", "test_storage.py", "test_distributed.py", "test_genotype_cli.py", "test_search.py",
          "test_spaces_cli.py", "test_orchestration_failures.py", "test_failures_core.py", "test_presets.py")
 
 #: Files whose tests share session fixtures below (the same smoke sweeps): one worker runs them all.

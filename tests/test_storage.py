@@ -190,3 +190,66 @@ def test_node_local_storage_on_a_cluster_of_two_nodes_is_refused_unless_declared
         assert len(trials) == 2 and {r["status"] for r in trials} == {"done"}
     finally:
         cluster.shutdown()
+
+
+# -- the smoke sweep on S3 -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def s3_smoke(s3_server) -> dict:
+    """The smoke stability sweep (one group x 2 seeds) on the S3 server, as a user runs it: each command a
+    subprocess starting its own Ray (its workers reach the server through the same environment), then
+    ``evaluate --from`` (the preset's top-1, consensus and random cells), ``status``, ``summary`` (the
+    experiment's URI) and the report. Returns the bucket, the storage URI and what each command printed."""
+    with s3_bucket(s3_server) as bucket:
+        storage = f"s3://{bucket}/nas"
+        env = {**s3_server, "OMP_NUM_THREADS": "1", "COLUMNS": "160"}
+        out = {}
+        for key, args in [
+            ("sweep", ("orchestrator.sweep", "stability", "--preset", "smoke", "--set", "k=2", "--storage", storage)),
+            ("evaluate", ("orchestrator.evaluate", "--from", "smoke", "--storage", storage)),
+            ("status", ("orchestrator.sweep", "status", "smoke", "--storage", storage)),
+            ("summary", ("orchestrator.sweep", "summary", f"{storage}/smoke")),
+            ("report", ("orchestrator.report", "smoke", "--storage", storage)),
+        ]:
+            proc = _cli(*args, env=env, timeout=600)
+            assert proc.returncode == 0, (key, proc.stdout[-3000:] + proc.stderr[-3000:])
+            out[key] = proc.stdout
+        yield {"bucket": bucket, "storage": storage, "out": out}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_smoke_sweep_on_s3_writes_its_results_checkpoints_and_report_there(s3_smoke):
+    import boto3
+
+    bucket, storage = s3_smoke["bucket"], s3_smoke["storage"]
+    keys = [o["Key"] for page in boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket)
+            for o in page.get("Contents", [])]
+    assert all(k == "nas/" or k.startswith("nas/smoke/") for k in keys), keys[:5]  # (and pyarrow's folder markers)
+    # Tune's experiment state and the trials' checkpoints (Tune's storage_path is the experiment's URI)
+    assert any(k.startswith("nas/smoke/search/experiment_state") for k in keys)
+    checkpoints = {k.split("/")[3] for k in keys if k.startswith("nas/smoke/search/") and "/checkpoint_" in k}
+    assert len(checkpoints) == 2, checkpoints  # one folder per search: nas/smoke/search/<trial>/checkpoint_*
+    assert any(k.startswith("nas/smoke/evaluate-") and "/checkpoint_" in k for k in keys)  # the retrainings
+    for kind in ("trials", "epochs", "stability", "evaluations"):
+        assert any(k.startswith(f"nas/smoke/{kind}.parquet/part-") for k in keys), kind
+    assert not [k for k in keys if "/lock." in k]  # released by every command
+
+    store = ResultStore(storage, "smoke")
+    trials = store.read("trials").to_pylist()
+    assert len(trials) == 2 and {r["status"] for r in trials} == {"done"}
+    assert len(store.read("epochs")) == 4
+    (group,) = store.read("stability").to_pylist()
+    assert group["group"] == "method=pcdarts,k=2" and group["n_seeds"] == 2
+    evaluations = store.read("evaluations").to_pylist()
+    sources = {r["source"].split(":")[0] for r in evaluations}
+    assert len(evaluations) == 3 and {r["status"] for r in evaluations} == {"done"}
+    assert sources == {"trial", "consensus", "random"}
+
+    out = s3_smoke["out"]
+    assert f"results in {storage}/smoke" in out["sweep"]
+    assert "3 evaluation(s) (0 already done)" in out["evaluate"]
+    assert "2 done, 0 running, 0 failed" in out["status"] and "method=pcdarts,k=2" in out["status"]
+    assert "method=pcdarts,k=2" in out["summary"]
+    assert f"report: {storage}/smoke/report.html" in out["report"]
+    page = store.read_file("report.html").decode("utf-8")
+    assert "<html" in page.lower() and "method=pcdarts,k=2" in page
