@@ -253,3 +253,26 @@ def test_smoke_sweep_on_s3_writes_its_results_checkpoints_and_report_there(s3_sm
     assert f"report: {storage}/smoke/report.html" in out["report"]
     page = store.read_file("report.html").decode("utf-8")
     assert "<html" in page.lower() and "method=pcdarts,k=2" in page
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_distributed_search_on_s3(s3_server, s3):
+    """``search distributed`` on 2 Ray Train workers with the S3 server as storage: Ray Train's checkpoints, the
+    run's rows and its genotype are in the bucket, and a second run of the same command finds it finished."""
+    import boto3
+
+    storage = f"s3://{s3}/nas"
+    args = ("orchestrator.search", "distributed", "--preset", "smoke", "--num-workers", "2", "--storage", storage,
+            "--name", "dist")
+    env = {**s3_server, "OMP_NUM_THREADS": "1"}
+    proc = _cli(*args, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3, Prefix="nas/dist/").get("Contents", [])]
+    assert any("/checkpoint_" in k and k.endswith("/search.pt") for k in keys), keys
+    store = ResultStore(storage, "dist")
+    (trial,) = store.read("trials").to_pylist()
+    assert trial["status"] == "done" and trial["epochs_done"] == 2
+    assert store.read_json("genotype.json")["normal"] and len(store.read("epochs")) == 2
+    again = _cli(*args, env=env, timeout=600)
+    assert again.returncode == 0 and "already finished" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
