@@ -14,7 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
+
 CONNECT_TIMEOUT_ENV = "PCDARTS_CONNECT_TIMEOUT_S"
+#: ``1``: the local ``--storage`` path is one shared filesystem mounted at the same path on every node (NFS, ...)
+SHARED_STORAGE_ENV = "PCDARTS_SHARED_STORAGE"
 
 
 def connect_timeout() -> float:
@@ -109,14 +113,19 @@ def preflight(address: str | None) -> str | None:
 
 
 def check_storage(store: Any) -> None:
-    """A ``ValueError`` unless the storage answers within the connect timeout (else object stores retry for minutes)."""
-    if "://" not in store.storage or store.storage.startswith("file://"):
-        return
+    """A ``ValueError`` of one line unless the experiment's folder can be made there: a local path under a file or
+    in a folder this user may not write; a bucket that does not exist; storage that does not answer within the
+    connect timeout (else object stores retry for minutes)."""
+    if store.fs.type_name == "local":
+        return check_local_folder(store.storage, store.root)
     errors: list[BaseException] = []
+    found: list[Any] = []
 
     def probe() -> None:
         try:
-            store.fs.get_file_info(store.root)
+            found.append(store.fs.get_file_info(store.root))
+            if store.fs.type_name == "s3":
+                found.append(store.fs.get_file_info(store.root.split("/", 1)[0]))  # the bucket
         except BaseException as err:  # noqa: BLE001 - reported below
             errors.append(err)
 
@@ -127,13 +136,32 @@ def check_storage(store: Any) -> None:
     if thread.is_alive():
         raise ValueError(f"storage {store.storage} did not answer within {timeout:g} s: check the bucket, the "
                          f"credentials and the network (or set {CONNECT_TIMEOUT_ENV})")
+    from .s3 import storage_error
+
     if errors:
-        raise ValueError(f"storage {store.storage} cannot be read: "
-                         f"{str(errors[0]).splitlines()[0] if str(errors[0]) else type(errors[0]).__name__}")
+        text = str(errors[0]).splitlines()[0] if str(errors[0]) else type(errors[0]).__name__
+        code = next((c for c in ("ACCESS_DENIED", "NO_SUCH_BUCKET") if f"AWS Error {c}" in text), "")
+        raise ValueError(storage_error(store.storage, code, "") if code else
+                         f"storage {store.storage} cannot be read: {text}")
+    if len(found) == 2 and found[1].type == pafs.FileType.NotFound:
+        raise ValueError(storage_error(store.storage, "NoSuchBucket", ""))
 
 
-def connect(address: str | None, verbose: bool = False) -> dict[str, float]:
-    """Join the cluster at ``address`` (or ``$RAY_ADDRESS``) or start Ray here, unless connected; its capacity."""
+def check_local_folder(storage: str, folder: str) -> None:
+    """A ``ValueError`` unless ``folder`` is, or can be made as, a folder this user may write in."""
+    path = Path(folder)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if not path.is_dir():
+        raise ValueError(f"storage {storage}: {path} is a file, not a folder; pick another --storage")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"storage {storage}: no permission to write in {path}; pick another --storage")
+
+
+def connect(address: str | None, verbose: bool = False, store: Any = None) -> dict[str, float]:
+    """Join the cluster at ``address`` (or ``$RAY_ADDRESS``) or start Ray here, unless connected; its capacity.
+    With the experiment's ``store``: refused (a ``ValueError``) when it is node-local and the cluster has several
+    nodes (see :func:`check_shared_storage`)."""
     import ray
 
     if not verbose:
@@ -152,6 +180,8 @@ def connect(address: str | None, verbose: bool = False) -> dict[str, float]:
             record_local_cluster()
             if getattr(ctx, "dashboard_url", None):
                 print(f"Ray dashboard: http://{ctx.dashboard_url}")
+    if store is not None:
+        check_shared_storage(store)
     return cluster_capacity()
 
 
@@ -191,6 +221,21 @@ def route_ray_messages() -> None:
 
     route.routed = True  # type: ignore[attr-defined]
     worker.print_to_stdstream = route
+
+
+def check_shared_storage(store: Any) -> None:
+    """A ``ValueError`` when the results go to a local path and the connected Ray cluster has several nodes: a
+    trial on another node would write its checkpoints and rows to that node's own disk, where this driver never
+    sees them. Unless ``$PCDARTS_SHARED_STORAGE=1`` declares the path one shared filesystem on every node."""
+    import ray
+
+    if store.fs.type_name != "local" or os.environ.get(SHARED_STORAGE_ENV, "").strip() == "1":
+        return
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    if nodes > 1:
+        raise ValueError(f"storage {store.storage} is a path on this machine, but the Ray cluster has {nodes} nodes: "
+                         f"trials elsewhere would write to their own disks; use s3://BUCKET/prefix, or set "
+                         f"{SHARED_STORAGE_ENV}=1 if the path is one shared filesystem mounted on every node")
 
 
 # -- a local cluster is owned by the driver that started it: ray.shutdown stops it at a normal exit; a driver

@@ -187,7 +187,7 @@ def run_distributed(values: Mapping[str, Any], opts: DistributedOptions, storage
         import ray.train
         from ray.train import RunConfig
 
-        connect(address)
+        connect(address, store=store)
         check_resources(opts, cluster_capacity())
         if echo:
             echo(f"{'resuming' if resuming else 'starting'} {name}: {opts.num_workers} worker(s)"

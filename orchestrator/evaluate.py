@@ -97,7 +97,7 @@ def run_evaluations(preset: Preset, store: ResultStore, request: EvaluateRequest
                     f"({len(specs) - len(todo)} already done) of {spec.config.epochs} epochs, protocol {protocol}")
     counts = {"failed": 0, "running": 0}
     if todo:
-        check_resources(spec.resources, connect(address, verbose), "evaluate.resources")
+        check_resources(spec.resources, connect(address, verbose, store), "evaluate.resources")
         key = hashlib.sha1(json.dumps([sorted(s["eval_id"] for s in todo), protocol]).encode()).hexdigest()[:10]
         start = time.perf_counter()
         grid = fit(store, f"evaluate-{key}", eval_trainable, spec.resources, preset.failure_spec(), verbose, lambda: (

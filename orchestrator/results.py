@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import socket
 import time
 import uuid
@@ -247,6 +248,10 @@ def dedupe_latest(table: pa.Table, key: Sequence[str]) -> pa.Table:
     return table.take(last.sort_by("__row_max")["__row_max"])  # in their original order
 
 
+def _json_bytes(value: Any) -> bytes:
+    return (json.dumps(value, indent=1, sort_keys=True, default=str) + "\n").encode("utf-8")
+
+
 # -- the store -------------------------------------------------------------------------------------------------
 class ResultStore:
     """The Parquet records of one experiment (``storage``: a directory or a URI :mod:`pyarrow.fs` understands)."""
@@ -368,7 +373,38 @@ class ResultStore:
             raise ValueError(f"{self.root}/{name} is not valid JSON") from None
 
     def write_json(self, name: str, value: Any) -> None:
-        self.write_file(name, (json.dumps(value, indent=1, sort_keys=True, default=str) + "\n").encode("utf-8"))
+        self.write_file(name, _json_bytes(value))
+
+    def create_file(self, name: str, data: bytes) -> bool:
+        """Create ``<root>/<name>`` with ``data`` unless it exists, atomically: False when it exists. Locally a
+        hard link of a written temporary file (fails if the name exists; safe on NFS too), on S3 a conditional
+        PUT (``If-None-Match: *``); elsewhere a check, then the write (not atomic)."""
+        path = f"{self.root}/{name}"
+        if self.fs.type_name == "local":
+            tmp = f"{self.root}/.{name}.{uuid.uuid4().hex}.tmp"
+            try:
+                os.makedirs(self.root, exist_ok=True)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except OSError as err:
+                raise ValueError(f"storage {self.storage} cannot be written: {err.strerror or err} "
+                                 f"({err.filename or self.root})") from None
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                os.link(tmp, path)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+        if self.fs.type_name == "s3":
+            from .s3 import put_if_absent
+
+            return put_if_absent(self.fs, path, data, self.storage)
+        if self.fs.get_file_info(path).type != pafs.FileType.NotFound:
+            return False
+        self.write_file(name, data)
+        return True
 
     def _delete(self, files: Iterable[str]) -> None:
         for path in files:
@@ -377,11 +413,16 @@ class ResultStore:
 
 
 # -- one writer per experiment ----------------------------------------------------------------------------------
-LOCK_FILE = "lock.json"
+#: The lock files of an experiment: ``lock.<n>.json``, one per attempt to own it (see :func:`experiment_lock`).
+LOCK_FILE = "lock.{}.json"
+_LOCK_NAME = re.compile(r"^lock\.(\d{1,18})\.json$")
 LOCK_STALE_S = 600.0  # a lock from another host without a heartbeat for this long is abandoned
+_HELD: dict[str, str] = {}  # this process's locks: experiment root -> its lock file's name
 
 
-def _owner_alive(lock: Mapping[str, Any]) -> bool:
+def _owner_alive(lock: Any) -> bool:
+    if not isinstance(lock, Mapping):  # an unreadable lock is no lock
+        return False
     if lock.get("host") != socket.gethostname():
         return time.time() - float(lock.get("heartbeat") or 0) < LOCK_STALE_S
     try:
@@ -393,30 +434,87 @@ def _owner_alive(lock: Mapping[str, Any]) -> bool:
     return int(lock.get("pid", 0)) > 0
 
 
+def _lock_record() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time(), "token": uuid.uuid4().hex}
+
+
+def _locks(store: ResultStore) -> dict[int, Any]:
+    """The experiment's lock files, by number, with their records (None: gone or unreadable meanwhile)."""
+    infos = store.fs.get_file_info(pafs.FileSelector(store.root, allow_not_found=True))
+    locks: dict[int, Any] = {}
+    for info in infos:
+        match = _LOCK_NAME.match(info.base_name)
+        if match and info.type == pafs.FileType.File:
+            try:
+                locks[int(match.group(1))] = store.read_json(info.base_name)
+            except ValueError:
+                locks[int(match.group(1))] = None  # unreadable: no owner
+            except OSError:  # deleted between the listing and the read (a taken-over lock)?
+                if store.fs.get_file_info(info.path).type != pafs.FileType.NotFound:
+                    raise
+    return locks
+
+
+def _refusal(store: ResultStore, lock: Mapping[str, Any]) -> ValueError:
+    return ValueError(f"experiment {store.name!r} in {store.storage} is being run by process "
+                      f"{lock.get('pid')} on {lock.get('host')}; wait for it to end or pick another --name")
+
+
+def _acquire(store: ResultStore, attempts: int = 20) -> str:
+    """Own the experiment, or a ``ValueError`` naming its live owner. Each attempt creates ``lock.<n+1>.json``
+    exclusively (``n``: the highest number there), so of two processes that saw the same files one wins; the
+    winner then lists again and owns only if its file is the highest and no other lock has a live owner (someone
+    with an older listing may have created a lower number that was free again), else it withdraws."""
+    for _ in range(attempts):
+        locks = _locks(store)
+        live = [lock for lock in locks.values() if _owner_alive(lock)]
+        if live:
+            raise _refusal(store, live[0])
+        name = LOCK_FILE.format(max(locks, default=0) + 1)
+        record = _lock_record()
+        if not store.create_file(name, _json_bytes(record)):
+            continue  # another process took that number first: look again
+        others = _locks(store)
+        mine = int(_LOCK_NAME.match(name).group(1))
+        rivals = {n: lock for n, lock in others.items() if n != mine and (n > mine or _owner_alive(lock))}
+        if not rivals:
+            for n, lock in others.items():  # the abandoned locks below this one
+                if n != mine:
+                    store._delete([f"{store.root}/{LOCK_FILE.format(n)}"])
+            return name
+        store._delete([f"{store.root}/{name}"])
+        live = [lock for lock in rivals.values() if _owner_alive(lock)]
+        if live:
+            raise _refusal(store, live[0])
+        time.sleep(0.05)
+    raise ValueError(f"experiment {store.name!r} in {store.storage}: could not take its lock after {attempts} "
+                     f"attempts (other processes kept starting it); try again")
+
+
 @contextlib.contextmanager
 def experiment_lock(store: ResultStore) -> Iterator[None]:
     """``with experiment_lock(store):`` the one writer of the experiment; a second is refused while the first lives
-    (same host: its pid; another host: a heartbeat under :data:`LOCK_STALE_S` old)."""
-    lock = None
-    with contextlib.suppress(ValueError):  # an unreadable lock is no lock
-        lock = store.read_json(LOCK_FILE)
-    if isinstance(lock, dict) and lock.get("pid") != os.getpid() and _owner_alive(lock):
-        raise ValueError(f"experiment {store.name!r} in {store.storage} is being run by process "
-                         f"{lock.get('pid')} on {lock.get('host')}; wait for it to end or pick another --name")
+    (same host: its pid; another host: a heartbeat under :data:`LOCK_STALE_S` old), a dead one's lock is taken
+    over. Held already by this process (a command inside another): nothing more to do."""
+    if store.root in _HELD:
+        yield
+        return
     # the experiment's folder, and the storage folder above it, as they were before the lock made them
-    made = [d for d in (store.root, store.root.rsplit("/", 1)[0]) if store.fs.get_file_info(d).type ==
-            pafs.FileType.NotFound]
-    heartbeat(store)
+    made = [d for d in (store.root, store.root.rsplit("/", 1)[0])
+            if store.fs.get_file_info(d).type == pafs.FileType.NotFound]
+    _HELD[store.root] = _acquire(store)
     try:
         yield
     finally:
-        store._delete([f"{store.root}/{LOCK_FILE}"])
-        for folder in made:  # nothing was written (a cluster it could not join): leave no empty folder behind
-            if store.fs.get_file_info(pafs.FileSelector(folder)):
-                break
-            store.fs.delete_dir(folder)
+        store._delete([f"{store.root}/{_HELD.pop(store.root)}"])
+        with contextlib.suppress(OSError):  # (another process may have written or removed it meanwhile)
+            for folder in made:  # nothing was written (a cluster it could not join): leave no empty folder behind
+                if store.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
+                    break
+                store.fs.delete_dir(folder)
 
 
 def heartbeat(store: ResultStore) -> None:
-    """Write (or refresh) this process's lock: a long run on another host must not look abandoned."""
-    store.write_json(LOCK_FILE, {"host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()})
+    """Refresh this process's lock: a long run on another host must not look abandoned."""
+    if store.root in _HELD:
+        store.write_file(_HELD[store.root], _json_bytes(_lock_record()))

@@ -34,7 +34,7 @@ def locked_experiment(preset: Preset, storage: str, name: str, address: str | No
     store = ResultStore(storage, name)
     check_storage(store)
     with experiment_lock(store):
-        available = connect(address, verbose)
+        available = connect(address, verbose, store)
         for res in per_trial:
             check_resources(res, available)
         yield store, available

@@ -348,6 +348,8 @@ class Searcher:
             "eigen_history": list(self.eigen_history),
             "method": self.method.state(self),
             "model": self.net.state_dict(),
+            # the op list of each edge, which the alphas' columns follow (ROME's 7 ops, P-DARTS's pruned stages)
+            "primitives": {t: [list(p) for p in edges] for t, edges in self.net.edge_primitives.items()},
             "weight_optimizer": self.weight_optimizer.state_dict(),
             "arch_optimizer": self.arch_optimizer.state_dict(),
             "channel_rng": self.net.channel_generator.get_state(),

@@ -15,8 +15,8 @@ import pytest
 
 #: Files that go first, longest first (measured on the project's 2-core machine), so that the two workers finish
 #: together: a worker takes the next file when it is almost out of work, and the short files fill in at the end.
-FIRST = ("test_onprem.py", "test_sweep.py", "test_step_capture.py", "test_report.py", "test_study_postgres.py",
-         "test_distributed.py", "test_genotype_cli.py", "test_search.py", "test_spaces_cli.py",
+FIRST = ("test_onprem.py", "test_sweep.py", "test_step_capture.py", "test_report.py", "test_storage.py",
+         "test_study_postgres.py", "test_distributed.py", "test_genotype_cli.py", "test_search.py", "test_spaces_cli.py",
          "test_orchestration_failures.py", "test_failures_core.py", "test_presets.py")
 
 #: Files whose tests share session fixtures below (the same smoke sweeps): one worker runs them all.
@@ -69,6 +69,42 @@ def tune_env():
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> dict[str, str]:
+    """moto's S3 server on 127.0.0.1 (a real HTTP endpoint, as Ray's own tests use) for the session: the
+    environment that points boto3, pyarrow and the commands (subprocesses and their Ray workers) at it."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    server.stop()
+
+
+@contextlib.contextmanager
+def s3_bucket(env: dict[str, str]):
+    """A new bucket on the S3 server of ``env``, with ``env`` set in this process meanwhile: yields its name."""
+    import uuid
+
+    import boto3
+
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        bucket = f"test-{uuid.uuid4().hex[:12]}"
+        boto3.client("s3").create_bucket(Bucket=bucket)
+        yield bucket
+
+
+@pytest.fixture
+def s3(s3_server) -> str:
+    """A new bucket on the session's S3 server, the environment pointing at it for this test."""
+    with s3_bucket(s3_server) as bucket:
+        yield bucket
 
 
 @pytest.fixture(scope="session")

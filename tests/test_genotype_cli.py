@@ -235,3 +235,46 @@ def test_derive_takes_pdarts_pruned_ops_from_the_checkpoint(tmp_path: Path, caps
         expected = derive_genotype(net.alphas_normal, net.alphas_reduce, net.betas_normal, net.betas_reduce,
                                    net.edge_primitives["normal"], net.edge_primitives["reduce"])
     assert derived == expected
+
+
+@pytest.mark.parametrize("method, overrides", [
+    ("rome", {"epochs": 2}),  # 7 ops: no `none`
+    ("entrannas", {"epochs": 2, "options": {"dst": True}}),
+    ("pdarts", {"epochs": 3, "warmup_epochs": 0, "options": {"stage_epochs": [1, 1, 1]}}),  # pruned per edge
+])
+def test_derive_of_a_methods_search_checkpoint_uses_its_own_op_lists(tmp_path: Path, method: str, overrides: dict,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A tiny real ``search single`` of each method with its own op lists; ``derive`` of its ``checkpoint.pt``
+    (the command a user runs) gives the cell of those ops' alphas, with the ops the method searched over."""
+    from orchestrator.presets import load_preset
+    from orchestrator.run import run_single
+    from pcdarts_core.config import search_config
+    from pcdarts_core.genotypes import derive_genotype, parse_genotype
+    from pcdarts_core.methods import get_method
+    from pcdarts_core.runtime import load_checkpoint
+
+    torch.set_num_threads(1)
+    values = {**load_preset("smoke").search, "seed": 0, "method": method, **overrides}
+    run_single(values, str(tmp_path), "m", echo=None)
+    with pytest.raises(SystemExit) as exc:
+        run_cli(genotype_cli.main, ["derive", str(tmp_path / "m" / "checkpoint.pt"), "--json"])
+    assert exc.value.code == 0, capsys.readouterr().err
+    derived = parse_genotype(capsys.readouterr().out.strip().splitlines()[-1])
+
+    state = load_checkpoint(tmp_path / "m" / "checkpoint.pt")["searcher"]
+    model = state["model"]
+    if method == "pdarts":  # the pruned ops the method itself recorded for its stage
+        ops = {t: state["method"]["primitives"][t] for t in ("normal", "reduce")}
+        assert model["alphas_normal"].shape[1] == len(ops["normal"][0]) < 8
+    else:
+        cfg = search_config(method, values["dataset"], **{k: v for k, v in values.items()
+                                                          if k not in ("method", "dataset")})
+        op_list = list(get_method(method).primitives(cfg))
+        ops = {t: op_list for t in ("normal", "reduce")}
+        assert model["alphas_normal"].shape[1] == len(op_list) == (7 if method == "rome" else 8)
+    expected = derive_genotype(model["alphas_normal"], model["alphas_reduce"], model.get("betas_normal"),
+                               model.get("betas_reduce"), ops["normal"], ops["reduce"])
+    assert derived == expected
+    searched = {op for t in ("normal", "reduce") for edge in ops[t]
+                for op in ([edge] if isinstance(edge, str) else edge)}
+    assert {op for op, _ in derived.normal + derived.reduce} <= searched

@@ -76,7 +76,7 @@ def test_second_process_on_the_same_experiment_is_refused_and_a_dead_owners_lock
     owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         store = ResultStore(str(tmp_path), "smoke")
-        store.write_json(LOCK_FILE, {"host": os.uname().nodename, "pid": owner.pid, "heartbeat": time.time()})
+        store.write_json(LOCK_FILE.format(1), {"host": os.uname().nodename, "pid": owner.pid, "heartbeat": time.time()})
         args = ["stability", "--preset", "smoke", "--storage", str(tmp_path), "--address", "127.0.0.1:9"]
         proc = _cli("orchestrator.sweep", *args, env={"PCDARTS_CONNECT_TIMEOUT_S": "1"})
         _one_error_line(proc, 2, f"being run by process {owner.pid}")
@@ -86,7 +86,7 @@ def test_second_process_on_the_same_experiment_is_refused_and_a_dead_owners_lock
     # The owner is gone (as after a SIGKILL): the next run takes over and gets as far as the cluster.
     proc = _cli("orchestrator.sweep", *args, env={"PCDARTS_CONNECT_TIMEOUT_S": "1"})
     _one_error_line(proc, 2, "cannot reach the Ray cluster at 127.0.0.1:9")
-    assert not (tmp_path / "smoke" / LOCK_FILE).exists()  # released when the command ended
+    assert not list((tmp_path / "smoke").glob("lock.*"))  # released when the command ended
     assert not (tmp_path / "smoke" / "sweep.json").exists()  # nothing recorded before Ray was reached
 
 
