@@ -90,8 +90,9 @@ def test_ray_up_onprem_submit_the_smoke_sweep_kill_a_worker_host_and_ray_down(la
             time.sleep(2)
         timings["ray up (all 3 nodes alive)"] = time.monotonic() - start
 
+        shared = json.dumps({"env_vars": {"PCDARTS_SHARED_STORAGE": "1"}})  # /var/tmp: one filesystem for all
         submit = lab.run([RAY, "job", "submit", "--address", "http://127.0.0.1:8265", "--working-dir", ".",
-                          "--no-wait", "--", "python", "-m", "orchestrator.sweep", "stability", "--preset", "smoke",
+                          "--runtime-env-json", shared, "--no-wait", "--", "python", "-m", "orchestrator.sweep", "stability", "--preset", "smoke",
                           "--storage", str(storage), "--set", f"epochs={EPOCHS}", "--set", "max_concurrent_trials=4"],
                          timeout=120, env=env, cwd=str(ROOT))
         said = _ok(submit, "ray job submit") + submit.stderr
