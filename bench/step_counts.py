@@ -8,7 +8,8 @@ in one run:
 2. host reads (syncs) per steady-state bilevel step for every method, and per epoch (``DispatchCounts``);
 3. graph breaks and compiles of the captured step (``compile``, ``aot_eager`` backend on the CPU): one graph,
    compiled at the first step, not again after a new lr;
-4. with ``--inductor``: CPU images/s of eager vs ``compile: default`` (inductor) and the compile time itself.
+4. ``--inductor`` (instead of 1-3): images/s of eager vs ``compile: default`` (inductor, the whole step captured)
+   at batch 32 and 64, and the compile time itself.
 
     .venv/bin/python bench/step_counts.py                 # C=16, 8 cells, 32x32, K=4, batch 32: about 3 minutes
     .venv/bin/python bench/step_counts.py --device cuda   # the same counts on CUDA (bench/gpu_suite.sh runs it)
@@ -62,12 +63,12 @@ def official_step_calls(execution: str, args: argparse.Namespace, dev: torch.dev
     return counts.aten
 
 
-def searcher(method: str, args: argparse.Namespace, **overrides) -> Searcher:
+def searcher(method: str, args: argparse.Namespace, backend: str = "aot_eager", **overrides) -> Searcher:
     cfg = search_config(method, "synthetic", device=args.device, init_channels=args.channels, layers=args.layers,
                         image_size=args.size, batch_size=args.batch, synthetic_samples=4 * args.batch,
                         warmup_epochs=0, epochs=2, steps_per_epoch=2, eval_steps=1, data_pipeline="device",
                         **({"k": 4} if method == "pcdarts" else {}), **overrides)
-    return Searcher(cfg, **({"compile_backend": "aot_eager"} if overrides.get("compile") else {}))
+    return Searcher(cfg, compile_backend=backend)
 
 
 def step_counts(s: Searcher) -> DispatchCounts:
@@ -109,7 +110,8 @@ def captured_graphs(args: argparse.Namespace) -> tuple[int, int, int, float]:
 def inductor_speed(args: argparse.Namespace, batch: int) -> dict[str, float]:
     out = {}
     for mode in ("none", "default"):
-        s = searcher("pcdarts", argparse.Namespace(**{**vars(args), "batch": batch}), compile=mode)
+        s = searcher("pcdarts", argparse.Namespace(**{**vars(args), "batch": batch}), backend="inductor",
+                     compile=mode)
         step = s.step_function(arch_on=True)
         pairs = [(s.to_device(t), s.to_device(v)) for t, v in zip(s.train_loader, s.val_loader)]
         start = time.perf_counter()
@@ -129,13 +131,24 @@ def main() -> None:
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--inductor", action="store_true", help="also time eager vs compile: default (inductor)")
+    p.add_argument("--inductor", action="store_true", help="time eager vs compile: default (inductor) instead")
     p.add_argument("--steps", type=int, default=5, help="timed steps of --inductor")
     args = p.parse_args()
     torch.set_num_threads(1)
     dev = torch.device(args.device)
     print(f"C={args.channels}, {args.layers} cells, {args.size}x{args.size}, batch {args.batch}, K=4, "
           f"device {args.device}, torch {torch.__version__}\n")
+
+    if args.inductor:
+        print("| batch | eager images/s | inductor images/s | ratio | eager first step, s | inductor first step "
+              "(compile), s |")
+        print("|---:|---:|---:|---:|---:|---:|")
+        for batch in (32, 64):
+            r = inductor_speed(args, batch)
+            print(f"| {batch} | {r['none_images_per_s']:.1f} | {r['default_images_per_s']:.1f} | "
+                  f"{r['default_images_per_s'] / r['none_images_per_s']:.2f} | {r['none_first_s']:.1f} | "
+                  f"{r['default_first_s']:.0f} |", flush=True)
+        return
 
     ref = official_step_calls("reference", args, dev)
     fused = official_step_calls("fused", args, dev)
@@ -166,16 +179,6 @@ def main() -> None:
     print(f"| graphs after 3 more steps and a new lr | {total} |")
     print(f"| graph breaks | {breaks} |")
     print(f"| first step (tracing + compiling), s | {first_s:.0f} |")
-
-    if args.inductor:
-        print("\n| batch | eager images/s | inductor images/s | ratio | eager first step, s | inductor first step "
-              "(compile), s |")
-        print("|---:|---:|---:|---:|---:|---:|")
-        for batch in (32, 64):
-            r = inductor_speed(args, batch)
-            print(f"| {batch} | {r['none_images_per_s']:.1f} | {r['default_images_per_s']:.1f} | "
-                  f"{r['default_images_per_s'] / r['none_images_per_s']:.2f} | {r['none_first_s']:.1f} | "
-                  f"{r['default_first_s']:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

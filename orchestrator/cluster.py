@@ -158,6 +158,15 @@ def check_local_folder(storage: str, folder: str) -> None:
         raise ValueError(f"storage {storage}: no permission to write in {path}; pick another --storage")
 
 
+def project_env_vars() -> dict[str, str]:
+    """This process's ``PCDARTS_*`` variables, for the trials' runtime env; those a Ray job's own runtime env sets
+    already (``ray job submit --runtime-env-json``) are left out: Ray refuses to merge the same key twice, and the
+    job's env reaches the trials anyway."""
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    set_by_job = (job.get("runtime_env") or {}).get("env_vars") or {}
+    return {k: v for k, v in os.environ.items() if k.startswith("PCDARTS_") and k not in set_by_job}
+
+
 def connect(address: str | None, verbose: bool = False, store: Any = None) -> dict[str, float]:
     """Join the cluster at ``address`` (or ``$RAY_ADDRESS``) or start Ray here, unless connected; its capacity.
     With the experiment's ``store``: refused (a ``ValueError``) when it is node-local and the cluster has several
@@ -167,8 +176,9 @@ def connect(address: str | None, verbose: bool = False, store: Any = None) -> di
     if not verbose:
         route_ray_messages()
     if not ray.is_initialized():
-        kwargs = dict(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING,
-                      runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("PCDARTS_")}})
+        kwargs: dict[str, Any] = dict(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING)
+        if env_vars := project_env_vars():
+            kwargs["runtime_env"] = {"env_vars": env_vars}
         if address := cluster_address(address):
             try:
                 ray.init(address=preflight(address), **kwargs)

@@ -141,9 +141,10 @@ def short_labels(groups: Sequence[str]) -> dict[str, str]:
 
 
 def common_pairs(groups: Sequence[str]) -> str:
-    """The ``key=value`` pairs that every group shares, as group text (what :func:`short_labels` leaves out)."""
+    """The ``key=value`` pairs that every group shares, as group text (what :func:`short_labels` leaves out); a
+    lone group's whole text (its label names only the method)."""
     parts = [_PAIR.split(g) for g in groups]
-    return ",".join(p for p in parts[0] if all(p in q for q in parts[1:])) if len(groups) > 1 else ""
+    return ",".join(p for p in parts[0] if all(p in q for q in parts[1:])) if groups else ""
 
 
 # -- reference levels ----------------------------------------------------------------------------------------------

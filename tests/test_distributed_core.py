@@ -49,13 +49,13 @@ def _one_search(world: int, values: dict, augment: bool) -> dict:
     cfg = rank_config(global_config(values), world)
     searcher = Searcher(cfg, _data(augment))
     channel_states = []
-    step = searcher.step_optimizer
+    sync = searcher.sync_grads
 
-    def record(optimizer: torch.optim.Optimizer) -> None:
-        step(optimizer)
+    def record(grads: list[torch.Tensor]) -> None:  # once per level and step, before its update
+        sync(grads)
         channel_states.append(searcher.net.channel_generator.get_state().clone())
 
-    searcher.step_optimizer = record  # type: ignore[method-assign]
+    searcher.sync_grads = record  # type: ignore[method-assign]
     data_lib.set_epoch(searcher.train_loader, 0)
     shard = list(iter(searcher.train_loader.sampler))
     searcher.run_epoch()

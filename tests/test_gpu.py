@@ -2,6 +2,7 @@
 
 - every method searches a few steps on CUDA with bf16 autocast, channels-last, compile and the device pipeline;
 - a compiled search gives the eager search's losses (float32, TF32 tolerance);
+- a steady bilevel step, eager and captured as CUDA graphs, never syncs (CUDA's sync debug mode raises);
 - fused execution equals the reference on CUDA within bf16/TF32 tolerance;
 - the device pipeline on CUDA makes the CPU pipeline's batches (same seeds, same shapes, same numbers);
 - a trial's GPU share caps its CUDA memory;
@@ -49,6 +50,26 @@ def test_compiled_search_gives_the_eager_losses_on_cuda():
                                                   epochs=2, warmup_epochs=0)), 2)
     for mode in ("default", "reduce-overhead"):
         assert runs[mode] == pytest.approx(runs["none"], rel=2e-3), mode
+
+
+@pytest.mark.parametrize("method,compile_mode", [("pcdarts", "none"), ("pcdarts", "reduce-overhead"),
+                                                 ("darts", "none"), ("sharpdarts", "none"), ("pdarts", "none")])
+def test_a_cuda_step_never_waits_for_the_host(method, compile_mode):
+    """CUDA's own sync check (``set_sync_debug_mode('error')`` raises on any synchronizing call) over a steady
+    bilevel step: eager, and captured whole as CUDA graphs."""
+    searcher = Searcher(tiny_config(method, **CUDA, **METHOD_OVERRIDES.get(method, {}), warmup_epochs=0,
+                                    compile=compile_mode))
+    step = searcher.step_function(arch_on=True)
+    batches = list(zip(searcher.train_loader, searcher.val_loader))
+    for train, val in batches[:1] * 3:  # warm-up: compilation and CUDA graph recording may sync
+        step(train, val)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(*batches[-1])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert math.isfinite(searcher.meter.read()[0][0])
 
 
 @pytest.mark.parametrize("amp, rel", [(False, 2e-3), (True, 5e-2)])

@@ -103,7 +103,10 @@ def test_ray_up_onprem_submit_the_smoke_sweep_kill_a_worker_host_and_ray_down(la
         epochs_file = storage / "smoke" / "epochs.parquet"
         deadline, victim = time.monotonic() + 300, None
         while victim is None:
-            assert time.monotonic() < deadline, "no search ran on a worker host"
+            if time.monotonic() >= deadline:
+                logs = lab.run([RAY, "job", "logs", "--address", "http://127.0.0.1:8265", job], timeout=60, env=env)
+                raise AssertionError(f"no search ran on a worker host; the job's log ends:\n"
+                                     f"{(logs.stdout + logs.stderr)[-3000:]}")
             time.sleep(1)
             if not (epochs_file.exists() and any(r["epoch"] >= 2 for r in pq.read_table(epochs_file).to_pylist())):
                 continue

@@ -276,3 +276,19 @@ def test_distributed_search_on_s3(s3_server, s3):
     assert store.read_json("genotype.json")["normal"] and len(store.read("epochs")) == 2
     again = _cli(*args, env=env, timeout=600)
     assert again.returncode == 0 and "already finished" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
+
+
+def test_a_ray_jobs_own_env_vars_are_not_passed_again(monkeypatch):
+    """``ray job submit --runtime-env-json '{"env_vars": {"PCDARTS_SHARED_STORAGE": "1"}}'``: the driver must not
+    hand the same key to ``ray.init`` (Ray refuses to merge it); the other project variables still travel."""
+    import json
+
+    from orchestrator.cluster import project_env_vars
+
+    monkeypatch.setenv("PCDARTS_SHARED_STORAGE", "1")
+    monkeypatch.setenv("PCDARTS_STORAGE", "/shared/pcdarts")
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR",
+                       json.dumps({"runtime_env": {"env_vars": {"PCDARTS_SHARED_STORAGE": "1"}}, "metadata": {}}))
+    assert project_env_vars() == {"PCDARTS_STORAGE": "/shared/pcdarts"}
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    assert project_env_vars() == {"PCDARTS_SHARED_STORAGE": "1", "PCDARTS_STORAGE": "/shared/pcdarts"}
