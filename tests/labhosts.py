@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 SSHD = "/usr/sbin/sshd"
+REPO = Path(__file__).resolve().parents[1]  # the checkout the hosts run (ray up copies it; the venv may live in it)
 
 
 def missing() -> str | None:
@@ -169,7 +170,15 @@ def lab_hosts(names: Sequence[str], home_links: dict[str, str] | None = None) ->
             # from the real /root bound into it); then sshd as its first process.
             keep = "".join(f"mkdir -p {host.root}/home/{d} && mount --bind /root/{d} {host.root}/home/{d} && "
                            for d in _needed_from_root())
-            script = (f"hostname {name} && mount -t tmpfs tmpfs /tmp && {keep}"
+            # what this machine keeps under /tmp and a host needs (a checkout or virtualenv there, as in a CI
+            # clone): set aside before the host's own /tmp hides it, then bound back at the same path
+            under_tmp = sorted({str(Path(p).resolve()) for p in [*(home_links or {}).values(), REPO]
+                                if str(Path(p).resolve()).startswith("/tmp/")})
+            aside = "".join(f"mkdir -p {host.root}/aside/{i} && mount --bind {p} {host.root}/aside/{i} && "
+                            for i, p in enumerate(under_tmp))
+            back = "".join(f"mkdir -p {p} && mount --bind {host.root}/aside/{i} {p} && "
+                           for i, p in enumerate(under_tmp))
+            script = (f"hostname {name} && {aside}mount -t tmpfs tmpfs /tmp && {back}{keep}"
                       f"mount --rbind {host.root}/home /root && exec {SSHD} -D -e -f {host.root}/sshd_config")
             host.proc = subprocess.Popen(
                 ["ip", "netns", "exec", host.netns, "unshare", "--pid", "--fork", "--kill-child", "--mount-proc",
