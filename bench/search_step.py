@@ -45,21 +45,15 @@ def count_aten_calls(net, x, y) -> int:
     return counts.aten
 
 
-def measure(execution: str, k: int, batch: int, threads: int, channels: int, layers: int, size: int, steps: int,
-            device: str) -> dict:
+def official_step(net, x, y):
+    """The official code's bilevel step on ``net`` and one batch: Adam on the arch (weights frozen), then SGD on the
+    weights (arch frozen) with ``clip_grad_norm_``, all per parameter (``foreach=False``), through ``.backward()``."""
     import torch
 
     from pcdarts_core.architect import frozen
-    from pcdarts_core.supernet import SearchNetwork
 
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    dev = torch.device(device)
-    net = SearchNetwork(channels, 10, layers, k=k, edge_norm=k > 1, execution=execution).to(dev)
-    w_opt = torch.optim.SGD(net.weight_parameters(), 0.1, momentum=0.9, weight_decay=3e-4)
-    a_opt = torch.optim.Adam(net.arch_parameters(), 6e-4, betas=(0.5, 0.999), weight_decay=1e-3)
-    x = torch.randn(batch, 3, size, size, device=dev)
-    y = torch.randint(0, 10, (batch,), device=dev)
+    w_opt = torch.optim.SGD(net.weight_parameters(), 0.1, momentum=0.9, weight_decay=3e-4, foreach=False)
+    a_opt = torch.optim.Adam(net.arch_parameters(), 6e-4, betas=(0.5, 0.999), weight_decay=1e-3, foreach=False)
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def step() -> None:
@@ -70,8 +64,25 @@ def measure(execution: str, k: int, batch: int, threads: int, channels: int, lay
         w_opt.zero_grad(set_to_none=True)
         with frozen(net.arch_parameters()):
             loss_fn(net(x), y).backward()
-        torch.nn.utils.clip_grad_norm_(net.weight_parameters(), 5.0)
+        torch.nn.utils.clip_grad_norm_(net.weight_parameters(), 5.0, foreach=False)
         w_opt.step()
+
+    return step
+
+
+def measure(execution: str, k: int, batch: int, threads: int, channels: int, layers: int, size: int, steps: int,
+            device: str) -> dict:
+    import torch
+
+    from pcdarts_core.supernet import SearchNetwork
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    net = SearchNetwork(channels, 10, layers, k=k, edge_norm=k > 1, execution=execution).to(dev)
+    x = torch.randn(batch, 3, size, size, device=dev)
+    y = torch.randint(0, 10, (batch,), device=dev)
+    step = official_step(net, x, y)
 
     # Memory: the first step, from a clean process (later steps reuse the allocator's pools, hiding the peak).
     if dev.type == "cuda":

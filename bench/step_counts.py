@@ -25,9 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from search_step import official_step  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
-from pcdarts_core.architect import frozen  # noqa: E402
 from pcdarts_core.config import search_config  # noqa: E402
 from pcdarts_core.methods import METHOD_NAMES  # noqa: E402
 from pcdarts_core.optimizers import host_resident, set_lr  # noqa: E402
@@ -40,23 +40,9 @@ def official_step_calls(execution: str, args: argparse.Namespace, dev: torch.dev
     """ATen calls of the official code's bilevel step on ``execution``'s supernet (per-parameter optimizers)."""
     torch.manual_seed(0)
     net = SearchNetwork(args.channels, 10, args.layers, k=4, execution=execution).to(dev)
-    w_opt = torch.optim.SGD(net.weight_parameters(), 0.1, momentum=0.9, weight_decay=3e-4, foreach=False)
-    a_opt = torch.optim.Adam(net.arch_parameters(), 6e-4, betas=(0.5, 0.999), weight_decay=1e-3, foreach=False)
     x = torch.randn(args.batch, 3, args.size, args.size, device=dev)
     y = torch.randint(0, 10, (args.batch,), device=dev)
-    loss_fn = torch.nn.CrossEntropyLoss()
-
-    def step() -> None:
-        a_opt.zero_grad(set_to_none=True)
-        with frozen(net.weight_parameters()):
-            loss_fn(net(x), y).backward()
-        a_opt.step()
-        w_opt.zero_grad(set_to_none=True)
-        with frozen(net.arch_parameters()):
-            loss_fn(net(x), y).backward()
-        torch.nn.utils.clip_grad_norm_(net.weight_parameters(), 5.0, foreach=False)
-        w_opt.step()
-
+    step = official_step(net, x, y)
     step()  # the optimizers' state exists from here on, as in every later step
     with DispatchCounts() as counts:
         step()
