@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_orchestration_failures import _one_error_line as one_error_line
 
 from conftest import s3_bucket
 from orchestrator.results import LOCK_FILE, ResultStore, experiment_lock
@@ -27,12 +28,7 @@ def _cli(module: str, *args: str, env: dict | None = None, timeout: int = 400, *
 
 
 def _one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    err = proc.stderr.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, err
-    return err
+    return one_error_line(proc, 2, *needles)
 
 
 def _lock_files(store: ResultStore) -> list[str]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from test_orchestration_failures import _one_error_line
 
 from orchestrator.results import ResultStore
 from postgres import free_port, running_postgres
@@ -85,11 +86,8 @@ def test_hpo_study_on_postgres_resumes_after_its_driver_is_killed(ray_cluster, p
 
 
 def _one_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    err = proc.stderr.strip()
-    assert err.startswith("error: hpo.study_storage ") and "\n" not in err and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, err
+    err = _one_error_line(proc, 2, *needles)
+    assert err.startswith("error: hpo.study_storage "), err
     return err
 
 
